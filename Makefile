@@ -1,0 +1,39 @@
+# fedsqueeze: `make run` (default job), `make test` (test suite), `make setup` (set-up alone).
+# Each target does whatever set-up is missing; re-running is quick when everything is there.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fedsqueeze-setup
+export HF_HUB_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup run test bench data clean
+
+setup: $(STAMP) data
+
+$(STAMP): requirements.txt constraints.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools
+	@# torch first, pinned to the local CPU build, so nothing pulls CUDA packages
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+data:
+	@bash scripts/ensure_data.sh
+
+run: setup
+	$(VENV)/bin/fedsqueeze run --config examples/default.toml
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

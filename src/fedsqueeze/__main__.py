@@ -1,0 +1,3 @@
+from fedsqueeze.cli import main
+
+main()

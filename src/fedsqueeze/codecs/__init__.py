@@ -1,0 +1,18 @@
+"""Codecs: named tensors to bytes and back. Importing this package registers every codec."""
+
+from fedsqueeze.codecs.base import (
+    CODECS,
+    Codec,
+    CodecContext,
+    RawCodec,
+    decode_tensors,
+    encode_tensors,
+    get_codec,
+    register_codec,
+)
+from fedsqueeze.codecs.framing import frame, unframe
+
+__all__ = [
+    "CODECS", "Codec", "CodecContext", "RawCodec", "decode_tensors", "encode_tensors",
+    "frame", "get_codec", "register_codec", "unframe",
+]

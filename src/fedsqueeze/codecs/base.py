@@ -1,0 +1,193 @@
+"""The codec interface and registry (in the spirit of numcodecs).
+
+A codec turns a dict of named numpy arrays into bytes and back. It has an id, a JSON-safe
+config (``get_config`` / ``from_config``), and may keep encoder state (error-feedback memory)
+in the :class:`CodecContext` the caller hands it. Codecs never pickle: the header is JSON and the
+body is raw bytes whose layout the codec documents.
+
+``encode_tensors`` / ``decode_tensors`` wrap a codec's output in a checked frame
+(:mod:`fedsqueeze.codecs.framing`) whose kind is the codec id, so a payload names its own codec.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fedsqueeze.codecs.framing import frame, unframe
+from fedsqueeze.errors import ConfigError, PayloadError
+
+Tensors = dict[str, np.ndarray]
+
+# dtypes a payload may carry; anything else is rejected on decode
+ALLOWED_DTYPES = {
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool",
+}
+
+
+@dataclass
+class CodecContext:
+    """What a codec may use beyond the tensors: the round's shared seed and its own state.
+
+    ``state`` is the encoder's memory between rounds (e.g. error-feedback residuals); the caller
+    owns it and keeps one per client. ``max_elements`` caps what a decoder may allocate.
+    """
+
+    seed: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    max_elements: int | None = None
+
+
+class Codec(ABC):
+    """Base class: subclasses set ``codec_id`` and ``lossless`` and implement encode/decode."""
+
+    codec_id: ClassVar[str]
+    lossless: ClassVar[bool] = True
+
+    def __init__(self, **config: Any) -> None:
+        self.config = dict(config)
+
+    def get_config(self) -> dict[str, Any]:
+        """JSON-safe config; ``get_codec(cfg)`` rebuilds an equal codec."""
+        return {"id": self.codec_id, **self.config}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Codec":
+        cfg = {k: v for k, v in config.items() if k != "id"}
+        return cls(**cfg)
+
+    @abstractmethod
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> tuple[dict[str, Any], bytes]:
+        """Return ``(meta, body)``: a small JSON-safe header and the coded bytes."""
+
+    @abstractmethod
+    def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
+        """Invert :meth:`encode`; raise :class:`PayloadError` on anything inconsistent."""
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+        return f"{type(self).__name__}({args})"
+
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make a codec available by its id."""
+    CODECS[cls.codec_id] = cls
+    return cls
+
+
+def get_codec(spec: str | dict[str, Any] | Codec, **options: Any) -> Codec:
+    """A codec from its id (plus options), its config dict, or a codec instance."""
+    if isinstance(spec, Codec):
+        return spec
+    if isinstance(spec, dict):
+        options = {**{k: v for k, v in spec.items() if k != "id"}, **options}
+        spec = spec.get("id", "")
+    if spec not in CODECS:
+        raise ConfigError(f"unknown codec {spec!r}; choose one of: {', '.join(sorted(CODECS))}")
+    try:
+        return CODECS[spec](**options)
+    except TypeError as exc:
+        raise ConfigError(f"bad options for codec {spec!r}: {exc}") from exc
+
+
+def encode_tensors(codec: Codec, tensors: Tensors, ctx: CodecContext | None = None, **extra: Any) -> bytes:
+    """Encode tensors with ``codec`` into one framed payload; ``extra`` goes into the header."""
+    ctx = ctx or CodecContext()
+    meta, body = codec.encode(tensors, ctx)
+    if extra:
+        meta = {**meta, "extra": extra}
+    return frame(codec.codec_id, meta, body)
+
+
+def decode_tensors(
+    data: bytes | bytearray | memoryview,
+    ctx: CodecContext | None = None,
+    *,
+    allowed: set[str] | None = None,
+    max_body_bytes: int | None = None,
+) -> tuple[Tensors, dict[str, Any]]:
+    """Decode a framed payload with the codec it names; return ``(tensors, extra)``."""
+    ctx = ctx or CodecContext()
+    kind, meta, body = unframe(data, expect_kind=allowed, max_body_bytes=max_body_bytes)
+    if kind not in CODECS:
+        raise PayloadError(f"payload names unknown codec {kind!r}")
+    codec = CODECS[kind].from_config(meta.get("config", {})) if "config" in meta else CODECS[kind]()
+    tensors = codec.decode(meta, body, ctx)
+    extra = meta.get("extra", {})
+    if not isinstance(extra, dict):
+        raise PayloadError("payload 'extra' header is not an object")
+    return tensors, extra
+
+
+# ---- shared helpers for codecs that lay tensors out one after another ---------------------------
+
+
+def tensor_table(tensors: Tensors) -> list[list[Any]]:
+    """JSON-safe description ``[[name, dtype, shape], ...]`` of a dict of arrays."""
+    return [[name, str(a.dtype), list(a.shape)] for name, a in tensors.items()]
+
+
+def check_table(table: Any, ctx: CodecContext) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+    """Validate a tensor table from a header; return ``(name, dtype, shape, numel)`` rows.
+
+    Rejects unknown dtypes, negative or absurd shapes, duplicate names, and totals above
+    ``ctx.max_elements`` before anything is allocated.
+    """
+    if not isinstance(table, list):
+        raise PayloadError("tensor table is not a list")
+    rows = []
+    seen: set[str] = set()
+    total = 0
+    for row in table:
+        if not (isinstance(row, list) and len(row) == 3):
+            raise PayloadError("malformed tensor table row")
+        name, dtype, shape = row
+        if not isinstance(name, str) or name in seen:
+            raise PayloadError(f"bad or duplicate tensor name {name!r}")
+        if dtype not in ALLOWED_DTYPES:
+            raise PayloadError(f"tensor {name!r} has disallowed dtype {dtype!r}")
+        if not (isinstance(shape, list) and len(shape) <= 8 and all(isinstance(s, int) and 0 <= s < 1 << 40 for s in shape)):
+            raise PayloadError(f"tensor {name!r} has a bad shape {shape!r}")
+        numel = math.prod(shape)
+        total += numel
+        if ctx.max_elements is not None and total > ctx.max_elements:
+            raise PayloadError(f"payload declares {total} elements, over the cap of {ctx.max_elements}")
+        seen.add(name)
+        rows.append((name, np.dtype(dtype), tuple(shape), numel))
+    return rows
+
+
+@register_codec
+class RawCodec(Codec):
+    """Lossless: every tensor's bytes as they are (little endian), dtype and shape preserved.
+
+    Body: the tensors' bytes concatenated in table order. This is FedAvg's 32 bits per float32.
+    """
+
+    codec_id = "raw"
+    lossless = True
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> tuple[dict[str, Any], bytes]:
+        parts = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes() for a in tensors.values()]
+        return {"tensors": tensor_table(tensors)}, b"".join(parts)
+
+    def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
+        rows = check_table(meta.get("tensors"), ctx)
+        need = sum(numel * dt.itemsize for _, dt, _, numel in rows)
+        if need != len(body):
+            raise PayloadError(f"raw body is {len(body)} bytes, the table needs {need}")
+        out: Tensors = {}
+        pos = 0
+        for name, dt, shape, numel in rows:
+            nbytes = numel * dt.itemsize
+            out[name] = np.frombuffer(body[pos : pos + nbytes], dtype=dt.newbyteorder("<")).reshape(shape)
+            pos += nbytes
+        return out

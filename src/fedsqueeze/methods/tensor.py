@@ -1,0 +1,155 @@
+"""TensorMethod: the shared shape of every method whose messages are named float tensors.
+
+Downlink: the global values of the trainable tensors (never the frozen backbone, which every party
+already has). Uplink: the client's change to them, ``delta = after − before``, weighted by its
+number of examples at the server. Both directions go through a codec chosen by the options
+``downlink_codec`` / ``uplink_codec`` (``raw`` = float32, FedAvg's 32 bits per parameter), so a
+compressor composes with any subclass (fedavg, head, the PEFT methods...) with no new code.
+
+Subclasses choose what trains (:meth:`select_trainable`), may change the model once
+(:meth:`prepare_model`) and may replace the local loop (:meth:`local_train`).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec
+from fedsqueeze.errors import PayloadError
+from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option
+from fedsqueeze.seeding import SERVER
+from fedsqueeze.training import Encoded, num_local_steps, train_local
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass
+class TensorOptions:
+    uplink_codec: str = option("raw", "codec for the client update (see `fedsqueeze methods`)")
+    downlink_codec: str = option("raw", "codec for the global tensors sent to clients")
+    optimizer: str = option("adamw", "local optimizer: adamw or sgd")
+    server_lr: float = option(1.0, "server step size on the averaged update")
+
+
+class TensorMethod(Method):
+    """Global tensors down, weighted-average delta up. Subclasses pick the trainable tensors."""
+
+    Options = TensorOptions
+
+    # ---- what trains ----------------------------------------------------------------------------
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Change the model once before training (inject adapters...). Default: nothing."""
+
+    @abstractmethod
+    def select_trainable(self, model: torch.nn.Module) -> list[str]:
+        """Names of the parameters that train and travel."""
+
+    def setup(self, task) -> None:
+        self.task = task
+        self.prepare_model(task.model)
+        named = dict(task.model.named_parameters())
+        self.names = list(self.select_trainable(task.model))
+        if not self.names:
+            raise ValueError(f"method {self.name!r} selected no trainable parameters")
+        chosen = set(self.names)
+        for n, p in named.items():
+            p.requires_grad_(n in chosen)
+        self.params = [named[n] for n in self.names]
+        self.shapes = {n: tuple(named[n].shape) for n in self.names}
+        self.max_elements = sum(p.numel() for p in self.params)
+        self.up_codec = get_codec(self.opts.uplink_codec)
+        self.down_codec = get_codec(self.opts.downlink_codec)
+
+    def trainable_params(self) -> int:
+        return self.max_elements
+
+    # ---- moving weights in and out of the one model ----------------------------------------------
+    def read_weights(self) -> Tensors:
+        return {n: p.detach().cpu().numpy().copy() for n, p in zip(self.names, self.params)}
+
+    @torch.no_grad()
+    def load_weights(self, weights: Tensors) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only buffers are copied, not written
+            for n, p in zip(self.names, self.params):
+                p.copy_(torch.from_numpy(np.asarray(weights[n])).view(p.shape))
+
+    def _check_tensors(self, tensors: Tensors, what: str) -> None:
+        if set(tensors) != set(self.names):
+            missing = sorted(set(self.names) - set(tensors))[:3]
+            extra = sorted(set(tensors) - set(self.names))[:3]
+            raise PayloadError(f"{what} has the wrong tensors (missing {missing}, unexpected {extra})")
+        for n, a in tensors.items():
+            if tuple(a.shape) != self.shapes[n]:
+                raise PayloadError(f"{what}: tensor {n!r} has shape {tuple(a.shape)}, expected {self.shapes[n]}")
+            if not np.all(np.isfinite(a)):
+                raise PayloadError(f"{what}: tensor {n!r} holds NaN or infinity")
+
+    def _decode_ctx(self, seed: int) -> CodecContext:
+        return CodecContext(seed=seed, max_elements=self.max_elements)
+
+    # ---- server ---------------------------------------------------------------------------------
+    def init_server(self) -> dict[str, Any]:
+        return {"weights": self.read_weights()}
+
+    def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
+        cctx = CodecContext(seed=ctx.seed_for(SERVER, "downlink"))
+        return encode_tensors(self.down_codec, state["weights"], cctx)
+
+    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
+        self._check_tensors(tensors, "client update")
+        n = extra.get("n")
+        if not isinstance(n, int) or n < 1:
+            raise PayloadError(f"client update carries no valid example count (n={n!r})")
+        return {"delta": tensors, "n": n}
+
+    def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+        if not updates:
+            return state, {}
+        total = sum(u["n"] for u in updates.values())
+        for name in self.names:
+            avg = sum(u["delta"][name].astype(np.float32) * (u["n"] / total) for u in updates.values())
+            state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg).astype(np.float32)
+        return state, {}
+
+    def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
+        self.load_weights(state["weights"])
+        return self.task.evaluate()
+
+    # ---- client ---------------------------------------------------------------------------------
+    def local_train(self, client: int, data: Encoded, steps: int, generator: torch.Generator) -> dict[str, float]:
+        """Train ``self.params`` on ``data``; override for a faster or different local rule."""
+        return train_local(
+            self.task.model, self.params, data, steps=steps, batch_size=self.cfg.batch_size,
+            lr=self.lr, generator=generator, optimizer=self.opts.optimizer,
+        )
+
+    def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
+        t0 = time.perf_counter()
+        weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")))
+        self._check_tensors(weights, "server message")
+        self.load_weights(weights)
+        codec_s = time.perf_counter() - t0
+
+        data = self.task.client_data(client)
+        steps = num_local_steps(len(data), self.cfg.batch_size, self.cfg.local_steps, self.cfg.local_epochs)
+        t1 = time.perf_counter()
+        torch.manual_seed(ctx.seed_for(client, "dropout-layers"))  # model dropout draws from the global RNG
+        metrics = self.local_train(client, data, steps, ctx.torch_gen(client, "batches"))
+        train_s = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        after = self.read_weights()
+        delta = {n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names}
+        cctx = CodecContext(seed=ctx.seed_for(client, "uplink"), state=state if isinstance(state, dict) else {})
+        payload = encode_tensors(self.up_codec, delta, cctx, n=len(data))
+        codec_s += time.perf_counter() - t2
+        return ClientOutput(payload, cctx.state or None, {**metrics, "train_s": train_s, "codec_s": codec_s})

@@ -1,0 +1,84 @@
+"""results.json and rounds.csv, exactly as the user contract in DESIGN.md fixes them.
+
+- ``uplink_bytes`` / ``downlink_bytes``: the summed lengths of the payloads that crossed the wire
+  in the round (headers included; a payload later rejected as corrupt still counts: it was sent).
+- ``uplink_bpp`` = uplink_bytes · 8 / (uploading clients · model_params); ``downlink_bpp`` likewise
+  over the clients the server sent to. ``model_params`` counts backbone and head.
+
+rounds.csv gains its row as each round ends; results.json is rewritten atomically (write, rename).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CSV_FIELDS = [
+    "round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp",
+    "clients", "clients_uploaded", "clients_aggregated", "wall_s", "train_s", "codec_s",
+]
+
+
+def bpp(nbytes: int, clients: int, model_params: int) -> float:
+    """Bits per model parameter per client."""
+    return nbytes * 8 / (clients * model_params) if clients else 0.0
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``final`` block from the per-round records."""
+    if not rounds:
+        return {"accuracy": None, "total_uplink_bytes": 0, "total_downlink_bytes": 0, "mean_uplink_bpp": 0.0, "mean_downlink_bpp": 0.0}
+    n = len(rounds)
+    return {
+        "accuracy": rounds[-1]["accuracy"],
+        "loss": rounds[-1]["loss"],
+        "best_accuracy": max(r["accuracy"] for r in rounds),
+        "total_uplink_bytes": sum(r["uplink_bytes"] for r in rounds),
+        "total_downlink_bytes": sum(r["downlink_bytes"] for r in rounds),
+        "mean_uplink_bpp": sum(r["uplink_bpp"] for r in rounds) / n,
+        "mean_downlink_bpp": sum(r["downlink_bpp"] for r in rounds) / n,
+        "wall_s": sum(r["wall_s"] for r in rounds),
+        "dropped_clients": sum(len(r.get("dropped", [])) for r in rounds),
+    }
+
+
+class ResultsWriter:
+    """Accumulates round records; keeps rounds.csv and results.json current in ``out_dir``."""
+
+    def __init__(self, out_dir: str | Path, header: dict[str, Any], rounds: list[dict[str, Any]] | None = None) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.header = header
+        self.rounds: list[dict[str, Any]] = list(rounds or [])
+        self.csv_path = self.out / "rounds.csv"
+        self.json_path = self.out / "results.json"
+        if not self.rounds:
+            with self.csv_path.open("w", newline="") as f:
+                csv.DictWriter(f, CSV_FIELDS).writeheader()
+
+    def add_round(self, record: dict[str, Any]) -> None:
+        self.rounds.append(record)
+        with self.csv_path.open("a", newline="") as f:
+            csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(record)
+        self.write_json()
+
+    def results(self) -> dict[str, Any]:
+        return {**self.header, "rounds": self.rounds, "final": summarize(self.rounds)}
+
+    def write_json(self) -> dict[str, Any]:
+        res = self.results()
+        atomic_write_text(self.json_path, json.dumps(res, indent=2))
+        return res

@@ -1,0 +1,88 @@
+"""Pieces every runtime shares: client sampling, fault injection, round records, the run header."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import numpy as np
+
+from fedsqueeze.config import RunConfig
+from fedsqueeze.methods.base import RoundContext
+from fedsqueeze.report import bpp
+from fedsqueeze.seeding import SERVER
+
+
+def sample_clients(cfg: RunConfig, ctx: RoundContext) -> list[int]:
+    """The clients taking part in round ``ctx.round`` (seeded, sorted)."""
+    chosen = ctx.rng(SERVER, "sample").choice(cfg.clients, size=cfg.clients_per_round, replace=False)
+    return sorted(int(c) for c in chosen)
+
+
+def drops_out(cfg: RunConfig, ctx: RoundContext, client: int) -> bool:
+    """Whether a sampled client fails to return this round (``dropout`` probability, seeded)."""
+    return cfg.dropout > 0 and ctx.rng(client, "dropout").random() < cfg.dropout
+
+
+def inject_faults(cfg: RunConfig, ctx: RoundContext, client: int, payload: bytes) -> tuple[bytes, str | None]:
+    """Corrupt or truncate a payload in transit with the configured probabilities (seeded)."""
+    rng = ctx.rng(client, "faults")
+    if cfg.fault_truncate > 0 and rng.random() < cfg.fault_truncate:
+        return payload[: int(rng.integers(0, max(len(payload), 1)))], "truncated"
+    if cfg.fault_corrupt > 0 and rng.random() < cfg.fault_corrupt:
+        buf = bytearray(payload)
+        if buf:
+            pos = rng.integers(0, len(buf), size=min(8, len(buf)))
+            for p in pos:
+                buf[p] ^= 0xFF
+        return bytes(buf), "corrupted"
+    return payload, None
+
+
+def run_header(cfg: RunConfig, model_params: int, trainable_params: int, runtime: str) -> dict[str, Any]:
+    """The fixed top of results.json."""
+    import torch
+
+    return {
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "model_params": model_params,
+        "trainable_params": trainable_params,
+        "runtime": runtime,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+    }
+
+
+def round_record(
+    *,
+    round_: int,
+    accuracy: float,
+    loss: float,
+    uplink: list[int],
+    downlink: list[int],
+    model_params: int,
+    aggregated: int,
+    dropped: list[dict[str, Any]],
+    wall_s: float,
+    train_s: float,
+    codec_s: float,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One entry of results.json's ``rounds``; ``uplink``/``downlink`` are per-client byte counts."""
+    return {
+        "round": round_,
+        "accuracy": accuracy,
+        "loss": loss,
+        "uplink_bytes": int(sum(uplink)),
+        "downlink_bytes": int(sum(downlink)),
+        "uplink_bpp": bpp(sum(uplink), len(uplink), model_params),
+        "downlink_bpp": bpp(sum(downlink), len(downlink), model_params),
+        "clients": len(downlink),
+        "clients_uploaded": len(uplink),
+        "clients_aggregated": aggregated,
+        "dropped": dropped,
+        "wall_s": wall_s,
+        "train_s": train_s,
+        "codec_s": codec_s,
+        **(extra or {}),
+    }

@@ -1,0 +1,27 @@
+"""Shared fixtures: a tiny task on the real bundled data, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_config(**overrides):
+    """A run config on --model tiny that trains in about a second per round."""
+    from fedsqueeze.config import RunConfig
+
+    values = dict(
+        model="tiny", dataset="wordnet", clients=4, clients_per_round=2, rounds=2,
+        train_size=200, test_size=100, local_steps=3, batch_size=8, seed=0,
+    )
+    values.update(overrides)
+    return RunConfig(**values).validate()
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda **kw: tiny_config(out=str(tmp_path / "run"), **kw)

@@ -1,0 +1,37 @@
+import pytest
+
+from fedsqueeze.config import build_config, parse_sets, to_toml
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.methods import get_method
+
+
+def test_precedence_file_cli_set(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('method = "head"\nrounds = 3\nclients = 6\n[options]\nserver_lr = 0.5\n')
+    cfg = build_config(path, {"rounds": 4, "clients": None}, parse_sets(["clients=8", "optimizer=sgd"]))
+    assert (cfg.method, cfg.rounds, cfg.clients) == ("head", 4, 8)
+    assert cfg.options == {"server_lr": 0.5, "optimizer": "sgd"}
+
+
+def test_toml_roundtrip(tmp_path):
+    cfg = build_config(None, {"method": "head"}, {"lr": 0.01, "server_lr": 0.5})
+    path = tmp_path / "c.toml"
+    path.write_text(to_toml(cfg))
+    assert build_config(path) == cfg
+
+
+def test_bad_values():
+    with pytest.raises(ConfigError):
+        parse_sets(["novalue"])
+    with pytest.raises(ConfigError):
+        build_config(None, {"clients_per_round": 20, "clients": 10})
+    with pytest.raises(ConfigError):
+        build_config(None, None, {"rounds": "many"})
+
+
+def test_unknown_method_and_option_name_the_choices():
+    with pytest.raises(ConfigError, match="fedavg"):
+        get_method("nosuch")
+    cfg = build_config(None, {"method": "fedavg"}, {"server_lrr": 1.0})
+    with pytest.raises(ConfigError, match="server_lr"):
+        get_method("fedavg")(cfg)
