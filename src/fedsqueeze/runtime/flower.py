@@ -110,7 +110,8 @@ def app_pyproject(cfg: RunConfig, wait_nodes_s: float = 120.0, reply_timeout_s: 
 
     return {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedsqueeze-flower", "version": "1.0.0", "dependencies": []},
+        "project": {"name": "fedsqueeze-flower", "version": "1.0.0", "description": "fedsqueeze on Flower",
+                    "license": "Apache-2.0", "dependencies": []},
         "tool": {"flwr": {"app": {
             "publisher": "fedsqueeze",
             "components": {
