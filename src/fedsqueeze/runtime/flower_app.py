@@ -25,7 +25,7 @@ import logging
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -34,11 +34,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, PayloadError
-from fedsqueeze.methods import Method, RoundContext, get_method
-from fedsqueeze.report import ResultsWriter
-from fedsqueeze.runtime.common import drops_out, inject_faults, round_record, run_header, sample_clients
-from fedsqueeze.task import Task, build_task
-from fedsqueeze.treeio import pack_tree, unpack_tree
+
+if TYPE_CHECKING:
+    from fedsqueeze.methods import Method, RoundContext
+    from fedsqueeze.task import Task
+
+# torch, transformers and the methods are imported where they are used: Flower starts a fresh
+# ClientApp process for every message, and a `query` message needs none of them.
 
 log = logging.getLogger("fedsqueeze")
 
@@ -107,6 +109,9 @@ _CLIENT = _Prepared()  # one prepared method per process, rebuilt only when the 
 
 def _prepared(cfg_json: str) -> tuple[Method, Task]:
     if _CLIENT.key != cfg_json:
+        from fedsqueeze.methods import get_method
+        from fedsqueeze.task import build_task
+
         cfg = config_from_json(cfg_json)
         method = get_method(cfg.method)(cfg)
         task = build_task(cfg)
@@ -116,6 +121,8 @@ def _prepared(cfg_json: str) -> tuple[Method, Task]:
 
 
 def _load_client_state(context: Context, method: Method, client: int) -> Any:
+    from fedsqueeze.treeio import unpack_tree
+
     record = context.state.config_records.get(STATE)
     if record is None or record.get("client") != client:
         return method.init_client(client)
@@ -123,6 +130,8 @@ def _load_client_state(context: Context, method: Method, client: int) -> Any:
 
 
 def _save_client_state(context: Context, client: int, state: Any) -> None:
+    from fedsqueeze.treeio import pack_tree
+
     context.state.config_records[STATE] = ConfigRecord({"client": client, "tree": pack_tree(state)})
 
 
@@ -143,6 +152,8 @@ def partition(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run the method's client function on the server's bytes; reply with the update bytes."""
+    from fedsqueeze.methods import RoundContext
+
     conf = msg.content.config_records[CONFIG]
     client = int(conf["client"])
     try:
@@ -225,6 +236,7 @@ def play_round(
     ctx: RoundContext, settings: ServerSettings,
 ) -> tuple[Any, dict[str, Any]]:
     """One round over Flower; mirrors :func:`fedsqueeze.runtime.local.run_round` record for record."""
+    from fedsqueeze.runtime.common import drops_out, inject_faults, round_record, sample_clients
     t_round = time.perf_counter()
     downlink: dict[int, int] = {}
     dropped: list[dict[str, Any]] = []
@@ -292,7 +304,11 @@ def play_round(
 
 def serve(grid: Grid, cfg: RunConfig, settings: ServerSettings) -> dict[str, Any]:
     """The whole run on the server side: discover nodes, play the rounds, write results."""
+    from fedsqueeze.methods import RoundContext, get_method
+    from fedsqueeze.report import ResultsWriter
+    from fedsqueeze.runtime.common import run_header
     from fedsqueeze.runtime.progress import RunProgress
+    from fedsqueeze.task import build_task
 
     cfg_json = config_to_json(cfg)
     method = get_method(cfg.method)(cfg)
