@@ -10,6 +10,7 @@ results.json are those of the local runtime. Every Flower process started from h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -87,9 +88,12 @@ def run_flower_sim(cfg: RunConfig, show_progress: bool = True, client_cpus: floa
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "error", "log_to_driver": False,
                       "_temp_dir": tempfile.mkdtemp(prefix="fsq-ray-")},
     }
+    flwr_logger = logging.getLogger("flwr")
+    propagate, flwr_logger.propagate = flwr_logger.propagate, False  # Flower logs through its own handler
     try:
         run_simulation(make_server_app(cfg, settings), client_app, num_supernodes=cfg.clients, backend_config=backend)
     finally:
+        flwr_logger.propagate = propagate
         import ray
 
         if ray.is_initialized():

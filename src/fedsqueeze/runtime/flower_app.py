@@ -177,7 +177,7 @@ class ServerSettings:
     runtime: str = "flower"
     wait_nodes_s: float = 120.0  # how long to wait for every partition's node to connect
     reply_timeout_s: float = 3600.0  # a client whose reply takes longer is dropped for the round
-    show_progress: bool = False
+    show_progress: bool = True  # under `flwr run`, stderr of the ServerApp reaches `flwr run --stream`
     extra_header: dict[str, Any] = field(default_factory=dict)
 
 
@@ -324,9 +324,9 @@ def serve(grid: Grid, cfg: RunConfig, settings: ServerSettings) -> dict[str, Any
             ctx = RoundContext(round=r, rounds=cfg.rounds, seed=cfg.seed)
             state, record = play_round(grid, method, task, cfg, cfg_json, nodes, state, ctx, settings)
             writer.add_round(record)
+            for _ in range(record["clients"]):
+                progress.advance_client()
             progress.round_done(record)
-            log.warning("round %d/%d: accuracy %.4f uplink %d B downlink %d B", r, cfg.rounds,
-                        record["accuracy"], record["uplink_bytes"], record["downlink_bytes"])
     return writer.write_json()
 
 
