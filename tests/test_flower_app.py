@@ -117,3 +117,42 @@ def test_query_returns_the_partition_id(task_identity):
     reply = client_app(Message(RecordDict(), dst_node_id=7, message_type=MessageType.QUERY), context)
     assert reply.content.config_records[CONFIG]["partition-id"] == 3
     assert get_method("head")  # registry intact after importing the app
+
+
+class FakeGrid:
+    """Nodes answer the partition query at once; ``partitions`` maps node id -> partition-id."""
+
+    def __init__(self, partitions: dict[int, int]) -> None:
+        self.partitions = partitions
+        self.sent: dict[str, Message] = {}
+
+    def get_node_ids(self):
+        return list(self.partitions)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.sent)}"
+            m.metadata.__dict__["_message_id"] = mid
+            self.sent[mid] = m
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            msg = self.sent[mid]
+            pid = self.partitions[msg.metadata.dst_node_id]
+            reply = Message(RecordDict({CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+            out.append(reply)
+        return out
+
+
+def test_partitions_map_to_nodes_and_gaps_or_clashes_are_errors(task_identity):
+    from fedsqueeze.runtime.flower_app import discover_partitions
+
+    assert discover_partitions(FakeGrid({11: 1, 22: 0, 33: 5}), clients=2, wait_s=1) == {0: 22, 1: 11}
+    with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
+        discover_partitions(FakeGrid({11: 0}), clients=2, wait_s=0.5)
+    with pytest.raises(ConfigError, match="both claim"):
+        discover_partitions(FakeGrid({11: 0, 22: 0}), clients=2, wait_s=0.5)

@@ -54,8 +54,9 @@ def run(
 
         results = run_flower(cfg, superlink=superlink, root_certificates=root_certificates, show_progress=not quiet)
         if results is None:
-            err.print(f"run finished; results.json is in {cfg.out} on the SuperLink's machine")
-            return
+            err.print(f"no results.json in {cfg.out} here: the run failed (see the log above), or the SuperLink "
+                      "runs on another machine, which holds the results")
+            raise typer.Exit(1)
     else:
         from fedsqueeze.runtime import run_local
 
