@@ -14,7 +14,7 @@ from fedsqueeze.errors import FedsqueezeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning at a tiny communication cost.")
 err = Console(stderr=True)
 
-RUNTIMES = ("local",)
+RUNTIMES = ("local", "flower-sim", "flower")
 
 
 @app.command()
@@ -31,6 +31,9 @@ def run(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an [options] table"),
     set_: list[str] = typer.Option([], "--set", help="key=value for run, method or codec options (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or tables"),
+    superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
+    root_certificates: Optional[str] = typer.Option(
+        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
 ) -> None:
     """Run one federated fine-tuning job; writes OUT/results.json and OUT/rounds.csv."""
     from fedsqueeze.config import build_config, parse_sets
@@ -42,15 +45,63 @@ def run(
     get_method(cfg.method)  # fail fast on an unknown method, before any loading
     if cfg.runtime not in RUNTIMES:
         raise FedsqueezeError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    from fedsqueeze.runtime import run_local
+    if cfg.runtime == "flower-sim":
+        from fedsqueeze.runtime.flower import run_flower_sim
 
-    results = run_local(cfg, show_progress=not quiet)
+        results = run_flower_sim(cfg, show_progress=not quiet)
+    elif cfg.runtime == "flower":
+        from fedsqueeze.runtime.flower import run_flower
+
+        results = run_flower(cfg, superlink=superlink, root_certificates=root_certificates, show_progress=not quiet)
+        if results is None:
+            err.print(f"no results.json in {cfg.out} here: the run failed (see the log above), or the SuperLink "
+                      "runs on another machine, which holds the results")
+            raise typer.Exit(1)
+    else:
+        from fedsqueeze.runtime import run_local
+
+        results = run_local(cfg, show_progress=not quiet)
     final = results["final"]
     err.print(
         f"final accuracy {final['accuracy']:.4f}  uplink {final['total_uplink_bytes']:,} B "
         f"({final['mean_uplink_bpp']:.4g} bpp)  downlink {final['total_downlink_bytes']:,} B "
         f"({final['mean_downlink_bpp']:.4g} bpp)  → {cfg.out}/results.json"
     )
+
+
+@app.command()
+def federation(
+    nodes: int = typer.Option(2, help="SuperNodes to start; node i holds partition-id i (use --clients N)"),
+    host: str = typer.Option("127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for other machines)"),
+    port: int = typer.Option(9093, help="the SuperLink's port (Fleet, Control and Runtime APIs)"),
+    tls_dir: Optional[str] = typer.Option(None, help="directory with ca.crt, server.pem, server.key (scripts/make_certs.sh)"),
+    workdir: Optional[str] = typer.Option(None, help="where logs and the private FLWR_HOMEs go (default: a temp dir)"),
+) -> None:
+    """Start a Flower SuperLink and N SuperNodes on this machine; Ctrl-C stops them all."""
+    import signal
+    import time
+
+    from fedsqueeze.runtime.flower_deploy import Federation, TLSFiles
+
+    def interrupt(signum, frame):  # SIGTERM/SIGHUP stop the processes too, not only Ctrl-C
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+    tls = TLSFiles.from_dir(tls_dir) if tls_dir else None
+    fed = Federation(nodes=nodes, host=host, port=port, tls=tls, workdir=workdir)
+    with fed:
+        err.print(f"SuperLink on {fed.address} ({'TLS' if tls else 'insecure'}), {nodes} SuperNodes; logs in {fed.workdir}")
+        extra = f" --root-certificates {tls.ca}" if tls else ""
+        err.print(f"run against it:  fedsqueeze run --runtime flower --superlink {fed.address} --clients {nodes}{extra} ...")
+        err.print("Ctrl-C stops every process started here")
+        try:
+            while all(p.poll() is None for p in fed.procs):
+                time.sleep(1.0)
+            err.print("[red]a Flower process exited; stopping the rest[/red]")
+        except KeyboardInterrupt:
+            pass
 
 
 @app.command()

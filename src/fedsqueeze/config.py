@@ -27,7 +27,7 @@ class RunConfig:
     method: str = _opt("fedavg", "federated method (see `fedsqueeze methods`)")
     model: str = _opt("minilm", "backbone: 'minilm' (bundled all-MiniLM-L6-v2), 'tiny', a local path or a Hub id")
     dataset: str = _opt("wordnet", "'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]")
-    runtime: str = _opt("local", "'local' (in-process simulator)")
+    runtime: str = _opt("local", "'local' (in-process simulator), 'flower-sim' (Flower simulation engine) or 'flower' (SuperLink)")
     clients: int = _opt(10, "number of clients the training data is split over")
     clients_per_round: int = _opt(5, "clients sampled each round")
     rounds: int = _opt(10, "federated rounds")
