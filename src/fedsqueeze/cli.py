@@ -54,6 +54,88 @@ def run(
 
 
 @app.command()
+def compare(
+    methods: str = typer.Option(..., "--methods", help="comma-separated method names, e.g. fedavg,head,lora"),
+    target: Optional[float] = typer.Option(None, help="target accuracy for time-to-accuracy (default: 90% of the best final)"),
+    model: Optional[str] = typer.Option(None, help="'minilm' (bundled), 'tiny', a local path or a Hub id"),
+    dataset: Optional[str] = typer.Option(None, help="'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file or hf:NAME[:CONFIG]"),
+    clients: Optional[int] = typer.Option(None, help="number of clients"),
+    clients_per_round: Optional[int] = typer.Option(None, help="clients sampled per round"),
+    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
+    seed: Optional[int] = typer.Option(None, help="run seed"),
+    out: Optional[str] = typer.Option(None, help="output directory (default runs/compare); each run goes to OUT/<method>"),
+    runtime: Optional[str] = typer.Option(None, help=f"one of: {', '.join(RUNTIMES)}"),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an [options] table"),
+    set_: list[str] = typer.Option([], "--set", help="key=value for run options; a method option goes to every method that has it, METHOD.key=value to one (repeatable)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars or tables"),
+) -> None:
+    """Run several methods on the same task and seed; write OUT/report.md, pareto.png, accuracy.png, bpp.png."""
+    from fedsqueeze.config import RunConfig, build_config, parse_sets
+    from fedsqueeze.methods import get_method
+    from fedsqueeze.report.compare import run_compare
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        get_method(name)  # fail fast on an unknown method, before any loading
+    sets = parse_sets(set_)
+    # method options are checked per method (split_options), so keep them out of the shared config's check
+    cli = dict(method=names[0] if names else None, model=model, dataset=dataset, clients=clients,
+               clients_per_round=clients_per_round, rounds=rounds, seed=seed, out=out, runtime=runtime)
+    cfg = build_config(config, cli, sets)
+    if cfg.runtime not in RUNTIMES:
+        raise FedsqueezeError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
+    done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line())
+    _print_summary(done)
+
+
+def _command_line() -> str:
+    """The command as typed, for the report (so a table can always be traced to its command)."""
+    import shlex
+
+    return "fedsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _print_summary(done: dict) -> None:
+    from rich.table import Table
+
+    console = Console(stderr=True, width=None if err.is_terminal else 140)
+    table = Table(title=f"comparison (target accuracy {done['target']:.4f})")
+    for col in ("method", "final acc", "uplink B", "downlink B", "uplink bpp", "downlink bpp", "sim s", "wall s"):
+        table.add_column(col, justify="right")
+    for label, s in zip(done["labels"], done["summaries"]):
+        table.add_row(label, f"{s['accuracy']:.4f}", f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}",
+                      f"{s['uplink_bpp']:.4g}", f"{s['downlink_bpp']:.4g}",
+                      f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a", f"{s['wall_s']:.1f}")
+    console.print(table)
+    console.print(f"→ {done['report']}  " + "  ".join(str(p) for p in done["plots"]))
+
+
+def _report(paths: list[str], out: str, target: Optional[float]) -> None:
+    from fedsqueeze.report.compare import load_results, write_report
+
+    done = write_report(load_results(paths), out, target=target, command=_command_line())
+    _print_summary(done)
+
+
+_REPORT_PATHS = typer.Argument(..., help="results.json files, run directories, or a compare directory")
+_REPORT_OUT = typer.Option("runs/report", "--out", help="directory for report.md and the plots")
+_REPORT_TARGET = typer.Option(None, help="target accuracy (default: 90% of the best final accuracy)")
+
+
+@app.command()
+def report(paths: list[str] = _REPORT_PATHS, out: str = _REPORT_OUT, target: Optional[float] = _REPORT_TARGET) -> None:
+    """Write report.md, pareto.png, accuracy.png and bpp.png from earlier runs' results.json."""
+    _report(paths, out, target)
+
+
+@app.command()
+def plot(paths: list[str] = _REPORT_PATHS, out: str = _REPORT_OUT, target: Optional[float] = _REPORT_TARGET) -> None:
+    """Same as `report`: the plots (and report.md) from earlier runs' results.json."""
+    _report(paths, out, target)
+
+
+@app.command()
 def methods() -> None:
     """List every method and codec with its options and defaults."""
     from rich.table import Table
