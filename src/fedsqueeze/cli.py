@@ -102,7 +102,7 @@ def _print_summary(done: dict) -> None:
     console = Console(stderr=True, width=None if err.is_terminal else 140)
     table = Table(title=f"comparison (target accuracy {done['target']:.4f})")
     for col in ("method", "final acc", "uplink B", "downlink B", "uplink bpp", "downlink bpp", "sim s", "wall s"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="left" if col == "method" else "right")
     for label, s in zip(done["labels"], done["summaries"]):
         table.add_row(label, f"{s['accuracy']:.4f}", f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}",
                       f"{s['uplink_bpp']:.4g}", f"{s['downlink_bpp']:.4g}",
@@ -135,9 +135,25 @@ def plot(paths: list[str] = _REPORT_PATHS, out: str = _REPORT_OUT, target: Optio
     _report(paths, out, target)
 
 
+def _options_table(title: str, rows: list[tuple[str, str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False)
+    table.add_column("option", no_wrap=True)
+    table.add_column("default", no_wrap=True)
+    table.add_column("help")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 @app.command()
-def methods() -> None:
-    """List every method and codec with its options and defaults."""
+def methods(
+    name: Optional[str] = typer.Argument(None, help="show only this method, codec, or 'run' for the run options"),
+) -> None:
+    """List every method and codec with its options and defaults (or one of them: `methods NAME`)."""
+    from dataclasses import fields
+
     from rich.table import Table
 
     from fedsqueeze.codecs import CODECS
@@ -145,37 +161,42 @@ def methods() -> None:
     from fedsqueeze.methods import METHODS
     from fedsqueeze.methods.base import describe_options
 
-    console = Console()
-    for name in sorted(METHODS):
-        cls = METHODS[name]
-        table = Table(title=f"[bold]{name}[/bold] — {cls.summary}", title_justify="left", show_edge=False)
-        table.add_column("option")
-        table.add_column("default")
-        table.add_column("help")
-        table.add_row("lr", str(cls.default_lr), "default local learning rate (run option `lr` overrides)")
-        for opt, default, help_ in describe_options(cls.Options):
-            table.add_row(opt, repr(default), help_)
-        console.print(table)
-        console.print()
-    codecs = Table(title="[bold]codecs[/bold] (uplink_codec= / downlink_codec=)", title_justify="left", show_edge=False)
-    codecs.add_column("id")
-    codecs.add_column("lossless")
-    codecs.add_column("what it does")
-    for cid in sorted(CODECS):
-        doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
-        codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc)
-    console.print(codecs)
-    console.print()
-    run_opts = Table(title="[bold]run options[/bold] (CLI flags, --config TOML, or --set)", title_justify="left", show_edge=False)
-    run_opts.add_column("option")
-    run_opts.add_column("default")
-    run_opts.add_column("help")
-    from dataclasses import fields
+    if name is not None and name not in METHODS and name not in CODECS and name != "run":
+        import difflib
 
-    for f in fields(RunConfig):
-        if f.name != "options":
-            run_opts.add_row(f.name, repr(f.default), f.metadata.get("help", ""))
-    console.print(run_opts)
+        hint = difflib.get_close_matches(name, [*METHODS, *CODECS, "run"], n=1)
+        raise FedsqueezeError(f"no method or codec named {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; methods: {', '.join(sorted(METHODS))}; codecs: {', '.join(sorted(CODECS))}")
+    console = Console(width=None if Console().is_terminal else 120)
+    if name is None:
+        overview = Table(title="[bold]methods[/bold] (--method NAME; `fedsqueeze methods NAME` for one)", title_justify="left", show_edge=False)
+        overview.add_column("method", no_wrap=True)
+        overview.add_column("what it does")
+        for m in sorted(METHODS):
+            overview.add_row(m, METHODS[m].summary)
+        console.print(overview)
+        console.print()
+    for m in sorted(METHODS):
+        if name in (None, m):
+            cls = METHODS[m]
+            rows = [("lr", str(cls.default_lr), "default local learning rate (run option `lr` overrides)")]
+            rows += [(opt, repr(default), help_) for opt, default, help_ in describe_options(cls.Options)]
+            console.print(_options_table(f"[bold]{m}[/bold] — {cls.summary}", rows))
+            console.print()
+    if name is None or name in CODECS:
+        codecs = Table(title="[bold]codecs[/bold] (uplink_codec= / downlink_codec=)", title_justify="left", show_edge=False)
+        codecs.add_column("id", no_wrap=True)
+        codecs.add_column("lossless")
+        codecs.add_column("what it does")
+        for cid in sorted(CODECS):
+            if name in (None, cid):
+                doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
+                codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc)
+        console.print(codecs)
+        console.print()
+    if name in (None, "run"):
+        rows = [(f.name, repr(f.default), f.metadata.get("help", "")) for f in fields(RunConfig) if f.name != "options"]
+        console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ def simulated_round_time(cfg: RunConfig, clients: dict[int, tuple[float, int, in
     for client, (compute_s, down, up) in sorted(clients.items()):
         up_mbps, down_mbps, latency_s = client_link(cfg, client)
         time_s = compute_s + transfer_s(down, down_mbps) + transfer_s(up, up_mbps) + latency_s
-        per_client.append({"client": client, "compute_s": compute_s, "time_s": time_s})
+        per_client.append({"client": client, "compute_s": compute_s, "downlink_bytes": down, "uplink_bytes": up, "time_s": time_s})
     slowest = max(per_client, key=lambda c: c["time_s"], default=None)
     return {
         "sim_time_s": slowest["time_s"] if slowest else 0.0,
