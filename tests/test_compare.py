@@ -180,3 +180,19 @@ def test_method_configs_share_everything_but_method_and_out(tmp_path):
     assert all(c.seed == 3 and c.model == "tiny" for c in cfgs)
     with pytest.raises(ConfigError):
         method_configs(base, ["fedavg", "fedavg"], tmp_path)
+
+
+def test_a_failing_method_does_not_lose_the_others(tmp_path, monkeypatch):
+    import fedsqueeze.runtime
+    from fedsqueeze.report.compare import run_compare
+
+    def fake_run_local(cfg, show_progress=True):
+        if cfg.method == "head":
+            raise RuntimeError("boom")
+        return _fake(cfg.method, [0.5, 0.6], 100, 100)
+
+    monkeypatch.setattr(fedsqueeze.runtime, "run_local", fake_run_local)
+    done = run_compare(RunConfig(model="tiny"), ["fedavg", "head"], tmp_path, show_progress=False)
+    assert done["failed"] == [{"method": "head", "error": "RuntimeError: boom"}]
+    md = done["report"].read_text()
+    assert "**head failed**" in md and set(_table_rows(md, "## Accuracy and bytes")) == {"fedavg"}

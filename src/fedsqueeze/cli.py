@@ -87,6 +87,8 @@ def compare(
     out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
     done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line())
     _print_summary(done)
+    if done["failed"]:
+        raise FedsqueezeError("compare: failed: " + ", ".join(f["method"] for f in done["failed"]) + f" (see {done['report']})")
 
 
 def _command_line() -> str:

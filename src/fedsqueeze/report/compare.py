@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from fedsqueeze.config import RunConfig
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import ConfigError, FedsqueezeError
+
+log = logging.getLogger("fedsqueeze")
 
 # Config fields that define the task: runs compared side by side should agree on all of them.
 TASK_FIELDS = (
@@ -92,15 +95,23 @@ def run_compare(
     for cfg in configs:  # every method's options are checked before the first (long) run starts
         parse_options(get_method(cfg.method).Options, cfg.options, f"method {cfg.method!r}")
     console = Console(stderr=True)
-    results = []
+    results, failed = [], []
     for i, cfg in enumerate(configs, 1):
         if show_progress:
             console.rule(f"compare: run {i}/{len(configs)}: {cfg.method}")
-        # run_local builds a fresh task per run: setup() changes the model (freezing, adapters)
-        res = run_local(cfg, show_progress=show_progress)
+        try:
+            # run_local builds a fresh task per run: setup() changes the model (freezing, adapters)
+            res = run_local(cfg, show_progress=show_progress)
+        except Exception as exc:  # one failing method must not throw away the others' (long) runs
+            log.error("compare: method %s failed: %s: %s", cfg.method, type(exc).__name__, exc)
+            failed.append({"method": cfg.method, "error": f"{type(exc).__name__}: {exc}"})
+            continue
         res["_path"] = str(Path(cfg.out) / "results.json")
         results.append(res)
-    return write_report(results, out_dir, target=target, command=command)
+    if not results:
+        raise FedsqueezeError("compare: every method failed: " + "; ".join(f"{f['method']}: {f['error']}" for f in failed))
+    done = write_report(results, out_dir, target=target, command=command, failed=failed)
+    return done
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -226,8 +237,11 @@ def _task_notes(results: list[dict[str, Any]], labels: list[str]) -> list[str]:
     return notes
 
 
-def render_report(results: list[dict[str, Any]], target: float | None = None, command: str | None = None) -> str:
-    """report.md's text."""
+def render_report(
+    results: list[dict[str, Any]], target: float | None = None, command: str | None = None,
+    failed: list[dict[str, str]] | None = None,
+) -> str:
+    """report.md's text; ``failed`` lists runs that raised (method, error), shown first."""
     labels = labels_for(results)
     target = default_target(results) if target is None else target
     sums = [summarize_run(r) for r in results]
@@ -238,6 +252,8 @@ def render_report(results: list[dict[str, Any]], target: float | None = None, co
     task = ", ".join(f"{k}={cfg0.get(k)}" for k in TASK_FIELDS if k in cfg0)
     lines += [f"Task: {task}.", "", f"Model parameters (bpp denominator): {results[0].get('model_params', 0):,}.", ""]
     lines += _task_notes(results, labels)
+    for f in failed or []:
+        lines.append(f"- **{f['method']} failed** and is not in the tables: `{f['error']}`")
     lines += ["", "## Accuracy and bytes", "",
               "Bytes are the exact payload lengths summed over the round's clients; per round = total / rounds; "
               "bpp = bits per model parameter per client, averaged over rounds.", ""]
@@ -364,6 +380,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
 
 def write_report(
     results: list[dict[str, Any]], out_dir: str | Path, target: float | None = None, command: str | None = None,
+    failed: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Write report.md and the plots to ``out_dir``; return the paths, the target and the summaries."""
     from fedsqueeze.report.results import atomic_write_text
@@ -373,7 +390,7 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = default_target(results) if target is None else target
-    atomic_write_text(out / "report.md", render_report(results, target, command))
+    atomic_write_text(out / "report.md", render_report(results, target, command, failed))
     plots = write_plots(results, out, target)
-    return {"report": out / "report.md", "plots": plots, "target": target, "labels": labels_for(results),
+    return {"report": out / "report.md", "plots": plots, "target": target, "labels": labels_for(results), "failed": failed or [],
             "summaries": [summarize_run(r) for r in results], "results": results}
