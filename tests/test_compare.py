@@ -93,9 +93,14 @@ def test_compare_cli_writes_report_and_plots(tmp_path):
     assert all((tmp_path / "again" / n).is_file() for n in ("pareto.png", "accuracy.png", "bpp.png"))
 
 
-def test_compare_unknown_method_fails_fast():
-    p = _cli("compare", "--methods", "fedavg,nosuch", "--model", "tiny")
-    assert p.returncode == 2 and "nosuch" in p.stderr and "Traceback" not in p.stderr
+def test_compare_unknown_method_fails_before_any_run(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--methods", "fedavg,nosuch", "--model", "tiny", "--out", str(tmp_path / "c")])
+    assert isinstance(result.exception, ConfigError) and "nosuch" in str(result.exception)
+    assert not (tmp_path / "c").exists()
 
 
 # ---- reports from hand-made results (no training) -------------------------------------------------
@@ -166,7 +171,7 @@ def test_split_options_routes_shared_and_per_method_keys():
     assert routed == {"fedavg": {"server_lr": 0.5}, "head": {"server_lr": 0.5, "optimizer": "sgd"}}
     routed = split_options({"fedavg": {"server_lr": 2.0}, "server_lr": 0.5}, ["fedavg", "head"])  # TOML [options.fedavg]
     assert routed == {"fedavg": {"server_lr": 2.0}, "head": {"server_lr": 0.5}}
-    with pytest.raises(ConfigError, match="not an option of any"):
+    with pytest.raises(ConfigError, match="taken by none of the compared methods.*server_lr"):
         split_options({"server_lrr": 1}, ["fedavg", "head"])
     with pytest.raises(ConfigError, match="not one of the compared methods"):
         split_options({"lora.rank": 4}, ["fedavg", "head"])

@@ -9,7 +9,6 @@ import pytest
 
 from fedsqueeze.config import build_config
 from fedsqueeze.methods import METHODS
-from fedsqueeze.methods.base import parse_options
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.toml"))
 
@@ -27,4 +26,4 @@ def test_example_loads(path):
         assert re.search(rf"fedsqueeze compare --config examples/{path.name} --methods \S*{cfg.method}", path.read_text())
     if cfg.method not in METHODS:
         pytest.skip(f"method {cfg.method!r} is not registered in this build")
-    parse_options(METHODS[cfg.method].Options, cfg.options, f"method {cfg.method!r}")
+    METHODS[cfg.method](cfg)  # its constructor checks every option (method and codec ones)

@@ -38,17 +38,31 @@ PLOTS = ("pareto.png", "accuracy.png", "bpp.png")
 
 
 # ---- running ---------------------------------------------------------------------------------------
-def split_options(options: dict[str, Any], methods: list[str]) -> dict[str, dict[str, Any]]:
+def _rejection(base: RunConfig, method: str, options: dict[str, Any]) -> str | None:
+    """None if ``method`` takes ``options`` (its constructor checks them, cheaply), else why not."""
+    from fedsqueeze.methods import get_method
+
+    try:
+        get_method(method)(dataclasses.replace(base, method=method, options=options))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def split_options(options: dict[str, Any], methods: list[str], base: RunConfig | None = None) -> dict[str, dict[str, Any]]:
     """Route shared ``options`` to each method of a comparison.
 
-    A plain key goes to every method that declares it (an error if none does, so a typo is never
-    silently dropped). ``METHOD.key`` (``--set deltamask.kappa=...``) or a TOML table
-    ``[options.METHOD]`` goes to that method only and wins over a plain key.
+    A plain key goes to every method that takes it: one its ``Options`` declare, or any other key
+    its constructor accepts (codec options such as ``sz3_bound`` for a method that uses that codec).
+    A key no compared method takes is an error, so a typo is never silently dropped.
+    ``METHOD.key`` (``--set lora.rank=4``) or a TOML table ``[options.METHOD]`` goes to that method
+    only and wins over a plain key.
     """
     from fedsqueeze.methods import get_method
 
+    base = base or RunConfig()
     declared = {m: {f.name for f in fields(get_method(m).Options)} for m in methods}
-    shared: dict[str, Any] = {}
+    plain: dict[str, Any] = {}
     specific: dict[str, dict[str, Any]] = {m: {} for m in methods}
     for key, value in options.items():
         if isinstance(value, dict):  # a TOML table [options.METHOD]
@@ -56,15 +70,24 @@ def split_options(options: dict[str, Any], methods: list[str]) -> dict[str, dict
         elif "." in key:  # --set METHOD.key=value
             prefix, name = key.split(".", 1)
             own = {name: value}
-        elif any(key in d for d in declared.values()):
-            shared[key] = value
-            continue
         else:
-            raise ConfigError(f"option {key!r} is not an option of any compared method ({', '.join(methods)})")
+            plain[key] = value
+            continue
         if prefix not in declared:
             raise ConfigError(f"option {key!r} names {prefix!r}, which is not one of the compared methods: {', '.join(methods)}")
         specific[prefix].update(own)
-    return {m: {**{k: v for k, v in shared.items() if k in declared[m]}, **specific[m]} for m in methods}
+    routed = {m: {k: v for k, v in plain.items() if k in declared[m]} for m in methods}
+    for key, value in plain.items():
+        if any(key in declared[m] for m in methods):
+            continue
+        why = {m: _rejection(base, m, {**routed[m], key: value, **specific[m]}) for m in methods}
+        for m in methods:
+            if why[m] is None:
+                routed[m][key] = value
+        if all(why.values()):
+            raise ConfigError(f"option {key!r} is taken by none of the compared methods: "
+                              + "; ".join(f"{m}: {w}" for m, w in why.items()))
+    return {m: {**routed[m], **specific[m]} for m in methods}
 
 
 def method_configs(base: RunConfig, methods: list[str], out_dir: str | Path) -> list[RunConfig]:
@@ -73,7 +96,7 @@ def method_configs(base: RunConfig, methods: list[str], out_dir: str | Path) -> 
         raise ConfigError("--methods needs at least one method name")
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {', '.join(methods)}")
-    routed = split_options(base.options, methods)
+    routed = split_options(base.options, methods, base)
     return [
         dataclasses.replace(base, method=m, out=str(Path(out_dir) / m), options=routed[m]).validate()
         for m in methods
@@ -87,13 +110,12 @@ def run_compare(
     """Run every method on ``base``'s task, one after the other, then write the report and plots."""
     from rich.console import Console
 
-    from fedsqueeze.methods.base import parse_options
     from fedsqueeze.methods import get_method
     from fedsqueeze.runtime import run_local
 
     configs = method_configs(base, methods, out_dir)
     for cfg in configs:  # every method's options are checked before the first (long) run starts
-        parse_options(get_method(cfg.method).Options, cfg.options, f"method {cfg.method!r}")
+        get_method(cfg.method)(cfg)
     console = Console(stderr=True)
     results, failed = [], []
     for i, cfg in enumerate(configs, 1):
