@@ -241,10 +241,11 @@ def _ratio(base: float, value: float) -> str:
     return f"{base / value:,.1f}×" if value else "∞"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    align = ["---"] + ["---:"] * (len(header) - 1)
+def _table(header: list[str], rows: list[list[str]], numeric: bool = True) -> str:
+    """A markdown table; the first column is left-aligned, the others right-aligned if ``numeric``."""
+    align = ["---"] + ["---:" if numeric else "---"] * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -257,6 +258,15 @@ def _task_notes(results: list[dict[str, Any]], labels: list[str]) -> list[str]:
             detail = ", ".join(f"{lab}: {v}" for lab, v in values.items())
             notes.append(f"- **{name} differs between runs** ({detail}): compare with care.")
     return notes
+
+
+def _options_text(res: dict[str, Any]) -> str:
+    """A run's method options (and a non-default lr), as ``key=value`` pairs."""
+    cfg = res.get("config", {})
+    pairs = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in sorted(cfg.get("options", {}).items())]
+    if cfg.get("lr"):
+        pairs.insert(0, f"lr={cfg['lr']}")
+    return ", ".join(pairs) or "defaults"
 
 
 def render_report(
@@ -276,6 +286,9 @@ def render_report(
     lines += _task_notes(results, labels)
     for f in failed or []:
         lines.append(f"- **{f['method']} failed** and is not in the tables: `{f['error']}`")
+    lines += ["", "## Runs", ""]
+    rows = [[lab, _options_text(r), f"`{r.get('_path', '?')}`"] for lab, r in zip(labels, results)]
+    lines.append(_table(["method", "options", "results"], rows, numeric=False))
     lines += ["", "## Accuracy and bytes", "",
               "Bytes are the exact payload lengths summed over the round's clients; per round = total / rounds; "
               "bpp = bits per model parameter per client, averaged over rounds.", ""]
@@ -313,7 +326,7 @@ def render_report(
               "![accuracy per round](accuracy.png)", "", "![bits per parameter per round](bpp.png)", "",
               "## Per round", ""]
     for lab, r in zip(labels, results):
-        lines += [f"### {lab}", "", f"From `{r.get('_path', '?')}`.", ""]
+        lines += [f"### {lab}", ""]
         rows = [[str(x["round"]), f"{x['accuracy']:.4f}", _b(x["uplink_bytes"]), _b(x["downlink_bytes"]),
                  f"{x['uplink_bpp']:.4g}", f"{x['downlink_bpp']:.4g}", f"{x['wall_s']:.1f}",
                  f"{x['sim_time_s']:.1f}" if "sim_time_s" in x else "n/a"] for x in r["rounds"]]
@@ -354,11 +367,8 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
         acc = [x["accuracy"] for x in r["rounds"]]
         xs, ys = _positive(_cumulative([x["uplink_bytes"] for x in r["rounds"]]), acc)
         ax.plot(xs, ys, label=lab, **st)
-        if xs:
-            ax.annotate(lab, (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 5), fontsize=8, color=st["color"])
     ax.axhline(target, ls="--", lw=0.8, color="grey", label=f"target {target:.3f}")
     ax.set_xscale("log")
-    ax.margins(x=0.15)  # room for the end-of-line labels
     ax.set_xlabel("cumulative uplink bytes (all clients)")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy against uplink bytes (one point per round)")
