@@ -348,6 +348,11 @@ def _positive(xs: list[float], ys: list[float]) -> tuple[list[float], list[float
     return [x for x, _ in kept], [y for _, y in kept]
 
 
+def _legend_outside(ax: Any) -> None:
+    """The legend to the right of the axes, where it never hides a curve."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
 def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: float | None = None) -> list[Path]:
     """pareto.png, accuracy.png and bpp.png in ``out_dir``."""
     import matplotlib
@@ -362,7 +367,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
     markers = "osD^v<>ph*"
     styles = [dict(marker=markers[i % len(markers)], color=f"C{i % 10}") for i in range(len(results))]
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for lab, r, st in zip(labels, results, styles):
         acc = [x["accuracy"] for x in r["rounds"]]
         xs, ys = _positive(_cumulative([x["uplink_bytes"] for x in r["rounds"]]), acc)
@@ -373,12 +378,12 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy against uplink bytes (one point per round)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=120)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for lab, r, st in zip(labels, results, styles):
         ax.plot([x["round"] for x in r["rounds"]], [x["accuracy"] for x in r["rounds"]], label=lab, **st)
     ax.axhline(target, ls="--", lw=0.8, color="grey", label=f"target {target:.3f}")
@@ -387,12 +392,12 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
     ax.set_title("Accuracy per round")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.5), sharey=True)
     for ax, key, title in zip(axes, ("uplink_bpp", "downlink_bpp"), ("uplink", "downlink")):
         for lab, r, st in zip(labels, results, styles):
             xs, ys = _positive([x["round"] for x in r["rounds"]], [x[key] for x in r["rounds"]])
@@ -403,7 +408,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("bpp (log)")
-    axes[1].legend(fontsize=8)
+    _legend_outside(axes[1])
     fig.tight_layout()
     fig.savefig(out / "bpp.png", dpi=120)
     plt.close(fig)
