@@ -186,16 +186,23 @@ def methods(
             console.print(_options_table(f"[bold]{m}[/bold] — {cls.summary}", rows))
             console.print()
     if name is None or name in CODECS:
+        # codecs may declare an ``Options`` dataclass; each option is set as --set CODEC_OPTION=value
         codecs = Table(title="[bold]codecs[/bold] (uplink_codec= / downlink_codec=)", title_justify="left", show_edge=False)
         codecs.add_column("id", no_wrap=True)
         codecs.add_column("lossless")
         codecs.add_column("what it does")
+        codecs.add_column("options (--set ID_OPTION=value)")
         for cid in sorted(CODECS):
             if name in (None, cid):
                 doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
-                codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc)
+                opts = describe_options(CODECS[cid].Options) if hasattr(CODECS[cid], "Options") else []
+                codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc,
+                               ", ".join(f"{cid}_{opt}={default!r}" for opt, default, _ in opts) or "none")
         console.print(codecs)
         console.print()
+        if name in CODECS and hasattr(CODECS[name], "Options"):
+            rows = [(f"{name}_{opt}", repr(default), help_) for opt, default, help_ in describe_options(CODECS[name].Options)]
+            console.print(_options_table(f"[bold]{name}[/bold] options", rows))
     if name in (None, "run"):
         rows = [(f.name, repr(f.default), f.metadata.get("help", "")) for f in fields(RunConfig) if f.name != "options"]
         console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))
