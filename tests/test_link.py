@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +74,8 @@ def test_halving_uplink_bandwidth_adds_the_uplink_transfer_time(tiny_cfg):
     compute = max(x["compute_s"] for x in fast_round["sim_clients"] + slow_round["sim_clients"])
     assert slow_round["sim_time_s"] - fast_round["sim_time_s"] == pytest.approx(extra, abs=compute)
     assert fast_round["sim_time_s"] > extra  # and it includes that transfer in the first place
+    csv_header = (Path(cfg.out) / "rounds.csv").read_text().splitlines()[0].split(",")
+    assert "sim_time_s" in csv_header
 
 
 def test_dropped_clients_are_not_waited_for(tiny_cfg):
