@@ -31,7 +31,7 @@ VARIANTS: dict[str, dict] = {
     "head-zo-lr1e-1": {"run": {"local_steps": 20, "lr": 1e-1}, "options": {"params": "head", "zo_batch_size": -1}},
     "head-zo-warm300": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300}},
     "head-zo-warm2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_rounds": 2}},
-    "full-zo": {"run": {"local_steps": 10}, "options": {"params": "full"}},
+    "full-zo": {"run": {"local_steps": 10, "rounds": 3}, "options": {"params": "full"}},
     "warm-only": {"run": {"local_steps": 1, "lr": 1e-12}, "options": {"params": "head"}},
 }
 
@@ -95,7 +95,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.variants.split(","):
         v = VARIANTS[name]
-        cfg = RunConfig(method="decomfl", rounds=args.rounds, model=args.model, **v["run"], options=dict(v["options"])).validate()
+        run = {"rounds": args.rounds, **v["run"]}
+        cfg = RunConfig(method="decomfl", model=args.model, **run, options=dict(v["options"])).validate()
         print(name, flush=True)
         t = time.perf_counter()
         run_dir = Path(args.runs_dir) / name if args.runs_dir else None
