@@ -1,0 +1,161 @@
+"""DeltaMask: only the mask positions that moved travel, in a binary fuse filter (and an exact variant).
+
+Everything but the uplink mask coding is FedPM's (:mod:`fedsqueeze.methods.fedpm`: frozen model,
+mask scores, Beta aggregation, coded downlink of θ).
+
+Client, after local training (probabilities ``θc``; start/global probabilities ``θg``):
+
+1. Draws its mask ``u < θc`` and the reference mask ``u < θg`` with the *same* uniforms ``u`` from
+   the round's shared seed for that client (``ctx.rng(client, "mask-draw")``); the server can
+   rebuild the reference. The masks differ only where ``u`` lies between ``θg`` and ``θc``.
+2. Keeps, of those flipped positions, the top ``κ_r · n`` by ``|θc − θg|`` (``n`` = masked
+   weights). ``κ_r`` follows a schedule from ``kappa_start`` (round 1) to ``kappa_end`` (last
+   round): ``linear`` or ``geometric``.
+3. ``deltamask``: inserts the kept positions as uint64 keys into a binary fuse filter (Fuse8 by
+   default; ``filter=fuse16|xor8``) built by pyfusefilter's C code and sends its fingerprints.
+   ``deltamask-exact``: codes the sorted positions exactly (Golomb-Rice gaps by default;
+   ``coder=elias-fano``), no false positives, at ~``log2 C(n, N)`` bits.
+
+Server: rebuilds the reference mask, queries every position ``0..n−1`` against the filter with the
+vectorized query (:func:`fedsqueeze.codecs.fusefilter.query_universe`), flips the hits (false
+positives included) and aggregates as FedPM. The filter header states how many keys it holds, so
+the false-positive flips are counted exactly: ``fp_flips = hits − keys`` (a filter has no false
+negatives). The round record carries ``fp_flips``, ``keys`` (means per client) and ``mask_bits_per_key``.
+
+Uplink body: ``[filter fingerprints | position code][head delta]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filter, query_universe
+from fedsqueeze.codecs.positions import POSITION_CODERS, decode_positions, encode_positions, entropy_bound_bits
+from fedsqueeze.errors import PayloadError
+from fedsqueeze.masking import shared_uniforms
+from fedsqueeze.methods.base import RoundContext, option, register_method
+from fedsqueeze.methods.fedpm import MaskMethod, MaskOptions
+
+
+@dataclass
+class DeltaMaskOptions(MaskOptions):
+    kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights")
+    kappa_end: float = option(0.01, "last-round cap (the schedule goes from kappa_start to kappa_end)")
+    kappa_schedule: str = option("linear", "how κ moves over the rounds: linear or geometric")
+    filter: str = option("fuse8", "filter for the flipped positions: fuse8, fuse16 or xor8")
+    coder: str = option("rice", "deltamask-exact position coder: rice or elias-fano")
+
+
+def kappa_at(opts: DeltaMaskOptions, round_: int, rounds: int) -> float:
+    """κ for ``round_`` (1-based) of ``rounds``."""
+    t = (round_ - 1) / max(rounds - 1, 1)
+    if opts.kappa_schedule == "linear":
+        return opts.kappa_start + t * (opts.kappa_end - opts.kappa_start)
+    if opts.kappa_schedule == "geometric":
+        return float(opts.kappa_start * (opts.kappa_end / opts.kappa_start) ** t)
+    raise ValueError(f"kappa_schedule must be 'linear' or 'geometric', got {opts.kappa_schedule!r}")
+
+
+def top_flips(u: np.ndarray, theta_client: np.ndarray, theta_ref: np.ndarray, cap: int) -> tuple[np.ndarray, int]:
+    """Sorted positions where ``u < θc`` and ``u < θref`` disagree, at most ``cap`` of them, largest ``|θc − θref|`` first kept."""
+    flipped = np.flatnonzero((u < theta_client) != (u < theta_ref))
+    total = int(flipped.size)
+    if total > cap:
+        moved = np.abs(theta_client[flipped] - theta_ref[flipped])
+        flipped = flipped[np.argpartition(-moved, cap - 1)[:cap]] if cap > 0 else flipped[:0]
+        flipped.sort()
+    return flipped.astype(np.uint64), total
+
+
+@register_method
+class DeltaMask(MaskMethod):
+    name = "deltamask"
+    summary = "masks on a frozen model; top-κ flips vs a shared reference mask sent in a Fuse8 filter"
+    Options = DeltaMaskOptions
+    uplink_kind = "deltamask-up"
+
+    def setup(self, task) -> None:
+        if self.opts.filter not in FILTER_KINDS:
+            raise ValueError(f"filter must be one of {FILTER_KINDS}")
+        if self.opts.coder not in POSITION_CODERS:
+            raise ValueError(f"coder must be one of {POSITION_CODERS}")
+        kappa_at(self.opts, 1, 1)  # validates the schedule name
+        super().setup(task)
+
+    # ---- client ---------------------------------------------------------------------------------
+    def encode_mask(self, u, theta_client, theta_start, sym, levels, ctx: RoundContext):
+        cap = int(kappa_at(self.opts, ctx.round, ctx.rounds) * self.n)
+        keys, total = top_flips(u, theta_client, theta_start, cap)
+        meta, body = self.encode_positions(keys)
+        return meta, body, {"flips_total": float(total), "keys": float(keys.size)}
+
+    def encode_positions(self, keys: np.ndarray) -> tuple[dict[str, Any], bytes]:
+        flt = build_filter(keys, self.opts.filter)
+        return flt.meta(), flt.body()
+
+    # ---- server ---------------------------------------------------------------------------------
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        if not isinstance(meta, dict):
+            raise PayloadError("client update has no filter header")
+        return {"filter": parse_filter(meta, body, max_keys=self.n)}
+
+    def flipped_positions(self, update: dict[str, Any]) -> tuple[np.ndarray, int]:
+        """Boolean (or index) array of the positions to flip, and the number of true keys."""
+        flt = update["filter"]
+        return query_universe(flt, self.n), flt.size
+
+    def rebuild_mask(self, update, theta_start, client, ctx):
+        u = self._uniforms(client, ctx)
+        mask = u < theta_start
+        flips, keys = self.flipped_positions(update)
+        mask[flips] ^= True
+        hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
+        bits = 8.0 * update["mask_bytes"] if "mask_bytes" in update else 0.0
+        return mask.astype(np.int32), {
+            "keys": float(keys), "fp_flips": float(hits - keys),
+            "mask_bits_per_key": bits / keys if keys else 0.0,
+        }
+
+    def _uniforms(self, client: int, ctx: RoundContext) -> np.ndarray:
+        return shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
+
+    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        update = super().decode_update(payload, state, ctx)
+        update["mask_bytes"] = self._mask_bytes(update)
+        return update
+
+    @staticmethod
+    def _mask_bytes(update: dict[str, Any]) -> int:
+        if "filter" in update:
+            return int(update["filter"].fingerprints.nbytes)
+        return int(update.get("positions_bytes", 0))
+
+
+@register_method
+class DeltaMaskExact(DeltaMask):
+    name = "deltamask-exact"
+    summary = "deltamask with the flipped positions coded exactly (Golomb-Rice gaps): no false positives"
+    uplink_kind = "deltamask-exact-up"
+
+    def encode_positions(self, keys: np.ndarray) -> tuple[dict[str, Any], bytes]:
+        return encode_positions(keys, self.n, self.opts.coder)
+
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        if not isinstance(meta, dict):
+            raise PayloadError("client update has no position header")
+        positions = decode_positions(meta, body, max_universe=self.n)
+        if meta["universe"] != self.n:
+            raise PayloadError(f"position set is over {meta['universe']} positions, the mask has {self.n}")
+        return {"positions": positions.astype(np.int64), "positions_bytes": len(body)}
+
+    def flipped_positions(self, update: dict[str, Any]) -> tuple[np.ndarray, int]:
+        return update["positions"], int(update["positions"].size)
+
+    def rebuild_mask(self, update, theta_start, client, ctx):
+        mask, stats = super().rebuild_mask(update, theta_start, client, ctx)
+        keys = int(update["positions"].size)
+        stats["bound_bits_per_key"] = entropy_bound_bits(keys, self.n) / keys if keys else 0.0
+        return mask, stats

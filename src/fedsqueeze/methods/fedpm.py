@@ -1,0 +1,292 @@
+"""FedPM: federated probabilistic masks over a frozen pre-trained model (and the base of DeltaMask).
+
+Clients learn mask scores ``s`` for every Linear weight of the backbone (see
+:mod:`fedsqueeze.masking`) and train the classification head; the backbone weights never change.
+After local training a client draws one binary mask ``m ~ Bernoulli(sigmoid(s))`` and uploads it
+entropy-coded, with its head delta. The server aggregates the masks with a Beta posterior per
+position: ``α = 1 + Σ m``, ``β = 1 + K − Σ m`` (priors reset each round; ``carry_priors=true``
+keeps adding to them), ``θ = (α − 1) / (α + β − 2)``, and averages the head deltas.
+
+Downlink (``kind = "mask-down"``), the same message for every client, is *coded*, not 32 bpp:
+``θ`` is sent as integer symbols ``θ · L`` with ``L`` levels (``L`` = the number of clients
+aggregated when priors reset, so ``θ = Σm / K`` is exact; ``L = 255``, a uint8 quantisation,
+before round 1 and with carried priors), entropy-coded with rANS under their own histogram
+(:func:`fedsqueeze.codecs.ans.encode_symbols`). After a round most positions sit at ``θ = 1``, so
+this costs well under one bit per masked weight. The head follows as float32 (or float16).
+Body: ``[θ symbols ANS words][head weights]``; meta: ``levels``, the histogram, the head's
+tensor table and the section lengths.
+
+Uplink (``kind = "fedpm-up"``): the mask bits, grouped by the level of ``θ_global`` at each
+position (both sides know it) and coded per group with a Bernoulli model at the group's
+empirical frequency of ones (:func:`fedsqueeze.codecs.ans.encode_grouped_bits`); then the head
+delta. The cost is about ``Σ_g n_g H(p_g)`` bits, far below one bit per weight when θ is near 1.
+
+The mask is drawn as ``u < θ_client`` with uniforms ``u`` from the round's shared seed for that
+client (see :mod:`fedsqueeze.masking`); FedPM does not need that, DeltaMask builds on it.
+
+Evaluation uses the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``) or one draw
+from ``θ_global`` seeded by the round (``eval_mask=sample``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsqueeze.codecs import RawCodec, CodecContext
+from fedsqueeze.codecs.ans import decode_grouped_bits, decode_symbols, encode_grouped_bits, encode_symbols
+from fedsqueeze.codecs.framing import frame, unframe
+from fedsqueeze.errors import PayloadError
+from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, train_masked
+from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option, register_method
+from fedsqueeze.methods.head import head_names
+from fedsqueeze.seeding import SERVER, np_rng
+from fedsqueeze.training import num_local_steps
+
+INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a uint8 level
+
+
+@dataclass
+class MaskOptions:
+    theta_init: float = option(0.95, "initial keep probability of every masked weight")
+    clip_eps: float = option(0.02, "clients start from θ_global clipped to [eps, 1-eps] (finite scores)")
+    score_lr: float = option(0.1, "learning rate of the mask scores")
+    head_lr: float = option(1e-2, "learning rate of the classification head")
+    optimizer: str = option("adam", "local optimizer: adam or sgd")
+    mask_embeddings: bool = option(False, "mask the embedding tables too (not only Linear weights)")
+    carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them")
+    eval_mask: str = option("threshold", "evaluation mask: threshold (θ>0.5) or sample (seeded draw)")
+    head_dtype: str = option("float32", "head weights and deltas on the wire: float32 or float16")
+
+
+def _split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
+    if not (isinstance(lengths, list) and len(lengths) == count and all(isinstance(n, int) and n >= 0 for n in lengths)):
+        raise PayloadError("payload has no valid section lengths")
+    if sum(lengths) != len(body):
+        raise PayloadError(f"payload sections add up to {sum(lengths)} bytes, the body has {len(body)}")
+    out, pos = [], 0
+    for n in lengths:
+        out.append(body[pos : pos + n])
+        pos += n
+    return out
+
+
+class MaskMethod(Method):
+    """Shared machinery of the mask methods: model, training, server state, downlink, aggregation.
+
+    Subclasses code the client's mask: :meth:`encode_mask` (client) and :meth:`decode_mask`
+    (server, validation only) and :meth:`rebuild_mask` (server, inside aggregation, where the
+    client id is known).
+    """
+
+    Options = MaskOptions
+    uplink_kind: str = "fedpm-up"
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def setup(self, task) -> None:
+        if self.opts.eval_mask not in ("threshold", "sample"):
+            raise ValueError("eval_mask must be 'threshold' or 'sample'")
+        if self.opts.head_dtype not in ("float32", "float16"):
+            raise ValueError("head_dtype must be 'float32' or 'float16'")
+        if not 0.0 < self.opts.clip_eps < 0.5 or not 0.0 < self.opts.theta_init <= 1.0:
+            raise ValueError("clip_eps must be in (0, 0.5) and theta_init in (0, 1]")
+        self.task = task
+        self.layout = select_masked(task.model, self.opts.mask_embeddings)
+        self.head_names = head_names(task.model)
+        named = dict(task.model.named_parameters())
+        for n, p in named.items():
+            p.requires_grad_(n in self.head_names)
+        self.head_params = [named[n] for n in self.head_names]
+        self.head_shapes = {n: tuple(named[n].shape) for n in self.head_names}
+        self.masked = MaskedModel(task.model, self.layout)
+        self.n = self.layout.total
+
+    def trainable_params(self) -> int:
+        return self.n + sum(p.numel() for p in self.head_params)
+
+    # ---- head in and out ------------------------------------------------------------------------
+    def read_head(self) -> dict[str, np.ndarray]:
+        return {n: p.detach().numpy().copy() for n, p in zip(self.head_names, self.head_params)}
+
+    @torch.no_grad()
+    def load_head(self, weights: dict[str, np.ndarray]) -> None:
+        for n, p in zip(self.head_names, self.head_params):
+            p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
+
+    def _encode_head(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, Any], bytes]:
+        dt = np.dtype(self.opts.head_dtype)
+        return RawCodec().encode({n: np.asarray(a).astype(dt) for n, a in tensors.items()}, CodecContext())
+
+    def _decode_head(self, meta: Any, body: memoryview, what: str) -> dict[str, np.ndarray]:
+        if not isinstance(meta, dict):
+            raise PayloadError(f"{what}: no head table")
+        cap = sum(int(np.prod(s)) for s in self.head_shapes.values())
+        tensors = RawCodec().decode(meta, body, CodecContext(max_elements=cap))
+        if set(tensors) != set(self.head_names):
+            raise PayloadError(f"{what}: head tensors {sorted(tensors)} are not {self.head_names}")
+        out = {}
+        for n, a in tensors.items():
+            if a.dtype not in (np.float32, np.float16) or tuple(a.shape) != self.head_shapes[n]:
+                raise PayloadError(f"{what}: head tensor {n!r} has dtype {a.dtype} and shape {a.shape}")
+            if not np.all(np.isfinite(a)):
+                raise PayloadError(f"{what}: head tensor {n!r} holds NaN or infinity")
+            out[n] = a.astype(np.float32)
+        return out
+
+    # ---- θ on both sides ------------------------------------------------------------------------
+    @staticmethod
+    def theta_of(sym: np.ndarray, levels: int) -> np.ndarray:
+        """θ from its integer symbols; computed identically by server and clients."""
+        return sym.astype(np.float32) / np.float32(levels)
+
+    def start_theta(self, theta: np.ndarray) -> np.ndarray:
+        """The probabilities a client starts from (and the reference mask is drawn from)."""
+        return clip_probs(theta, self.opts.clip_eps)
+
+    # ---- server ---------------------------------------------------------------------------------
+    def init_server(self) -> dict[str, Any]:
+        sym = np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
+        state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": self.read_head()}
+        if self.opts.carry_priors:
+            state["alpha"] = np.ones(self.n, dtype=np.float32)
+            state["beta"] = np.ones(self.n, dtype=np.float32)
+        return state
+
+    def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
+        levels = int(state["levels"])
+        sym_meta, sym_body = encode_symbols(state["theta_sym"], levels + 1)
+        head_meta, head_body = self._encode_head(state["head"])
+        meta = {"levels": levels, "theta": sym_meta, "head": head_meta, "sections": [len(sym_body), len(head_body)]}
+        return frame("mask-down", meta, sym_body + head_body)
+
+    def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
+        """``(θ symbols, levels, head weights)`` from the server's message."""
+        _, meta, body = unframe(message, expect_kind="mask-down")
+        levels = meta.get("levels")
+        if not isinstance(levels, int) or not 1 <= levels <= 65535:
+            raise PayloadError(f"server message has an invalid level count {levels!r}")
+        sym_body, head_body = _split_sections(body, meta.get("sections"), 2)
+        sym = decode_symbols(meta.get("theta", {}), sym_body, self.n, levels + 1)
+        return sym.astype(np.uint16 if levels > 255 else np.uint8), levels, self._decode_head(meta.get("head"), head_body, "server message")
+
+    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        _, meta, body = unframe(payload, expect_kind=self.uplink_kind)
+        n = meta.get("n")
+        if not isinstance(n, int) or n < 1:
+            raise PayloadError(f"client update carries no valid example count (n={n!r})")
+        mask_body, head_body = _split_sections(body, meta.get("sections"), 2)
+        update = {"n": n, "head_delta": self._decode_head(meta.get("head"), head_body, "client update")}
+        update.update(self.decode_mask(meta.get("mask"), mask_body, state, ctx))
+        return update
+
+    def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+        if not updates:
+            return state, {}
+        t0 = time.perf_counter()
+        theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
+        ones = np.zeros(self.n, dtype=np.int32)
+        extra: dict[str, list[float]] = {}
+        for client, upd in updates.items():
+            mask, stats = self.rebuild_mask(upd, theta_start, client, ctx)
+            ones += mask
+            for k, v in stats.items():
+                extra.setdefault(k, []).append(v)
+        k = len(updates)
+        if self.opts.carry_priors:
+            state["alpha"] += ones
+            state["beta"] += k - ones
+            theta = (state["alpha"] - 1) / np.maximum(state["alpha"] + state["beta"] - 2, 1e-9)
+            state["theta_sym"] = np.rint(np.clip(theta, 0, 1) * INIT_LEVELS).astype(np.uint8)
+            state["levels"] = INIT_LEVELS
+        else:  # α = 1 + Σm, β = 1 + K − Σm  ⇒  θ = Σm / K exactly, sent as K + 1 levels
+            state["theta_sym"] = ones.astype(np.uint8 if k <= 255 else np.uint16)
+            state["levels"] = k
+        total = sum(u["n"] for u in updates.values())
+        for name in self.head_names:
+            avg = sum(u["head_delta"][name] * (u["n"] / total) for u in updates.values())
+            state["head"][name] = (state["head"][name] + avg).astype(np.float32)
+        theta = self.theta_of(state["theta_sym"], state["levels"])
+        metrics = {key: float(np.mean(v)) for key, v in extra.items()}
+        metrics.update({
+            "mask_keep_frac": float((theta > 0.5).mean()),
+            "theta_mean": float(theta.mean()),
+            "aggregate_s": time.perf_counter() - t0,
+        })
+        return state, metrics
+
+    def eval_mask(self, state: dict[str, Any]) -> torch.Tensor:
+        theta = self.theta_of(state["theta_sym"], state["levels"])
+        if self.opts.eval_mask == "sample":
+            theta_s = self.start_theta(theta)
+            u = shared_uniforms(np_rng(self.cfg.seed, 0, SERVER, "eval-mask"), self.n)
+            return torch.from_numpy((u < theta_s).astype(np.float32))
+        return torch.from_numpy((theta > 0.5).astype(np.float32))
+
+    def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
+        self.load_head(state["head"])
+        mask = self.eval_mask(state)
+        return self.task.evaluate(lambda inputs: self.masked.forward(mask, inputs))
+
+    # ---- client ---------------------------------------------------------------------------------
+    def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
+        t0 = time.perf_counter()
+        sym, levels, head = self.decode_downlink(message)
+        theta_start = self.start_theta(self.theta_of(sym, levels))
+        self.load_head(head)
+        codec_s = time.perf_counter() - t0
+
+        data = self.task.client_data(client)
+        steps = num_local_steps(len(data), self.cfg.batch_size, self.cfg.local_steps, self.cfg.local_epochs)
+        scores = torch.from_numpy(logit(theta_start)).requires_grad_(True)
+        t1 = time.perf_counter()
+        torch.manual_seed(ctx.seed_for(client, "dropout-layers"))
+        metrics = train_masked(
+            self.masked, scores, self.head_params, data, steps=steps, batch_size=self.cfg.batch_size,
+            score_lr=self.opts.score_lr, head_lr=self.opts.head_lr, generator=ctx.torch_gen(client, "batches"),
+            mask_generator=ctx.torch_gen(client, "mask-train"), optimizer=self.opts.optimizer,
+        )
+        train_s = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        theta_client = torch.sigmoid(scores.detach()).numpy()
+        u = shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
+        mask_meta, mask_body, stats = self.encode_mask(u, theta_client, theta_start, sym, levels, ctx)
+        after = self.read_head()
+        head_meta, head_body = self._encode_head({n: after[n] - head[n] for n in self.head_names})
+        meta = {"n": len(data), "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
+        payload = frame(self.uplink_kind, meta, mask_body + head_body)
+        codec_s += time.perf_counter() - t2
+        return ClientOutput(payload, None, {**metrics, **stats, "train_s": train_s, "codec_s": codec_s})
+
+    # ---- mask coding (FedPM: the whole mask, entropy-coded) --------------------------------------
+    def encode_mask(
+        self, u: np.ndarray, theta_client: np.ndarray, theta_start: np.ndarray, sym: np.ndarray, levels: int,
+        ctx: RoundContext,
+    ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
+        """Client: code its mask; returns ``(meta, body, stats)``."""
+        mask = u < theta_client
+        meta, body = encode_grouped_bits(mask, sym.astype(np.int64), levels + 1)
+        return meta, body, {"mask_ones": float(mask.mean())}
+
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        """Server: validate and decode what can be decoded without the client id."""
+        if not isinstance(meta, dict):
+            raise PayloadError("client update has no mask header")
+        levels = int(state["levels"])
+        return {"mask": decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1)}
+
+    def rebuild_mask(
+        self, update: dict[str, Any], theta_start: np.ndarray, client: int, ctx: RoundContext
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Server: the client's binary mask (int32 0/1) and per-client statistics for the round record."""
+        return update["mask"].astype(np.int32), {}
+
+
+@register_method
+class FedPM(MaskMethod):
+    name = "fedpm"
+    summary = "probabilistic masks on a frozen model; whole sampled mask up, ANS-coded; Beta aggregation"

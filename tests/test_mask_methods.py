@@ -1,0 +1,129 @@
+"""fedpm, deltamask, deltamask-exact: masked model, payload round trips, corrupt payloads, end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from fedsqueeze.errors import PayloadError
+from fedsqueeze.masking import MaskedModel, select_masked, shared_uniforms
+from fedsqueeze.methods import RoundContext, get_method
+from fedsqueeze.runtime import run_local
+from fedsqueeze.task import build_task
+
+MASK_METHODS = ["fedpm", "deltamask", "deltamask-exact"]
+
+
+@pytest.fixture(scope="module")
+def tiny_task():
+    from conftest import tiny_config
+
+    return build_task(tiny_config(out="/tmp/unused"))
+
+
+def _method(name, task, **options):
+    from conftest import tiny_config
+
+    cfg = tiny_config(method=name, out="/tmp/unused")
+    cfg.options.update(options)
+    method = get_method(name)(cfg)
+    method.setup(task)
+    return method
+
+
+def test_masked_forward_leaves_the_model_untouched(tiny_task):
+    model = tiny_task.model
+    layout = select_masked(model)
+    masked = MaskedModel(model, layout)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = tiny_task.test.subset(list(range(8)))
+    inputs = {k: v for k, v in batch.inputs.items()}
+    with torch.no_grad():
+        plain = model(**inputs)
+        ones = masked.forward(torch.ones(layout.total), inputs)
+        zeros = masked.forward(torch.zeros(layout.total), inputs)
+    torch.testing.assert_close(ones, plain)
+    assert not torch.allclose(zeros, plain)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    assert layout.total == sum(m.weight.numel() for m in model.backbone.modules() if isinstance(m, torch.nn.Linear))
+
+
+@pytest.mark.parametrize("name", MASK_METHODS)
+def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name):
+    method = _method(name, tiny_task, kappa_start=0.5, kappa_end=0.5) if name != "fedpm" else _method(name, tiny_task)
+    state = method.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    out = method.client_update(method.downlink(state, ctx, 1), 1, None, ctx)
+    update = method.decode_update(out.payload, state, ctx)
+    # the client's own mask, redrawn from its final probabilities is not returned: compare via statistics
+    theta_start = method.start_theta(method.theta_of(state["theta_sym"], state["levels"]))
+    mask, stats = method.rebuild_mask(update, theta_start, 1, ctx)
+    u = shared_uniforms(ctx.rng(1, "mask-draw"), method.n)
+    ref = u < theta_start
+    if name == "fedpm":
+        assert mask.sum() > 0 and set(np.unique(mask)) <= {0, 1}
+    else:
+        changed = np.flatnonzero(mask.astype(bool) != ref)
+        assert stats["keys"] == out.metrics["keys"] > 0
+        if name == "deltamask-exact":
+            assert stats["fp_flips"] == 0 and changed.size == stats["keys"]
+        else:
+            assert changed.size == stats["keys"] + stats["fp_flips"]
+    for n in method.head_names:
+        assert np.abs(update["head_delta"][n]).sum() > 0
+    new_state, metrics = method.aggregate(state, {1: update}, ctx)
+    assert new_state["levels"] == 1 and set(np.unique(new_state["theta_sym"])) <= {0, 1}
+    if name != "fedpm":
+        assert "fp_flips" in metrics
+
+
+def test_fedpm_mask_decodes_exactly(tiny_task):
+    method = _method("fedpm", tiny_task)
+    state = method.init_server()
+    ctx = RoundContext(round=1, rounds=1, seed=3)
+    sym = state["theta_sym"]
+    rng = np.random.default_rng(0)
+    mask = rng.random(method.n) < 0.9
+    meta, body, _ = method.encode_mask(rng.random(method.n, dtype=np.float32), mask.astype(np.float32), None, sym, 255, ctx)
+    decoded = method.decode_mask(meta, memoryview(body), state, ctx)["mask"]
+    # encode_mask draws u < θ; with θ in {0, 1} the mask is exactly `mask`
+    np.testing.assert_array_equal(decoded, mask)
+
+
+@pytest.mark.parametrize("name", MASK_METHODS)
+def test_corrupt_payloads_raise_payload_error(tiny_task, name):
+    method = _method(name, tiny_task)
+    state = method.init_server()
+    ctx = RoundContext(round=1, rounds=1, seed=0)
+    message = method.downlink(state, ctx, 0)
+    payload = method.client_update(message, 0, None, ctx).payload
+    bad = bytearray(payload)
+    bad[len(bad) // 2] ^= 0xFF
+    for broken in (bytes(bad), payload[:-5], payload[:40], b""):
+        with pytest.raises(PayloadError):
+            method.decode_update(broken, state, ctx)
+    with pytest.raises(PayloadError):
+        method.decode_update(message, state, ctx)  # a server message is not a client update
+    with pytest.raises(PayloadError):
+        method.decode_downlink(payload)
+
+
+@pytest.mark.parametrize("name", MASK_METHODS)
+def test_runs_end_to_end_with_coded_downlink(tiny_cfg, name):
+    res = run_local(tiny_cfg(method=name, rounds=2), show_progress=False)
+    assert len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        assert r["clients_aggregated"] == 2
+        assert 0 < r["uplink_bpp"] < 1.0 and 0 < r["downlink_bpp"] < 1.0
+        assert np.isfinite(r["accuracy"])
+        if name != "fedpm":
+            assert "fp_flips" in r and "keys" in r
+    if name == "deltamask-exact":
+        assert all(r["fp_flips"] == 0 for r in res["rounds"])
+
+
+def test_same_seed_same_masks(tiny_cfg):
+    a = run_local(tiny_cfg(method="deltamask", rounds=1), show_progress=False)
+    b = run_local(tiny_cfg(method="deltamask", rounds=1), show_progress=False)
+    strip = lambda res: [(r["accuracy"], r["uplink_bytes"], r["fp_flips"]) for r in res["rounds"]]
+    assert strip(a) == strip(b)
