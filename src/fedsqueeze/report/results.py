@@ -52,6 +52,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_downlink_bpp": sum(r["downlink_bpp"] for r in rounds) / n,
         "wall_s": sum(r["wall_s"] for r in rounds),
         "dropped_clients": sum(len(r.get("dropped", [])) for r in rounds),
+        # privacy spent by the whole run (DP-FedAvg): the last round's running (ε, δ)
+        **{k: v for k, v in rounds[-1].items() if k in ("dp_epsilon", "dp_delta")},
     }
 
 
