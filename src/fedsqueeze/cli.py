@@ -14,7 +14,7 @@ from fedsqueeze.errors import FedsqueezeError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning at a tiny communication cost.")
 err = Console(stderr=True)
 
-RUNTIMES = ("local",)
+RUNTIMES = ("local", "flower-sim", "flower")
 
 
 @app.command()
@@ -31,6 +31,9 @@ def run(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an [options] table"),
     set_: list[str] = typer.Option([], "--set", help="key=value for run, method or codec options (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or tables"),
+    superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
+    root_certificates: Optional[str] = typer.Option(
+        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
 ) -> None:
     """Run one federated fine-tuning job; writes OUT/results.json and OUT/rounds.csv."""
     from fedsqueeze.config import build_config, parse_sets
@@ -42,9 +45,22 @@ def run(
     get_method(cfg.method)  # fail fast on an unknown method, before any loading
     if cfg.runtime not in RUNTIMES:
         raise FedsqueezeError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
-    from fedsqueeze.runtime import run_local
+    if cfg.runtime == "flower-sim":
+        from fedsqueeze.runtime.flower import run_flower_sim
 
-    results = run_local(cfg, show_progress=not quiet)
+        results = run_flower_sim(cfg, show_progress=not quiet)
+    elif cfg.runtime == "flower":
+        from fedsqueeze.runtime.flower import run_flower
+
+        results = run_flower(cfg, superlink=superlink, root_certificates=root_certificates, show_progress=not quiet)
+        if results is None:
+            err.print(f"no results.json in {cfg.out} here: the run failed (see the log above), or the SuperLink "
+                      "runs on another machine, which holds the results")
+            raise typer.Exit(1)
+    else:
+        from fedsqueeze.runtime import run_local
+
+        results = run_local(cfg, show_progress=not quiet)
     final = results["final"]
     err.print(
         f"final accuracy {final['accuracy']:.4f}  uplink {final['total_uplink_bytes']:,} B "
@@ -54,8 +70,143 @@ def run(
 
 
 @app.command()
-def methods() -> None:
-    """List every method and codec with its options and defaults."""
+def federation(
+    nodes: int = typer.Option(2, help="SuperNodes to start; node i holds partition-id i (use --clients N)"),
+    host: str = typer.Option("127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for other machines)"),
+    port: int = typer.Option(9093, help="the SuperLink's port (Fleet, Control and Runtime APIs)"),
+    tls_dir: Optional[str] = typer.Option(None, help="directory with ca.crt, server.pem, server.key (scripts/make_certs.sh)"),
+    workdir: Optional[str] = typer.Option(None, help="where logs and the private FLWR_HOMEs go (default: a temp dir)"),
+) -> None:
+    """Start a Flower SuperLink and N SuperNodes on this machine; Ctrl-C stops them all."""
+    import signal
+    import time
+
+    from fedsqueeze.runtime.flower_deploy import Federation, TLSFiles
+
+    def interrupt(signum, frame):  # SIGTERM/SIGHUP stop the processes too, not only Ctrl-C
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+    tls = TLSFiles.from_dir(tls_dir) if tls_dir else None
+    fed = Federation(nodes=nodes, host=host, port=port, tls=tls, workdir=workdir)
+    with fed:
+        err.print(f"SuperLink on {fed.address} ({'TLS' if tls else 'insecure'}), {nodes} SuperNodes; logs in {fed.workdir}")
+        extra = f" --root-certificates {tls.ca}" if tls else ""
+        err.print(f"run against it:  fedsqueeze run --runtime flower --superlink {fed.address} --clients {nodes}{extra} ...")
+        err.print("Ctrl-C stops every process started here")
+        try:
+            while all(p.poll() is None for p in fed.procs):
+                time.sleep(1.0)
+            err.print("[red]a Flower process exited; stopping the rest[/red]")
+        except KeyboardInterrupt:
+            pass
+
+
+@app.command()
+def compare(
+    methods: str = typer.Option(..., "--methods", help="comma-separated method names, e.g. fedavg,head,lora"),
+    target: Optional[float] = typer.Option(None, help="target accuracy for time-to-accuracy (default: 90% of the best final)"),
+    model: Optional[str] = typer.Option(None, help="'minilm' (bundled), 'tiny', a local path or a Hub id"),
+    dataset: Optional[str] = typer.Option(None, help="'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file or hf:NAME[:CONFIG]"),
+    clients: Optional[int] = typer.Option(None, help="number of clients"),
+    clients_per_round: Optional[int] = typer.Option(None, help="clients sampled per round"),
+    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
+    seed: Optional[int] = typer.Option(None, help="run seed"),
+    out: Optional[str] = typer.Option(None, help="output directory (default runs/compare); each run goes to OUT/<method>"),
+    runtime: Optional[str] = typer.Option(None, help=f"one of: {', '.join(RUNTIMES)}"),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an [options] table"),
+    set_: list[str] = typer.Option([], "--set", help="key=value for run options; a method option goes to every method that has it, METHOD.key=value to one (repeatable)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bars or tables"),
+) -> None:
+    """Run several methods on the same task and seed; write OUT/report.md, pareto.png, accuracy.png, bpp.png."""
+    from fedsqueeze.config import RunConfig, build_config, parse_sets
+    from fedsqueeze.methods import get_method
+    from fedsqueeze.report.compare import run_compare
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    for name in names:
+        get_method(name)  # fail fast on an unknown method, before any loading
+    sets = parse_sets(set_)
+    # method options are checked per method (split_options), so keep them out of the shared config's check
+    cli = dict(method=names[0] if names else None, model=model, dataset=dataset, clients=clients,
+               clients_per_round=clients_per_round, rounds=rounds, seed=seed, out=out, runtime=runtime)
+    cfg = build_config(config, cli, sets)
+    if cfg.runtime not in RUNTIMES:
+        raise FedsqueezeError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
+    done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line())
+    _print_summary(done)
+    if done["failed"]:
+        raise FedsqueezeError("compare: failed: " + ", ".join(f["method"] for f in done["failed"]) + f" (see {done['report']})")
+
+
+def _command_line() -> str:
+    """The command as typed, for the report (so a table can always be traced to its command)."""
+    import shlex
+
+    return "fedsqueeze " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _print_summary(done: dict) -> None:
+    from rich.table import Table
+
+    console = Console(stderr=True, width=None if err.is_terminal else 140)
+    table = Table(title=f"comparison (target accuracy {done['target']:.4f})")
+    for col in ("method", "final acc", "uplink B", "downlink B", "uplink bpp", "downlink bpp", "sim s", "wall s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for label, s in zip(done["labels"], done["summaries"]):
+        table.add_row(label, f"{s['accuracy']:.4f}", f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}",
+                      f"{s['uplink_bpp']:.4g}", f"{s['downlink_bpp']:.4g}",
+                      f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a", f"{s['wall_s']:.1f}")
+    console.print(table)
+    console.print(f"→ {done['report']}  " + "  ".join(str(p) for p in done["plots"]))
+
+
+def _report(paths: list[str], out: str, target: Optional[float]) -> None:
+    from fedsqueeze.report.compare import load_results, write_report
+
+    done = write_report(load_results(paths), out, target=target, command=_command_line())
+    _print_summary(done)
+
+
+_REPORT_PATHS = typer.Argument(..., help="results.json files, run directories, or a compare directory")
+_REPORT_OUT = typer.Option("runs/report", "--out", help="directory for report.md and the plots")
+_REPORT_TARGET = typer.Option(None, help="target accuracy (default: 90% of the best final accuracy)")
+
+
+@app.command()
+def report(paths: list[str] = _REPORT_PATHS, out: str = _REPORT_OUT, target: Optional[float] = _REPORT_TARGET) -> None:
+    """Write report.md, pareto.png, accuracy.png and bpp.png from earlier runs' results.json."""
+    _report(paths, out, target)
+
+
+@app.command()
+def plot(paths: list[str] = _REPORT_PATHS, out: str = _REPORT_OUT, target: Optional[float] = _REPORT_TARGET) -> None:
+    """Same as `report`: the plots (and report.md) from earlier runs' results.json."""
+    _report(paths, out, target)
+
+
+def _options_table(title: str, rows: list[tuple[str, str, str]]):
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", show_edge=False)
+    table.add_column("option", no_wrap=True)
+    table.add_column("default", no_wrap=True)
+    table.add_column("help")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def methods(
+    name: Optional[str] = typer.Argument(None, help="show only this method, codec, or 'run' for the run options"),
+) -> None:
+    """List every method and codec with its options and defaults (or one of them: `methods NAME`)."""
+    from dataclasses import fields
+
     from rich.table import Table
 
     from fedsqueeze.codecs import CODECS
@@ -63,37 +214,49 @@ def methods() -> None:
     from fedsqueeze.methods import METHODS
     from fedsqueeze.methods.base import describe_options
 
-    console = Console()
-    for name in sorted(METHODS):
-        cls = METHODS[name]
-        table = Table(title=f"[bold]{name}[/bold] — {cls.summary}", title_justify="left", show_edge=False)
-        table.add_column("option")
-        table.add_column("default")
-        table.add_column("help")
-        table.add_row("lr", str(cls.default_lr), "default local learning rate (run option `lr` overrides)")
-        for opt, default, help_ in describe_options(cls.Options):
-            table.add_row(opt, repr(default), help_)
-        console.print(table)
-        console.print()
-    codecs = Table(title="[bold]codecs[/bold] (uplink_codec= / downlink_codec=)", title_justify="left", show_edge=False)
-    codecs.add_column("id")
-    codecs.add_column("lossless")
-    codecs.add_column("what it does")
-    for cid in sorted(CODECS):
-        doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
-        codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc)
-    console.print(codecs)
-    console.print()
-    run_opts = Table(title="[bold]run options[/bold] (CLI flags, --config TOML, or --set)", title_justify="left", show_edge=False)
-    run_opts.add_column("option")
-    run_opts.add_column("default")
-    run_opts.add_column("help")
-    from dataclasses import fields
+    if name is not None and name not in METHODS and name not in CODECS and name != "run":
+        import difflib
 
-    for f in fields(RunConfig):
-        if f.name != "options":
-            run_opts.add_row(f.name, repr(f.default), f.metadata.get("help", ""))
-    console.print(run_opts)
+        hint = difflib.get_close_matches(name, [*METHODS, *CODECS, "run"], n=1)
+        raise FedsqueezeError(f"no method or codec named {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; methods: {', '.join(sorted(METHODS))}; codecs: {', '.join(sorted(CODECS))}")
+    console = Console(width=None if Console().is_terminal else 120)
+    if name is None:
+        overview = Table(title="[bold]methods[/bold] (--method NAME; `fedsqueeze methods NAME` for one)", title_justify="left", show_edge=False)
+        overview.add_column("method", no_wrap=True)
+        overview.add_column("what it does")
+        for m in sorted(METHODS):
+            overview.add_row(m, METHODS[m].summary)
+        console.print(overview)
+        console.print()
+    for m in sorted(METHODS):
+        if name in (None, m):
+            cls = METHODS[m]
+            rows = [("lr", str(cls.default_lr), "default local learning rate (run option `lr` overrides)")]
+            rows += [(opt, repr(default), help_) for opt, default, help_ in describe_options(cls.Options)]
+            console.print(_options_table(f"[bold]{m}[/bold] — {cls.summary}", rows))
+            console.print()
+    if name is None or name in CODECS:
+        # codecs may declare an ``Options`` dataclass; each option is set as --set CODEC_OPTION=value
+        codecs = Table(title="[bold]codecs[/bold] (uplink_codec= / downlink_codec=)", title_justify="left", show_edge=False)
+        codecs.add_column("id", no_wrap=True)
+        codecs.add_column("lossless")
+        codecs.add_column("what it does")
+        codecs.add_column("options (--set ID_OPTION=value)")
+        for cid in sorted(CODECS):
+            if name in (None, cid):
+                doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
+                opts = describe_options(CODECS[cid].Options) if hasattr(CODECS[cid], "Options") else []
+                codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc,
+                               ", ".join(f"{cid}_{opt}={default!r}" for opt, default, _ in opts) or "none")
+        console.print(codecs)
+        console.print()
+        if name in CODECS and hasattr(CODECS[name], "Options"):
+            rows = [(f"{name}_{opt}", repr(default), help_) for opt, default, help_ in describe_options(CODECS[name].Options)]
+            console.print(_options_table(f"[bold]{name}[/bold] options", rows))
+    if name in (None, "run"):
+        rows = [(f.name, repr(f.default), f.metadata.get("help", "")) for f in fields(RunConfig) if f.name != "options"]
+        console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ class RunConfig:
     method: str = _opt("fedavg", "federated method (see `fedsqueeze methods`)")
     model: str = _opt("minilm", "backbone: 'minilm' (bundled all-MiniLM-L6-v2), 'tiny', a local path or a Hub id")
     dataset: str = _opt("wordnet", "'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]")
-    runtime: str = _opt("local", "'local' (in-process simulator)")
+    runtime: str = _opt("local", "'local' (in-process simulator), 'flower-sim' (Flower simulation engine) or 'flower' (SuperLink)")
     clients: int = _opt(10, "number of clients the training data is split over")
     clients_per_round: int = _opt(5, "clients sampled each round")
     rounds: int = _opt(10, "federated rounds")
@@ -47,6 +47,10 @@ class RunConfig:
     fault_corrupt: float = _opt(0.0, "probability that a returned payload is corrupted in transit (fault injection)")
     fault_truncate: float = _opt(0.0, "probability that a returned payload is truncated in transit (fault injection)")
     threads: int = _opt(0, "torch CPU threads; 0 = all cores")
+    uplink_mbps: float = _opt(10.0, "link model: each client's uplink bandwidth in Mbit/s (median if link_spread > 0)")
+    downlink_mbps: float = _opt(50.0, "link model: each client's downlink bandwidth in Mbit/s (median if link_spread > 0)")
+    latency_ms: float = _opt(50.0, "link model: round-trip latency per client per round, in ms")
+    link_spread: float = _opt(0.0, "link model: sigma of a lognormal factor on each client's bandwidths (0 = all equal)")
     text_column: str = _opt("text", "text column of a file or HF dataset")
     label_column: str = _opt("label", "label column of a file or HF dataset")
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "method and codec options"})
@@ -75,6 +79,10 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in [0, 1)")
         if self.train_size < self.clients:
             raise ConfigError("train_size must be at least the number of clients")
+        if self.uplink_mbps <= 0 or self.downlink_mbps <= 0:
+            raise ConfigError("uplink_mbps and downlink_mbps must be > 0")
+        if self.latency_ms < 0 or self.link_spread < 0:
+            raise ConfigError("latency_ms and link_spread must be >= 0")
         if self.batch_size < 1 or self.local_steps < 0 or self.local_epochs < 0:
             raise ConfigError("batch_size must be >= 1, local_steps and local_epochs >= 0")
         return self

@@ -54,7 +54,11 @@ def iterate_batches(n: int, batch_size: int, steps: int, generator: torch.Genera
         yield idx
 
 
-def make_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+ParamsOrGroups = list[torch.Tensor] | list[dict]
+
+
+def make_optimizer(params: ParamsOrGroups, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9); ``params`` may be tensors or param groups with their own ``lr``."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -64,7 +68,7 @@ def make_optimizer(params: list[torch.Tensor], name: str, lr: float, weight_deca
 
 def train_local(
     model: nn.Module,
-    params: list[torch.Tensor],
+    params: ParamsOrGroups,
     data: Encoded,
     *,
     steps: int,

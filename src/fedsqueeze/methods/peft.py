@@ -17,8 +17,8 @@ codec path as FedAvg's (``uplink_codec=...`` composes with no new code) and DP-F
   Classifier's mean pooling so pooling still runs over the real tokens only. Text models only.
 - ``ia3``     — HF peft (IA)³: learned scaling vectors on keys, values and the FFN.
 
-The head is trained by every method (its own learning rate ``head_lr``: a freshly initialised
-linear layer wants a larger step than the pre-trained backbone's small add-ons).
+The head is trained by every method, at TensorMethod's ``head_lr`` (a freshly initialised linear
+layer wants a larger step than the pre-trained backbone's small add-ons).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods.base import option, register_method
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
-from fedsqueeze.training import Encoded, train_local
 
 
 def added_parameters(model: nn.Module, inject: Callable[[], None]) -> list[str]:
@@ -53,15 +52,8 @@ def split_modules(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
-@dataclass
-class PeftOptions(TensorOptions):
-    head_lr: float = option(1e-2, "learning rate of the classification head (0 = the method's lr)")
-
-
 class PeftMethod(TensorMethod):
     """A frozen backbone plus a few trainable tensors (chosen by :meth:`inject`) and the head."""
-
-    Options = PeftOptions
 
     def inject(self, model: nn.Module) -> list[str]:
         """Change the model (add tuner modules) and return the names of the new trainable parameters."""
@@ -72,19 +64,6 @@ class PeftMethod(TensorMethod):
 
     def select_trainable(self, model: nn.Module) -> list[str]:
         return list(self.added) + head_names(model)
-
-    def local_train(self, client: int, data: Encoded, steps: int, generator: torch.Generator) -> dict[str, float]:
-        heads = set(head_names(self.task.model))
-        head_lr = self.opts.head_lr if self.opts.head_lr > 0 else self.lr
-        groups = [
-            {"params": [p for n, p in zip(self.names, self.params) if n not in heads], "lr": self.lr},
-            {"params": [p for n, p in zip(self.names, self.params) if n in heads], "lr": head_lr},
-        ]
-        groups = [g for g in groups if g["params"]]
-        return train_local(
-            self.task.model, groups, data, steps=steps, batch_size=self.cfg.batch_size,
-            lr=self.lr, generator=generator, optimizer=self.opts.optimizer,
-        )
 
 
 # ---- BitFit -----------------------------------------------------------------------------------
@@ -104,7 +83,7 @@ class BitFit(PeftMethod):
 
 
 @dataclass
-class LoraOptions(PeftOptions):
+class LoraOptions(TensorOptions):
     rank: int = option(8, "LoRA rank r")
     lora_alpha: float = option(16.0, "LoRA scaling alpha (update scaled by alpha / r)")
     lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
@@ -173,7 +152,7 @@ class AdaptedLinear(nn.Module):
 
 
 @dataclass
-class AdapterOptions(PeftOptions):
+class AdapterOptions(TensorOptions):
     bottleneck: int = option(16, "adapter bottleneck width")
     after: str = option(
         "attention.output.dense,output.dense",
@@ -229,7 +208,7 @@ class DropVirtualTokens(nn.Module):
 
 
 @dataclass
-class PromptOptions(PeftOptions):
+class PromptOptions(TensorOptions):
     mode: str = option("prompt", "'prompt' (virtual input tokens) or 'prefix' (virtual keys/values in every layer)")
     virtual_tokens: int = option(10, "number of virtual tokens")
     init: str = option("vocab", "prompt-mode initialisation: 'vocab' (embeddings of random tokens) or 'random'")
@@ -274,7 +253,7 @@ class Prompt(PeftMethod):
 
 
 @dataclass
-class Ia3Options(PeftOptions):
+class Ia3Options(TensorOptions):
     target_modules: str = option("key,value,output.dense", "comma-separated module-name suffixes to scale")
     feedforward_modules: str = option("output.dense", "which of the targets scale their input (FFN) instead of their output")
 

@@ -37,6 +37,7 @@ class TensorOptions:
     downlink_codec: str = option("raw", "codec for the global tensors sent to clients")
     optimizer: str = option("adamw", "local optimizer: adamw or sgd")
     server_lr: float = option(1.0, "server step size on the averaged update")
+    head_lr: float = option(1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr")
     dp_clip: float = option(0.0, "DP-FedAvg: clip each client update to this L2 norm C (0 = no DP)")
     dp_noise: float = option(0.0, "DP-FedAvg: noise multiplier σ; Gaussian noise σ·C is added to the sum")
     dp_delta: float = option(1e-5, "DP-FedAvg: δ at which ε is reported")
@@ -145,10 +146,24 @@ class TensorMethod(Method):
         return self.task.evaluate()
 
     # ---- client ---------------------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups: the new head learns at ``head_lr``, pre-trained parts at ``lr``.
+
+        A randomly initialised head needs a far larger step than pre-trained weights; one shared
+        small lr leaves it undertrained for the few local steps of a round.
+        """
+        head = [p for n, p in zip(self.names, self.params) if n.startswith("head.")]
+        rest = [p for n, p in zip(self.names, self.params) if not n.startswith("head.")]
+        head_lr = self.opts.head_lr if self.opts.head_lr > 0 else self.lr
+        groups = [{"params": rest, "lr": self.lr}] if rest else []
+        if head:
+            groups.append({"params": head, "lr": head_lr if rest else self.lr})
+        return groups
+
     def local_train(self, client: int, data: Encoded, steps: int, generator: torch.Generator) -> dict[str, float]:
         """Train ``self.params`` on ``data``; override for a faster or different local rule."""
         return train_local(
-            self.task.model, self.params, data, steps=steps, batch_size=self.cfg.batch_size,
+            self.task.model, self.param_groups(), data, steps=steps, batch_size=self.cfg.batch_size,
             lr=self.lr, generator=generator, optimizer=self.opts.optimizer,
         )
 

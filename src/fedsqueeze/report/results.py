@@ -18,7 +18,7 @@ from typing import Any
 
 CSV_FIELDS = [
     "round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp",
-    "clients", "clients_uploaded", "clients_aggregated", "wall_s", "train_s", "codec_s",
+    "clients", "clients_uploaded", "clients_aggregated", "wall_s", "train_s", "codec_s", "sim_time_s",
 ]
 
 
@@ -51,6 +51,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_uplink_bpp": sum(r["uplink_bpp"] for r in rounds) / n,
         "mean_downlink_bpp": sum(r["downlink_bpp"] for r in rounds) / n,
         "wall_s": sum(r["wall_s"] for r in rounds),
+        "sim_time_s": sum(r.get("sim_time_s", 0.0) for r in rounds),
         "dropped_clients": sum(len(r.get("dropped", [])) for r in rounds),
         # privacy spent by the whole run (DP-FedAvg): the last round's running (ε, δ)
         **{k: v for k, v in rounds[-1].items() if k in ("dp_epsilon", "dp_delta")},

@@ -16,7 +16,7 @@ from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods import Method, RoundContext, get_method
 from fedsqueeze.report import ResultsWriter
-from fedsqueeze.runtime.common import drops_out, inject_faults, round_record, run_header, sample_clients
+from fedsqueeze.runtime.common import drops_out, inject_faults, round_record, run_header, sample_clients, simulated_round_time
 from fedsqueeze.runtime.progress import RunProgress
 from fedsqueeze.task import Task, build_task
 
@@ -43,6 +43,7 @@ def run_round(
     dropped: list[dict[str, Any]] = []
     train_s = codec_s = 0.0
     losses: list[float] = []
+    link_clients: dict[int, tuple[float, int, int]] = {}  # client -> (compute_s, down, up) for the link model
     for client in sample_clients(cfg, ctx):
         t0 = time.perf_counter()
         message = method.downlink(state, ctx, client)
@@ -51,6 +52,7 @@ def run_round(
         if drops_out(cfg, ctx, client):
             dropped.append({"client": client, "reason": "dropout: no reply"})
         else:
+            t_client = time.perf_counter()
             try:
                 out = method.client_update(message, client, client_states.get(client, method.init_client(client)), ctx)
             except Exception as exc:  # one failing client must not end the run
@@ -65,6 +67,7 @@ def run_round(
                     losses.append(out.metrics["train_loss"])
                 payload, fault = inject_faults(cfg, ctx, client, out.payload)
                 uplink.append(len(payload))
+                link_clients[client] = (time.perf_counter() - t_client, len(message), len(payload))
                 t1 = time.perf_counter()
                 try:
                     updates[client] = method.decode_update(payload, state, ctx)
@@ -76,7 +79,8 @@ def run_round(
             progress.advance_client()
     state, agg_metrics = method.aggregate(state, updates, ctx)
     accuracy, loss = method.evaluate(state)
-    extra = {"train_loss": sum(losses) / len(losses) if losses else None, **agg_metrics}
+    extra = {"train_loss": sum(losses) / len(losses) if losses else None, **agg_metrics,
+             **simulated_round_time(cfg, link_clients)}
     record = round_record(
         round_=ctx.round, accuracy=accuracy, loss=loss, uplink=uplink, downlink=downlink,
         model_params=task.model_params, aggregated=len(updates), dropped=dropped,

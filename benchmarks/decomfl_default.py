@@ -1,0 +1,110 @@
+"""DeComFL on the default task: accuracy per round and the exact bytes each client sent and received.
+
+Builds the task once and plays each variant with the local simulator's own round loop, logging the
+length of every message per client (results.json only keeps per-round sums). Heavy: run it under
+the shared lock, e.g.
+
+    flock /tmp/fedsqueeze-heavy.lock env PYTHONPATH=src HF_HUB_OFFLINE=1 \
+        python benchmarks/decomfl_default.py --variants head-zo --out benchmarks/results/decomfl_default.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from fedsqueeze.config import RunConfig
+from fedsqueeze.methods import RoundContext, get_method
+from fedsqueeze.report import ResultsWriter
+from fedsqueeze.runtime.common import run_header
+from fedsqueeze.runtime.local import run_round
+from fedsqueeze.task import build_task
+
+VARIANTS: dict[str, dict] = {
+    # name: (run fields, method options)
+    "head-zo": {"run": {"local_steps": 20}, "options": {"params": "head", "zo_batch_size": -1}},
+    "head-zo-lr1e-2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1}},
+    "head-zo-lr1e-1": {"run": {"local_steps": 20, "lr": 1e-1}, "options": {"params": "head", "zo_batch_size": -1}},
+    "head-zo-warm300": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300}},
+    "head-zo-warm2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_rounds": 2}},
+    "full-zo": {"run": {"local_steps": 10, "rounds": 3}, "options": {"params": "full"}},
+    "warm-only": {"run": {"local_steps": 1, "lr": 1e-12}, "options": {"params": "head"}},
+}
+
+
+def play(cfg: RunConfig, task, pristine: dict, out_dir: Path | None) -> dict:
+    """Run ``cfg`` on the shared ``task``; return accuracy per round and bytes per client."""
+    task.model.load_state_dict(pristine)
+    method = get_method(cfg.method)(cfg)
+    method.setup(task)
+    per_client: dict[int, int] = defaultdict(int)
+    downlink, decode = method.downlink, method.decode_update
+
+    last = [0]  # the runtime decodes a client's upload right after serving it
+
+    def logged_downlink(state, ctx, client):
+        msg = downlink(state, ctx, client)
+        last[0] = client
+        per_client[client] += len(msg)
+        return msg
+
+    def logged_decode(payload, state, ctx):
+        per_client[last[0]] += len(payload)
+        return decode(payload, state, ctx)
+
+    method.downlink, method.decode_update = logged_downlink, logged_decode
+    state = method.init_server()
+    client_states: dict = {}
+    writer = ResultsWriter(str(out_dir) if out_dir else cfg.out, run_header(cfg, task.model_params, method.trainable_params(), "local"))
+    rounds = []
+    for r in range(1, cfg.rounds + 1):
+        ctx = RoundContext(round=r, rounds=cfg.rounds, seed=cfg.seed)
+        state, record = run_round(method, task, cfg, state, client_states, ctx)
+        writer.add_round(record)
+        rounds.append({k: record[k] for k in ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "wall_s")})
+        print(f"  round {r:2d} acc {record['accuracy']:.4f} up {record['uplink_bytes']} down {record['downlink_bytes']} {record['wall_s']:.1f}s", flush=True)
+    if out_dir:
+        writer.write_json()
+    totals = [per_client.get(c, 0) for c in range(cfg.clients)]
+    return {
+        "options": cfg.options, "local_steps": cfg.local_steps, "lr": method.lr, "rounds": rounds,
+        "final_accuracy": rounds[-1]["accuracy"],
+        "bytes_per_client": totals, "max_bytes_per_client": max(totals), "mean_bytes_per_client": sum(totals) / len(totals),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--variants", default="head-zo")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--out", default="benchmarks/results/decomfl_default.json")
+    ap.add_argument("--runs-dir", default="", help="also write each variant's results.json under this folder")
+    args = ap.parse_args()
+    base = RunConfig(method="decomfl", rounds=args.rounds, model=args.model).validate()
+    t0 = time.perf_counter()
+    task = build_task(base)
+    task.frozen_features("train"), task.frozen_features("test")
+    pristine = copy.deepcopy(task.model.state_dict())
+    print(f"task ready in {time.perf_counter() - t0:.0f}s", flush=True)
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for name in args.variants.split(","):
+        v = VARIANTS[name]
+        run = {"rounds": args.rounds, **v["run"]}
+        cfg = RunConfig(method="decomfl", model=args.model, **run, options=dict(v["options"])).validate()
+        print(name, flush=True)
+        t = time.perf_counter()
+        run_dir = Path(args.runs_dir) / name if args.runs_dir else None
+        results[name] = {**play(cfg, task, pristine, run_dir), "wall_s": time.perf_counter() - t}
+        print(f"  bytes per client: max {results[name]['max_bytes_per_client']} mean {results[name]['mean_bytes_per_client']:.0f}", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

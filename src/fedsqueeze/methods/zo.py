@@ -1,0 +1,93 @@
+"""Zeroth-order primitives shared by every seed-and-scalar method (DeComFL).
+
+A perturbation ``z ~ N(0, I)`` over the trainable tensors is never stored: it is a pure function of
+``(step seed, perturbation index)`` and regenerated, tensor by tensor and chunk by chunk, each time
+it is needed (MeZO's trick). So perturbing, restoring and updating a model costs no memory beyond
+one small chunk buffer, and two parties holding the same weights and the same (seed, scalar)
+records compute bit-identical models: the same float32 operations run in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+CHUNK = 1 << 20  # elements of z generated at a time: bounds the temporary buffer to 4 MiB
+
+
+class Perturber:
+    """Regenerates z for a fixed list of parameters and adds multiples of it in place."""
+
+    def __init__(self, params: Sequence[torch.Tensor], chunk: int = CHUNK) -> None:
+        self.params = list(params)
+        for p in self.params:
+            if not p.is_contiguous():
+                raise ValueError("zeroth-order perturbation needs contiguous parameters")
+        self.chunk = chunk
+        self._buffer = torch.empty(min(chunk, max(p.numel() for p in self.params)), dtype=torch.float32)
+        self._gen = torch.Generator()
+
+    def tensor_seeds(self, seed: int, index: int) -> np.ndarray:
+        """One 63-bit seed per parameter tensor for perturbation ``index`` of step ``seed``."""
+        ss = np.random.SeedSequence([seed & 0xFFFFFFFF, seed >> 32, index])
+        words = ss.generate_state(2 * len(self.params), dtype=np.uint32).astype(np.uint64)
+        return ((words[0::2] << np.uint64(32)) | words[1::2]) & np.uint64((1 << 63) - 1)
+
+    @torch.no_grad()
+    def add(self, seed: int, index: int, alpha: float) -> None:
+        """``w += alpha · z(seed, index)`` for every parameter, in place."""
+        for p, tseed in zip(self.params, self.tensor_seeds(seed, index)):
+            self._gen.manual_seed(int(tseed))
+            flat = p.data.view(-1)
+            for start in range(0, flat.numel(), self.chunk):
+                part = flat[start : start + self.chunk]
+                z = self._buffer[: part.numel()]
+                z.normal_(generator=self._gen)
+                part.add_(z, alpha=alpha)
+
+    def apply_record(self, seeds: np.ndarray, scalars: np.ndarray, lr: float) -> None:
+        """Replay one round: ``w ← w − lr/P · Σ_i g[k, i] · z(seed_k, i)`` for each step k in order."""
+        perts = scalars.shape[1]
+        for k, seed in enumerate(seeds):
+            for i in range(perts):
+                g = float(scalars[k, i])
+                if g != 0.0:
+                    self.add(int(seed), i, -lr * g / perts)
+
+
+def estimate_step(
+    perturber: Perturber,
+    loss: Callable[[], float],
+    seed: int,
+    perturbations: int,
+    mu: float,
+    difference: str,
+    lr: float,
+) -> np.ndarray:
+    """One local zeroth-order step at the current weights; update them and return the P scalars.
+
+    ``central``: g = (f(w+μz) − f(w−μz)) / 2μ (two forwards per perturbation);
+    ``forward``: g = (f(w+μz) − f(w)) / μ (one forward per perturbation plus one per step).
+    Every perturbation is estimated at the same w; the update uses them all, and the last
+    perturbation's restore and update are fused into one pass over the weights.
+    """
+    grads = np.zeros(perturbations, dtype=np.float32)
+    base = loss() if difference == "forward" else 0.0
+    for i in range(perturbations):
+        perturber.add(seed, i, mu)
+        plus = loss()
+        if difference == "central":
+            perturber.add(seed, i, -2.0 * mu)
+            minus = loss()
+            grads[i] = (plus - minus) / (2.0 * mu)
+            back = mu
+        else:
+            grads[i] = (plus - base) / mu
+            back = -mu
+        last = i == perturbations - 1
+        perturber.add(seed, i, back - (lr * float(grads[i]) / perturbations if last else 0.0))
+    for i in range(perturbations - 1):
+        perturber.add(seed, i, -lr * float(grads[i]) / perturbations)
+    return grads

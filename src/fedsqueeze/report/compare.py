@@ -1,0 +1,433 @@
+"""Compare methods on one task: run them, then write report.md and plots from their results.json.
+
+Everything here after the runs reads only results.json files, so ``fedsqueeze report`` (alias
+``plot``) rebuilds the same report from runs made elsewhere, by anyone, at any time.
+
+Outputs in the report directory:
+
+- ``report.md``: per method, final accuracy, bytes (total and mean per round, both directions),
+  bpp, wall and simulated time, ratios against ``fedavg``, and time to a target accuracy.
+- ``pareto.png``: accuracy against cumulative uplink bytes (log x), one point per round.
+- ``accuracy.png``: accuracy per round.
+- ``bpp.png``: uplink and downlink bits per parameter per round (log y).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from fedsqueeze.config import RunConfig
+from fedsqueeze.errors import ConfigError, FedsqueezeError
+
+log = logging.getLogger("fedsqueeze")
+
+# Config fields that define the task: runs compared side by side should agree on all of them.
+TASK_FIELDS = (
+    "model", "dataset", "clients", "clients_per_round", "rounds", "seed", "partition", "alpha",
+    "train_size", "test_size", "max_length", "local_steps", "local_epochs", "batch_size", "dropout",
+)
+LINK_FIELDS = ("uplink_mbps", "downlink_mbps", "latency_ms", "link_spread")
+DEFAULT_TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
+PLOTS = ("pareto.png", "accuracy.png", "bpp.png")
+
+
+# ---- running ---------------------------------------------------------------------------------------
+def _rejection(base: RunConfig, method: str, options: dict[str, Any]) -> str | None:
+    """None if ``method`` takes ``options`` (its constructor checks them, cheaply), else why not."""
+    from fedsqueeze.methods import get_method
+
+    try:
+        get_method(method)(dataclasses.replace(base, method=method, options=options))
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def split_options(options: dict[str, Any], methods: list[str], base: RunConfig | None = None) -> dict[str, dict[str, Any]]:
+    """Route shared ``options`` to each method of a comparison.
+
+    A plain key goes to every method that takes it: one its ``Options`` declare, or any other key
+    its constructor accepts (codec options such as ``sz3_bound`` for a method that uses that codec).
+    A key no compared method takes is an error, so a typo is never silently dropped.
+    ``METHOD.key`` (``--set lora.rank=4``) or a TOML table ``[options.METHOD]`` goes to that method
+    only and wins over a plain key.
+    """
+    from fedsqueeze.methods import get_method
+
+    base = base or RunConfig()
+    declared = {m: {f.name for f in fields(get_method(m).Options)} for m in methods}
+    plain: dict[str, Any] = {}
+    specific: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for key, value in options.items():
+        if isinstance(value, dict):  # a TOML table [options.METHOD]
+            prefix, own = key, value
+        elif "." in key:  # --set METHOD.key=value
+            prefix, name = key.split(".", 1)
+            own = {name: value}
+        else:
+            plain[key] = value
+            continue
+        if prefix not in declared:
+            raise ConfigError(f"option {key!r} names {prefix!r}, which is not one of the compared methods: {', '.join(methods)}")
+        specific[prefix].update(own)
+    routed = {m: {k: v for k, v in plain.items() if k in declared[m]} for m in methods}
+    for key, value in plain.items():
+        if any(key in declared[m] for m in methods):
+            continue
+        why = {m: _rejection(base, m, {**routed[m], key: value, **specific[m]}) for m in methods}
+        for m in methods:
+            if why[m] is None:
+                routed[m][key] = value
+        if all(why.values()):
+            raise ConfigError(f"option {key!r} is taken by none of the compared methods: "
+                              + "; ".join(f"{m}: {w}" for m, w in why.items()))
+    return {m: {**routed[m], **specific[m]} for m in methods}
+
+
+def method_configs(base: RunConfig, methods: list[str], out_dir: str | Path) -> list[RunConfig]:
+    """One config per method: the same task, partition and seed; output in ``out_dir/<method>``."""
+    if not methods:
+        raise ConfigError("--methods needs at least one method name")
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods lists a method twice: {', '.join(methods)}")
+    routed = split_options(base.options, methods, base)
+    return [
+        dataclasses.replace(base, method=m, out=str(Path(out_dir) / m), options=routed[m]).validate()
+        for m in methods
+    ]
+
+
+def run_compare(
+    base: RunConfig, methods: list[str], out_dir: str | Path, target: float | None = None,
+    show_progress: bool = True, command: str | None = None,
+) -> dict[str, Any]:
+    """Run every method on ``base``'s task, one after the other, then write the report and plots."""
+    from rich.console import Console
+
+    from fedsqueeze.methods import get_method
+    from fedsqueeze.runtime import run_local
+
+    configs = method_configs(base, methods, out_dir)
+    for cfg in configs:  # every method's options are checked before the first (long) run starts
+        get_method(cfg.method)(cfg)
+    console = Console(stderr=True)
+    results, failed = [], []
+    for i, cfg in enumerate(configs, 1):
+        if show_progress:
+            console.rule(f"compare: run {i}/{len(configs)}: {cfg.method}")
+        try:
+            # run_local builds a fresh task per run: setup() changes the model (freezing, adapters)
+            res = run_local(cfg, show_progress=show_progress)
+        except Exception as exc:  # one failing method must not throw away the others' (long) runs
+            log.error("compare: method %s failed: %s: %s", cfg.method, type(exc).__name__, exc)
+            failed.append({"method": cfg.method, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        res["_path"] = str(Path(cfg.out) / "results.json")
+        results.append(res)
+    if not results:
+        raise FedsqueezeError("compare: every method failed: " + "; ".join(f"{f['method']}: {f['error']}" for f in failed))
+    done = write_report(results, out_dir, target=target, command=command, failed=failed)
+    return done
+
+
+# ---- reading ---------------------------------------------------------------------------------------
+def find_results(paths: list[str | Path]) -> list[Path]:
+    """results.json files from paths that are files, run directories or a compare directory."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_file():
+            found.append(p)
+        elif (p / "results.json").is_file():
+            found.append(p / "results.json")
+        elif p.is_dir() and sorted(p.glob("*/results.json")):
+            found.extend(sorted(p.glob("*/results.json")))
+        else:
+            raise ConfigError(f"no results.json at {str(p)!r}")
+    return found
+
+
+def load_results(paths: list[str | Path]) -> list[dict[str, Any]]:
+    """Read results.json files; each gains ``_path`` (where it came from)."""
+    results = []
+    for path in find_results(paths):
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read {str(path)!r}: {exc}") from exc
+        if not isinstance(res, dict) or not res.get("rounds") or "method" not in res:
+            raise ConfigError(f"{str(path)!r} is not a fedsqueeze results.json with at least one round")
+        res["_path"] = str(path)
+        results.append(res)
+    return results
+
+
+def labels_for(results: list[dict[str, Any]]) -> list[str]:
+    """A unique display name per run: the method, plus its directory when a method appears twice."""
+    counts = Counter(r["method"] for r in results)
+    labels = []
+    for r in results:
+        label = r["method"]
+        if counts[label] > 1:
+            label = f"{label} ({Path(r.get('_path', '')).parent.name or '?'})"
+        while label in labels:
+            label += "'"
+        labels.append(label)
+    return labels
+
+
+def baseline_index(results: list[dict[str, Any]]) -> int | None:
+    """The run ratios are taken against: plain fedavg (float32 both ways) if present."""
+    plain = [i for i, r in enumerate(results) if r["method"] == "fedavg"
+             and r.get("config", {}).get("options", {}).get("uplink_codec", "raw") == "raw"
+             and r.get("config", {}).get("options", {}).get("downlink_codec", "raw") == "raw"]
+    anyf = [i for i, r in enumerate(results) if r["method"] == "fedavg"]
+    return (plain or anyf or [None])[0]
+
+
+def default_target(results: list[dict[str, Any]]) -> float:
+    """90% of the best final accuracy among the runs."""
+    return DEFAULT_TARGET_FRACTION * max(r["final"]["accuracy"] for r in results)
+
+
+def time_to_target(res: dict[str, Any], target: float) -> dict[str, Any] | None:
+    """The first round whose accuracy reaches ``target``, with the cumulative costs up to it."""
+    up = down = 0
+    wall = sim = 0.0
+    has_sim = all("sim_time_s" in r for r in res["rounds"])
+    for r in res["rounds"]:
+        up += r["uplink_bytes"]
+        down += r["downlink_bytes"]
+        wall += r["wall_s"]
+        sim += r.get("sim_time_s", 0.0)
+        if r["accuracy"] >= target:
+            return {"round": r["round"], "uplink_bytes": up, "downlink_bytes": down,
+                    "wall_s": wall, "sim_time_s": sim if has_sim else None}
+    return None
+
+
+def summarize_run(res: dict[str, Any]) -> dict[str, Any]:
+    """The report's numbers for one run, all from its results.json."""
+    rounds = res["rounds"]
+    final = res["final"]
+    n = len(rounds)
+    return {
+        "accuracy": final["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in rounds),
+        "rounds": n,
+        "uplink_bytes": final["total_uplink_bytes"],
+        "downlink_bytes": final["total_downlink_bytes"],
+        "uplink_bytes_per_round": final["total_uplink_bytes"] / n,
+        "downlink_bytes_per_round": final["total_downlink_bytes"] / n,
+        "uplink_bpp": final["mean_uplink_bpp"],
+        "downlink_bpp": final["mean_downlink_bpp"],
+        "wall_s": sum(r["wall_s"] for r in rounds),
+        "sim_time_s": sum(r["sim_time_s"] for r in rounds) if all("sim_time_s" in r for r in rounds) else None,
+        "trainable_params": res.get("trainable_params"),
+    }
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def _b(n: float) -> str:
+    return f"{n:,.0f}"
+
+
+def _ratio(base: float, value: float) -> str:
+    return f"{base / value:,.1f}×" if value else "∞"
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: bool = True) -> str:
+    """A markdown table; the first column is left-aligned, the others right-aligned if ``numeric``."""
+    align = ["---"] + ["---:" if numeric else "---"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _task_notes(results: list[dict[str, Any]], labels: list[str]) -> list[str]:
+    """Warnings for runs that differ in a task field (they are then not strictly comparable)."""
+    notes = []
+    for name in TASK_FIELDS + LINK_FIELDS:
+        values = {lab: r.get("config", {}).get(name) for lab, r in zip(labels, results)}
+        if len({json.dumps(v) for v in values.values()}) > 1:
+            detail = ", ".join(f"{lab}: {v}" for lab, v in values.items())
+            notes.append(f"- **{name} differs between runs** ({detail}): compare with care.")
+    return notes
+
+
+def _options_text(res: dict[str, Any]) -> str:
+    """A run's method options (and a non-default lr), as ``key=value`` pairs."""
+    cfg = res.get("config", {})
+    pairs = [f"{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in sorted(cfg.get("options", {}).items())]
+    if cfg.get("lr"):
+        pairs.insert(0, f"lr={cfg['lr']}")
+    return ", ".join(pairs) or "defaults"
+
+
+def render_report(
+    results: list[dict[str, Any]], target: float | None = None, command: str | None = None,
+    failed: list[dict[str, str]] | None = None,
+) -> str:
+    """report.md's text; ``failed`` lists runs that raised (method, error), shown first."""
+    labels = labels_for(results)
+    target = default_target(results) if target is None else target
+    sums = [summarize_run(r) for r in results]
+    cfg0 = results[0].get("config", {})
+    lines = ["# fedsqueeze comparison", ""]
+    if command:
+        lines += ["Produced by:", "", "```", command, "```", ""]
+    task = ", ".join(f"{k}={cfg0.get(k)}" for k in TASK_FIELDS if k in cfg0)
+    lines += [f"Task: {task}.", "", f"Model parameters (bpp denominator): {results[0].get('model_params', 0):,}.", ""]
+    lines += _task_notes(results, labels)
+    for f in failed or []:
+        lines.append(f"- **{f['method']} failed** and is not in the tables: `{f['error']}`")
+    lines += ["", "## Runs", ""]
+    rows = [[lab, _options_text(r), f"`{r.get('_path', '?')}`"] for lab, r in zip(labels, results)]
+    lines.append(_table(["method", "options", "results"], rows, numeric=False))
+    lines += ["", "## Accuracy and bytes", "",
+              "Bytes are the exact payload lengths summed over the round's clients; per round = total / rounds; "
+              "bpp = bits per model parameter per client, averaged over rounds.", ""]
+    rows = [[lab, f"{s['accuracy']:.4f}", f"{s['best_accuracy']:.4f}", _b(s["uplink_bytes"]), _b(s["uplink_bytes_per_round"]),
+             _b(s["downlink_bytes"]), _b(s["downlink_bytes_per_round"]), f"{s['uplink_bpp']:.4g}", f"{s['downlink_bpp']:.4g}",
+             f"{s['trainable_params']:,}" if s["trainable_params"] is not None else "n/a",
+             f"{s['wall_s']:.1f}", f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a"]
+            for lab, s in zip(labels, sums)]
+    lines.append(_table(["method", "final acc", "best acc", "uplink B", "uplink B/round", "downlink B", "downlink B/round",
+                         "uplink bpp", "downlink bpp", "trainable", "wall s", "sim s"], rows))
+    base = baseline_index(results)
+    if base is not None:
+        b = sums[base]
+        lines += ["", f"## Against {labels[base]}", "",
+                  f"How many times fewer bytes than {labels[base]} each run sent, and its accuracy difference.", ""]
+        rows = [[lab, _ratio(b["uplink_bytes"], s["uplink_bytes"]), _ratio(b["downlink_bytes"], s["downlink_bytes"]),
+                 _ratio(b["uplink_bytes"] + b["downlink_bytes"], s["uplink_bytes"] + s["downlink_bytes"]),
+                 f"{s['accuracy'] - b['accuracy']:+.4f}"] for lab, s in zip(labels, sums)]
+        lines.append(_table(["method", "uplink ×", "downlink ×", "total ×", "Δ final acc"], rows))
+    link = ", ".join(f"{k}={cfg0.get(k)}" for k in LINK_FIELDS if k in cfg0)
+    lines += ["", f"## Time to accuracy {target:.4f}", "",
+              "First round whose test accuracy reaches the target, and the costs summed up to it. "
+              f"Simulated time (link model: {link or 'not recorded'}) = per round, the slowest client's "
+              "compute + transfer of its downlink and uplink bytes + latency.", ""]
+    rows = []
+    for lab, r in zip(labels, results):
+        t = time_to_target(r, target)
+        if t is None:
+            rows.append([lab, "not reached", "", "", "", ""])
+        else:
+            sim = f"{t['sim_time_s']:.1f}" if t["sim_time_s"] is not None else "n/a"
+            rows.append([lab, str(t["round"]), _b(t["uplink_bytes"]), _b(t["downlink_bytes"]), sim, f"{t['wall_s']:.1f}"])
+    lines.append(_table(["method", "round", "uplink B", "downlink B", "sim s", "wall s"], rows))
+    lines += ["", "## Plots", "", "![accuracy against cumulative uplink bytes](pareto.png)", "",
+              "![accuracy per round](accuracy.png)", "", "![bits per parameter per round](bpp.png)", "",
+              "## Per round", ""]
+    for lab, r in zip(labels, results):
+        lines += [f"### {lab}", ""]
+        rows = [[str(x["round"]), f"{x['accuracy']:.4f}", _b(x["uplink_bytes"]), _b(x["downlink_bytes"]),
+                 f"{x['uplink_bpp']:.4g}", f"{x['downlink_bpp']:.4g}", f"{x['wall_s']:.1f}",
+                 f"{x['sim_time_s']:.1f}" if "sim_time_s" in x else "n/a"] for x in r["rounds"]]
+        lines += [_table(["round", "accuracy", "uplink B", "downlink B", "uplink bpp", "downlink bpp", "wall s", "sim s"], rows), ""]
+    return "\n".join(lines)
+
+
+def _cumulative(values: list[float]) -> list[float]:
+    out, total = [], 0.0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def _positive(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """Drop points a log axis cannot show (zero bytes or bpp)."""
+    kept = [(x, y) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    return [x for x, _ in kept], [y for _, y in kept]
+
+
+def _legend_outside(ax: Any) -> None:
+    """The legend to the right of the axes, where it never hides a curve."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
+
+
+def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: float | None = None) -> list[Path]:
+    """pareto.png, accuracy.png and bpp.png in ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = labels_for(results)
+    target = default_target(results) if target is None else target
+    markers = "osD^v<>ph*"
+    styles = [dict(marker=markers[i % len(markers)], color=f"C{i % 10}") for i in range(len(results))]
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for lab, r, st in zip(labels, results, styles):
+        acc = [x["accuracy"] for x in r["rounds"]]
+        xs, ys = _positive(_cumulative([x["uplink_bytes"] for x in r["rounds"]]), acc)
+        ax.plot(xs, ys, label=lab, **st)
+    ax.axhline(target, ls="--", lw=0.8, color="grey", label=f"target {target:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("cumulative uplink bytes (all clients)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy against uplink bytes (one point per round)")
+    ax.grid(True, which="both", alpha=0.3)
+    _legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
+    for lab, r, st in zip(labels, results, styles):
+        ax.plot([x["round"] for x in r["rounds"]], [x["accuracy"] for x in r["rounds"]], label=lab, **st)
+    ax.axhline(target, ls="--", lw=0.8, color="grey", label=f"target {target:.3f}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy per round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(True, alpha=0.3)
+    _legend_outside(ax)
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ("uplink_bpp", "downlink_bpp"), ("uplink", "downlink")):
+        for lab, r, st in zip(labels, results, styles):
+            xs, ys = _positive([x["round"] for x in r["rounds"]], [x[key] for x in r["rounds"]])
+            ax.plot(xs, ys, label=lab, **st)
+        ax.set_yscale("log")
+        ax.set_xlabel("round")
+        ax.set_title(f"{title} bits per parameter per client")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("bpp (log)")
+    _legend_outside(axes[1])
+    fig.tight_layout()
+    fig.savefig(out / "bpp.png", dpi=120)
+    plt.close(fig)
+    return [out / name for name in PLOTS]
+
+
+def write_report(
+    results: list[dict[str, Any]], out_dir: str | Path, target: float | None = None, command: str | None = None,
+    failed: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
+    """Write report.md and the plots to ``out_dir``; return the paths, the target and the summaries."""
+    from fedsqueeze.report.results import atomic_write_text
+
+    if not results:
+        raise ConfigError("nothing to report: no results")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = default_target(results) if target is None else target
+    atomic_write_text(out / "report.md", render_report(results, target, command, failed))
+    plots = write_plots(results, out, target)
+    return {"report": out / "report.md", "plots": plots, "target": target, "labels": labels_for(results), "failed": failed or [],
+            "summaries": [summarize_run(r) for r in results], "results": results}
