@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec
-from fedsqueeze.errors import PayloadError
+from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option
+from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.training import Encoded, num_local_steps, train_local
 
@@ -37,6 +38,9 @@ class TensorOptions:
     optimizer: str = option("adamw", "local optimizer: adamw or sgd")
     server_lr: float = option(1.0, "server step size on the averaged update")
     head_lr: float = option(1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr")
+    dp_clip: float = option(0.0, "DP-FedAvg: clip each client update to this L2 norm C (0 = no DP)")
+    dp_noise: float = option(0.0, "DP-FedAvg: noise multiplier σ; Gaussian noise σ·C is added to the sum")
+    dp_delta: float = option(1e-5, "DP-FedAvg: δ at which ε is reported")
 
 
 class TensorMethod(Method):
@@ -53,6 +57,8 @@ class TensorMethod(Method):
         """Names of the parameters that train and travel."""
 
     def setup(self, task) -> None:
+        if self.opts.dp_noise > 0 and self.opts.dp_clip <= 0:
+            raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
         self.task = task
         self.prepare_model(task.model)
         named = dict(task.model.named_parameters())
@@ -113,6 +119,8 @@ class TensorMethod(Method):
         return {"delta": tensors, "n": n}
 
     def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+        if self.opts.dp_clip > 0:
+            return self._aggregate_private(state, updates, ctx)
         if not updates:
             return state, {}
         total = sum(u["n"] for u in updates.values())
@@ -120,6 +128,18 @@ class TensorMethod(Method):
             avg = sum(u["delta"][name].astype(np.float32) * (u["n"] / total) for u in updates.values())
             state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg).astype(np.float32)
         return state, {}
+
+    def _aggregate_private(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+        """DP-FedAvg (see :mod:`fedsqueeze.privacy`): clip, sum, add noise, divide by clients_per_round."""
+        rng = ctx.rng(SERVER, "dp-noise")
+        deltas = [u["delta"] for u in updates.values()]
+        avg, metrics = private_mean(deltas, state["weights"], self.opts.dp_clip, self.opts.dp_noise, self.cfg.clients_per_round, rng)
+        for name in self.names:
+            state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg[name]).astype(np.float32)
+        eps = dp_epsilon(self.cfg.clients_per_round / self.cfg.clients, self.opts.dp_noise, ctx.round, self.opts.dp_delta)
+        metrics["dp_epsilon"] = eps if np.isfinite(eps) else None  # None: no noise, no guarantee
+        metrics["dp_delta"] = self.opts.dp_delta
+        return state, metrics
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
         self.load_weights(state["weights"])

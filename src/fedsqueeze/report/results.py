@@ -53,6 +53,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "wall_s": sum(r["wall_s"] for r in rounds),
         "sim_time_s": sum(r.get("sim_time_s", 0.0) for r in rounds),
         "dropped_clients": sum(len(r.get("dropped", [])) for r in rounds),
+        # privacy spent by the whole run (DP-FedAvg): the last round's running (ε, δ)
+        **{k: v for k, v in rounds[-1].items() if k in ("dp_epsilon", "dp_delta")},
     }
 
 

@@ -1,0 +1,275 @@
+"""FedPEFT (Sun et al., arXiv 2210.01708): parameter-efficient federated fine-tuning.
+
+The pre-trained backbone stays frozen; each method adds or selects a small set of tensors, and
+only those plus the classification head train and travel (global values down, deltas up). Every
+method is a :class:`~fedsqueeze.methods.tensor.TensorMethod`, so its payload goes through the same
+codec path as FedAvg's (``uplink_codec=...`` composes with no new code) and DP-FedAvg applies too.
+
+- ``bitfit``  — BitFit: every bias of the backbone, plus the head.
+- ``lora``    — HF peft LoRA injected into the backbone's linear layers (``target_modules``).
+- ``adapter`` — Houlsby-style bottleneck adapters (down-project, GELU, up-project, residual) built
+  here and placed after the attention output projection and after the FFN output projection of
+  every layer; peft has no such tuner. The up-projection starts at zero, so training starts from
+  the pre-trained function.
+- ``prompt``  — peft prompt tuning (learned virtual tokens prepended to the input embeddings) or,
+  with ``mode=prefix``, peft prefix tuning (learned keys/values in every layer). With prompt tuning
+  the backbone's output is longer than the input; the virtual positions are dropped before the
+  Classifier's mean pooling so pooling still runs over the real tokens only. Text models only.
+- ``ia3``     — HF peft (IA)³: learned scaling vectors on keys, values and the FFN.
+
+The head is trained by every method, at TensorMethod's ``head_lr`` (a freshly initialised linear
+layer wants a larger step than the pre-trained backbone's small add-ons).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutput
+
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.methods.base import option, register_method
+from fedsqueeze.methods.head import head_names
+from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
+
+
+def added_parameters(model: nn.Module, inject: Callable[[], None]) -> list[str]:
+    """Run ``inject`` (which changes ``model`` in place) and return the names of the parameters it added.
+
+    Parameters are matched by identity, so a tuner that renames the frozen weights it wraps still
+    reports only what it created.
+    """
+    before = {id(p) for p in model.parameters()}
+    inject()
+    return [n for n, p in model.named_parameters() if id(p) not in before]
+
+
+def split_modules(text: str) -> list[str]:
+    """``"query, value"`` → ``["query", "value"]``."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+class PeftMethod(TensorMethod):
+    """A frozen backbone plus a few trainable tensors (chosen by :meth:`inject`) and the head."""
+
+    def inject(self, model: nn.Module) -> list[str]:
+        """Change the model (add tuner modules) and return the names of the new trainable parameters."""
+        return []
+
+    def prepare_model(self, model: nn.Module) -> None:
+        self.added = self.inject(model)
+
+    def select_trainable(self, model: nn.Module) -> list[str]:
+        return list(self.added) + head_names(model)
+
+
+# ---- BitFit -----------------------------------------------------------------------------------
+
+
+@register_method
+class BitFit(PeftMethod):
+    name = "bitfit"
+    summary = "BitFit: only the backbone's biases and the head train and travel"
+    default_lr = 5e-3
+
+    def inject(self, model: nn.Module) -> list[str]:
+        return [n for n, _ in model.backbone.named_parameters(prefix="backbone") if n.endswith(".bias")]
+
+
+# ---- LoRA -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraOptions(TensorOptions):
+    rank: int = option(8, "LoRA rank r")
+    lora_alpha: float = option(16.0, "LoRA scaling alpha (update scaled by alpha / r)")
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
+    target_modules: str = option("query,value", "comma-separated module-name suffixes to adapt")
+
+
+@register_method
+class Lora(PeftMethod):
+    name = "lora"
+    summary = "LoRA (HF peft) on the backbone's attention projections, plus the head"
+    Options = LoraOptions
+    default_lr = 2e-3
+
+    def inject(self, model: nn.Module) -> list[str]:
+        from peft import LoraConfig
+
+        config = LoraConfig(
+            r=self.opts.rank, lora_alpha=self.opts.lora_alpha, lora_dropout=self.opts.lora_dropout,
+            target_modules=split_modules(self.opts.target_modules), bias="none",
+        )
+        return _inject_peft(model, config, self.name)
+
+
+def _inject_peft(model: nn.Module, config, method: str) -> list[str]:
+    """Inject a peft tuner into ``model.backbone`` in place; ConfigError if it matched nothing."""
+    from peft import inject_adapter_in_model
+
+    try:
+        names = added_parameters(model, lambda: inject_adapter_in_model(config, model.backbone))
+    except ValueError as exc:  # peft: "Target modules ... not found in the base model"
+        raise ConfigError(f"{method}: {exc}") from exc
+    if not names:
+        raise ConfigError(f"{method}: target modules {sorted(config.target_modules)} matched nothing in the backbone")
+    return names
+
+
+# ---- Adapters ---------------------------------------------------------------------------------
+
+
+class Bottleneck(nn.Module):
+    """``x + up(gelu(down(x)))`` with ``up`` zero-initialised (identity at the start)."""
+
+    def __init__(self, dim: int, bottleneck: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, bottleneck)
+        self.up = nn.Linear(bottleneck, dim)
+        nn.init.normal_(self.down.weight, std=0.02)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(nn.functional.gelu(self.down(x)))
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen linear layer followed by a bottleneck adapter."""
+
+    def __init__(self, base: nn.Linear, bottleneck: int) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter = Bottleneck(base.out_features, bottleneck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.base(x))
+
+
+@dataclass
+class AdapterOptions(TensorOptions):
+    bottleneck: int = option(16, "adapter bottleneck width")
+    after: str = option(
+        "attention.output.dense,output.dense",
+        "comma-separated suffixes of the linear layers an adapter follows (attention output, FFN output)",
+    )
+
+
+@register_method
+class Adapter(PeftMethod):
+    name = "adapter"
+    summary = "bottleneck adapters after each attention and FFN output projection, plus the head"
+    Options = AdapterOptions
+    default_lr = 2e-3
+
+    def inject(self, model: nn.Module) -> list[str]:
+        if self.opts.bottleneck < 1:
+            raise ConfigError("adapter: bottleneck must be >= 1")
+        suffixes = tuple(split_modules(self.opts.after))
+        # one pass to find, then replace: never mutate a module tree while iterating it
+        targets = [
+            (name, module) for name, module in model.backbone.named_modules()
+            if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
+        ]
+        if not targets:
+            raise ConfigError(f"adapter: no linear layer of the backbone ends with {list(suffixes)}")
+
+        def place() -> None:
+            for name, module in targets:
+                parent_name, _, attr = name.rpartition(".")
+                parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
+                setattr(parent, attr, AdaptedLinear(module, self.opts.bottleneck))
+
+        return added_parameters(model, place)
+
+
+# ---- Prompt / prefix tuning ---------------------------------------------------------------------
+
+
+class DropVirtualTokens(nn.Module):
+    """Wraps a peft prompt-tuning model: removes the virtual-token positions from its output.
+
+    The Classifier then mean-pools over the real tokens with the attention mask it already has.
+    """
+
+    def __init__(self, peft_model: nn.Module, num_virtual_tokens: int) -> None:
+        super().__init__()
+        self.peft = peft_model
+        self.num_virtual_tokens = num_virtual_tokens
+
+    def forward(self, **inputs: torch.Tensor) -> BaseModelOutput:
+        hidden = self.peft(**inputs).last_hidden_state
+        return BaseModelOutput(last_hidden_state=hidden[:, self.num_virtual_tokens :])
+
+
+@dataclass
+class PromptOptions(TensorOptions):
+    mode: str = option("prompt", "'prompt' (virtual input tokens) or 'prefix' (virtual keys/values in every layer)")
+    virtual_tokens: int = option(10, "number of virtual tokens")
+    init: str = option("vocab", "prompt-mode initialisation: 'vocab' (embeddings of random tokens) or 'random'")
+
+
+@register_method
+class Prompt(PeftMethod):
+    name = "prompt"
+    summary = "prompt tuning or prefix tuning (HF peft) on the backbone, plus the head (text only)"
+    Options = PromptOptions
+    default_lr = 3e-2
+
+    def inject(self, model: nn.Module) -> list[str]:
+        from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
+
+        if model.kind != "text":
+            raise ConfigError("prompt: prompt and prefix tuning need a text model")
+        n = self.opts.virtual_tokens
+        if n < 1:
+            raise ConfigError("prompt: virtual_tokens must be >= 1")
+        if self.opts.mode == "prompt":
+            if self.opts.init not in ("vocab", "random"):
+                raise ConfigError(f"prompt: init must be 'vocab' or 'random', got {self.opts.init!r}")
+            init = PromptTuningInit.SAMPLE_VOCAB if self.opts.init == "vocab" else PromptTuningInit.RANDOM
+            config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=n, prompt_tuning_init=init)
+        elif self.opts.mode == "prefix":
+            config = PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=n)
+        else:
+            raise ConfigError(f"prompt: mode must be 'prompt' or 'prefix', got {self.opts.mode!r}")
+
+        def wrap() -> None:
+            # SAMPLE_VOCAB draws token ids from the global RNG: fork it so the run's seed decides
+            with torch.random.fork_rng():
+                torch.manual_seed(self.cfg.seed)
+                wrapped = get_peft_model(model.backbone, config)
+            model.backbone = DropVirtualTokens(wrapped, n) if self.opts.mode == "prompt" else wrapped
+
+        return added_parameters(model, wrap)
+
+
+# ---- (IA)³ ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ia3Options(TensorOptions):
+    target_modules: str = option("key,value,output.dense", "comma-separated module-name suffixes to scale")
+    feedforward_modules: str = option("output.dense", "which of the targets scale their input (FFN) instead of their output")
+
+
+@register_method
+class Ia3(PeftMethod):
+    name = "ia3"
+    summary = "(IA)^3 (HF peft): learned scaling of keys, values and FFN activations, plus the head"
+    Options = Ia3Options
+    default_lr = 1e-2
+
+    def inject(self, model: nn.Module) -> list[str]:
+        from peft import IA3Config
+
+        config = IA3Config(
+            target_modules=split_modules(self.opts.target_modules),
+            feedforward_modules=split_modules(self.opts.feedforward_modules),
+        )
+        return _inject_peft(model, config, self.name)
