@@ -236,7 +236,7 @@ def play_round(
     ctx: RoundContext, settings: ServerSettings,
 ) -> tuple[Any, dict[str, Any]]:
     """One round over Flower; mirrors :func:`fedsqueeze.runtime.local.run_round` record for record."""
-    from fedsqueeze.runtime.common import drops_out, inject_faults, round_record, sample_clients
+    from fedsqueeze.runtime.common import drops_out, inject_faults, round_record, sample_clients, simulated_round_time
     t_round = time.perf_counter()
     downlink: dict[int, int] = {}
     dropped: list[dict[str, Any]] = []
@@ -256,6 +256,7 @@ def play_round(
 
     uplink: list[int] = []
     updates: dict[int, Any] = {}
+    link_clients: dict[int, tuple[float, int, int]] = {}  # client compute s (as it reports), bytes down, up
     train_s = 0.0
     losses: list[float] = []
     for client in sorted(by_client):  # the local runtime's order, so aggregation sums in the same order
@@ -283,6 +284,8 @@ def play_round(
             continue
         payload, fault = inject_faults(cfg, ctx, client, payload)
         uplink.append(len(payload))
+        compute_s = float(metrics.get("train_s", 0.0)) + float(metrics.get("codec_s", 0.0))
+        link_clients[client] = (compute_s, downlink[client], len(payload))
         t1 = time.perf_counter()
         try:
             updates[client] = method.decode_update(payload, state, ctx)
@@ -293,7 +296,8 @@ def play_round(
     state, agg_metrics = method.aggregate(state, updates, ctx)
     accuracy, loss = method.evaluate(state)
     dropped.sort(key=lambda d: d["client"])
-    extra = {"train_loss": sum(losses) / len(losses) if losses else None, **agg_metrics}
+    extra = {"train_loss": sum(losses) / len(losses) if losses else None, **agg_metrics,
+             **simulated_round_time(cfg, link_clients)}
     record = round_record(
         round_=ctx.round, accuracy=accuracy, loss=loss, uplink=uplink, downlink=list(downlink.values()),
         model_params=task.model_params, aggregated=len(updates), dropped=dropped,
