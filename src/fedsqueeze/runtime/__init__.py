@@ -1,5 +1,5 @@
 """Runtimes: the local simulator (default) and Flower."""
 
-from fedsqueeze.runtime.local import prepare, run_local, run_round
+from fedsqueeze.runtime.local import prepare, resume_local, run_local, run_round
 
-__all__ = ["prepare", "run_local", "run_round"]
+__all__ = ["prepare", "resume_local", "run_local", "run_round"]
