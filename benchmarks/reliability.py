@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--kill-after", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], dest="sets")
+    ap.add_argument("--client-timeout", type=float, default=10.0, help="seconds before a (hung) client is abandoned")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reliability.json"))
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fsqz-reliability-"))
@@ -92,7 +93,7 @@ def main() -> None:
 
     faulty = ["--method", a.method, "--model", a.model, "--rounds", str(a.rounds), "--clients", "10",
               "--clients-per-round", "10", "--set", "fault_raise=0.1", "--set", "fault_hang=0.1",
-              "--set", "fault_garbage=0.1", "--set", "client_timeout=20", "--set", "min_clients=2",
+              "--set", "fault_garbage=0.1", "--set", f"client_timeout={a.client_timeout:g}", "--set", "min_clients=2",
               "--set", "min_clients_policy=retry", *sum((["--set", s] for s in a.sets), []),
               "--set", "clients_per_round=10"]
     fault_s = run_to_end([*faulty, "--out", str(work / "faulty")])
