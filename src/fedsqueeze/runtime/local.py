@@ -10,7 +10,6 @@ survivors is re-sampled or skipped (``min_clients_policy``). See docs/reliabilit
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -171,8 +170,8 @@ def run_round(
     attempts = 1 + (cfg.max_retries if cfg.min_clients_policy == "retry" else 0)
     for attempt in range(attempts):
         clients = sample_clients(cfg, ctx, attempt)
-        # a failed attempt's updates are thrown away, so the clients' own state must be too
-        saved = {c: copy.deepcopy(client_states[c]) for c in clients if c in client_states} if attempts > 1 else {}
+        # a failed attempt's updates are discarded; the clients keep their own state, as real clients
+        # would (they never learn that the server threw their update away)
         tally.updates = {}
         for client in clients:
             play_client(method, cfg, state, client_states, ctx, client, attempt, tally)
@@ -181,12 +180,6 @@ def run_round(
         if len(tally.updates) >= cfg.min_clients:
             break
         log.warning("round %d: %d of %d clients survived, min_clients=%d", ctx.round, len(tally.updates), len(clients), cfg.min_clients)
-        if attempts > 1:
-            for c in clients:
-                if c in saved:
-                    client_states[c] = saved[c]
-                else:
-                    client_states.pop(c, None)
     skipped = len(tally.updates) < cfg.min_clients
     if skipped:
         state, agg_metrics = state, {}
