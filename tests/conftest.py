@@ -25,3 +25,19 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return lambda **kw: tiny_config(out=str(tmp_path / "run"), **kw)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Report how many malformed payloads the fuzz tests fed to the decoders (tests/fuzzing.py)."""
+    import sys
+
+    fuzzing = sys.modules.get("fuzzing")
+    if fuzzing is None or not fuzzing.TRIED:
+        return
+    total, rejected = sum(fuzzing.TRIED.values()), sum(fuzzing.REJECTED.values())
+    terminalreporter.write_line(
+        f"fuzz: {total} malformed payloads over {len(fuzzing.TRIED)} decoders; {rejected} raised PayloadError, "
+        f"{total - rejected} decoded to valid values, none raised anything else"
+    )
+    for name, n in sorted(fuzzing.TRIED.items()):
+        terminalreporter.write_line(f"  {name}: {n} tried, {fuzzing.REJECTED[name]} rejected")

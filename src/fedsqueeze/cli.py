@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from fedsqueeze.errors import FedsqueezeError
+from fedsqueeze.errors import ConfigError, FedsqueezeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning at a tiny communication cost.")
 err = Console(stderr=True)
@@ -34,6 +34,7 @@ def run(
     superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
     root_certificates: Optional[str] = typer.Option(
         None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue the killed run in this output directory (uses its saved config)"),
 ) -> None:
     """Run one federated fine-tuning job; writes OUT/results.json and OUT/rounds.csv."""
     from fedsqueeze.config import build_config, parse_sets
@@ -41,10 +42,20 @@ def run(
 
     cli = dict(method=method, model=model, dataset=dataset, clients=clients, clients_per_round=clients_per_round,
                rounds=rounds, seed=seed, out=out, runtime=runtime)
+    if resume is not None:
+        given = [f"--{k.replace('_', '-')}" for k, v in cli.items() if v is not None]
+        given += ["--config"] * (config is not None) + ["--set"] * bool(set_)
+        if given:
+            raise ConfigError(f"--resume takes every setting from the run's saved config.toml; drop {', '.join(given)}")
+        from fedsqueeze.runtime import resume_local
+
+        results = resume_local(resume, show_progress=not quiet)
+        _print_final(results, resume)
+        return
     cfg = build_config(config, cli, parse_sets(set_))
     get_method(cfg.method)  # fail fast on an unknown method, before any loading
     if cfg.runtime not in RUNTIMES:
-        raise FedsqueezeError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+        raise ConfigError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     if cfg.runtime == "flower-sim":
         from fedsqueeze.runtime.flower import run_flower_sim
 
@@ -61,11 +72,17 @@ def run(
         from fedsqueeze.runtime import run_local
 
         results = run_local(cfg, show_progress=not quiet)
+    _print_final(results, cfg.out)
+
+
+def _print_final(results: dict, out: str) -> None:
     final = results["final"]
+    if final["accuracy"] is None:
+        return
     err.print(
         f"final accuracy {final['accuracy']:.4f}  uplink {final['total_uplink_bytes']:,} B "
         f"({final['mean_uplink_bpp']:.4g} bpp)  downlink {final['total_downlink_bytes']:,} B "
-        f"({final['mean_downlink_bpp']:.4g} bpp)  → {cfg.out}/results.json"
+        f"({final['mean_downlink_bpp']:.4g} bpp)  → {out}/results.json"
     )
 
 

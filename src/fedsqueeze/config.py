@@ -46,6 +46,17 @@ class RunConfig:
     dropout: float = _opt(0.0, "probability that a sampled client fails to return its update (seeded)")
     fault_corrupt: float = _opt(0.0, "probability that a returned payload is corrupted in transit (fault injection)")
     fault_truncate: float = _opt(0.0, "probability that a returned payload is truncated in transit (fault injection)")
+    fault_raise: float = _opt(0.0, "probability that a sampled client raises an error instead of replying (fault injection)")
+    fault_hang: float = _opt(0.0, "probability that a sampled client hangs until abandoned (fault injection; needs client_timeout > 0)")
+    fault_garbage: float = _opt(0.0, "probability that a client returns garbage instead of its update (fault injection)")
+    client_timeout: float = _opt(0.0, "seconds a client's update may take before the client is dropped for the round (0 = no limit)")
+    straggler: float = _opt(0.0, "probability that a sampled client is a straggler whose reply is late by straggler_delay (seeded)")
+    straggler_delay: float = _opt(60.0, "simulated extra seconds before a straggler's reply arrives")
+    deadline: float = _opt(0.0, "seconds after a round starts by which a reply must arrive, or it is dropped (0 = no deadline)")
+    min_clients: int = _opt(1, "fewest surviving updates a round needs; with fewer, the round is retried or skipped")
+    min_clients_policy: str = _opt("skip", "'retry' (re-sample other clients, up to max_retries times) or 'skip' (keep the model)")
+    max_retries: int = _opt(3, "re-samples of a round with too few survivors before it is skipped (policy 'retry')")
+    checkpoint: bool = _opt(True, "write OUT/checkpoint after every round so `fedsqueeze run --resume OUT` can continue")
     threads: int = _opt(0, "torch CPU threads; 0 = all cores")
     uplink_mbps: float = _opt(10.0, "link model: each client's uplink bandwidth in Mbit/s (median if link_spread > 0)")
     downlink_mbps: float = _opt(50.0, "link model: each client's downlink bandwidth in Mbit/s (median if link_spread > 0)")
@@ -74,9 +85,22 @@ class RunConfig:
             raise ConfigError(f"partition must be 'iid' or 'dirichlet', got {self.partition!r}")
         if self.alpha <= 0:
             raise ConfigError("alpha must be > 0")
-        for name in ("dropout", "fault_corrupt", "fault_truncate"):
+        for name in ("dropout", "fault_corrupt", "fault_truncate", "fault_raise", "fault_hang", "fault_garbage", "straggler"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1)")
+        if self.fault_raise + self.fault_hang + self.fault_garbage >= 1.0:
+            raise ConfigError("fault_raise + fault_hang + fault_garbage must be below 1")
+        for name in ("client_timeout", "straggler_delay", "deadline"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 seconds")
+        if self.fault_hang > 0 and self.client_timeout <= 0:
+            raise ConfigError("fault_hang needs client_timeout > 0, or a hung client would stall the run forever")
+        if not 0 <= self.min_clients <= self.clients_per_round:
+            raise ConfigError(f"min_clients must be in [0, clients_per_round={self.clients_per_round}], got {self.min_clients}")
+        if self.min_clients_policy not in ("retry", "skip"):
+            raise ConfigError(f"min_clients_policy must be 'retry' or 'skip', got {self.min_clients_policy!r}")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries must be >= 0")
         if self.train_size < self.clients:
             raise ConfigError("train_size must be at least the number of clients")
         if self.uplink_mbps <= 0 or self.downlink_mbps <= 0:
@@ -119,6 +143,14 @@ def _coerce(name: str, value: Any) -> Any:
             return float(value)
         if ftype == "str":
             return str(value)
+        if ftype == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+                return value.lower() in ("true", "yes", "1")
+            if value in (0, 1):
+                return bool(value)
+            raise ValueError
     except (TypeError, ValueError):
         raise ConfigError(f"{name} expects {ftype}, got {value!r}") from None
     return value

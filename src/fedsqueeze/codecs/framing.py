@@ -91,8 +91,10 @@ def unframe(
         raise PayloadError("payload checksum mismatch: the bytes were corrupted")
     try:
         meta = json.loads(meta_b)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PayloadError(f"payload meta is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit;
+        # RecursionError comes from deeply nested arrays, which a checksum does not stop
+        raise PayloadError(f"payload meta is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(meta, dict):
         raise PayloadError("payload meta is not a JSON object")
     if expect_kind is not None:

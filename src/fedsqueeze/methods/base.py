@@ -95,11 +95,11 @@ def parse_options(options_cls: type, given: dict[str, Any], owner: str) -> Any:
     for key in given:
         if key not in known:
             hint = difflib.get_close_matches(key, list(known) + RunConfig.field_names(), n=1)
-            msg = f"unknown option {key!r} for {owner}"
+            msg = f"unknown option {key!r}: neither a run option nor an option of {owner}"
             if hint:
                 msg += f" (did you mean {hint[0]!r}?)"
             valid = ", ".join(sorted(known)) or "none"
-            raise ConfigError(f"{msg}; its options are: {valid}")
+            raise ConfigError(f"{msg}; its options are: {valid}; run options are listed by `fedsqueeze methods`")
     values = {}
     for name, f in known.items():
         if name in given:

@@ -11,6 +11,7 @@ rounds.csv gains its row as each round ends; results.json is rewritten atomicall
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -68,9 +69,13 @@ class ResultsWriter:
         self.rounds: list[dict[str, Any]] = list(rounds or [])
         self.csv_path = self.out / "rounds.csv"
         self.json_path = self.out / "results.json"
-        if not self.rounds:
-            with self.csv_path.open("w", newline="") as f:
-                csv.DictWriter(f, CSV_FIELDS).writeheader()
+        # (re)write the CSV from the rounds already done, so a resumed run's CSV matches its checkpoint
+        # even if the run was killed between checkpointing a round and appending its row
+        buf = io.StringIO(newline="")
+        writer = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rounds)
+        atomic_write_text(self.csv_path, buf.getvalue())
 
     def add_round(self, record: dict[str, Any]) -> None:
         self.rounds.append(record)
