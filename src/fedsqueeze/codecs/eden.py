@@ -1,7 +1,7 @@
 """EDEN / DRIVE (Vargaftik et al., 2021–22): random rotation, one bit per value, one scale per chunk.
 
 Each float tensor is flattened, zero-padded and cut into chunks of ``C`` values (``C`` = ``chunk``,
-or the next power of two above the tensor's size when that is smaller). A chunk ``x`` is rotated by
+or the next power of two of at least 8 above the tensor's size when that is smaller). A chunk ``x`` is rotated by
 ``R = H·D`` (``D``: random ±1 diagonal from the seed, ``H``: orthonormal Walsh–Hadamard), so its
 coordinates look Gaussian whatever ``x`` was; ``r = R x`` travels as its signs and the scale
 ``S = ||x||² / ||r||_1``. The decoder rebuilds ``x̂ = Rᵀ (S · sign(r))``. That scale makes
@@ -35,13 +35,13 @@ class EdenOptions:
     chunk: int = codec_option(4096, "rotation block size (a power of two): one scale per block")
 
     def validate(self) -> None:
-        if not (2 <= self.chunk <= MAX_CHUNK and self.chunk & (self.chunk - 1) == 0):
-            raise ConfigError(f"eden chunk must be a power of two in [2, 2**20], got {self.chunk}")
+        if not (8 <= self.chunk <= MAX_CHUNK and self.chunk & (self.chunk - 1) == 0):
+            raise ConfigError(f"eden chunk must be a power of two in [8, 2**20], got {self.chunk}")
 
 
 def chunk_size(numel: int, chunk: int) -> int:
-    """The block size for a tensor of ``numel`` values: ``chunk`` or the next power of two below it."""
-    return min(chunk, 1 << max(1, (numel - 1).bit_length()))
+    """The block size for a tensor of ``numel`` values: ``chunk``, or the power of two (>= 8) covering it."""
+    return min(chunk, 1 << max(3, (numel - 1).bit_length()))  # >= 8: whole bytes of sign bits
 
 
 def hadamard(x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class EdenCodec(Codec):
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         rows = check_table(meta.get("rotated"), ctx)
         chunk, seed = meta.get("chunk"), meta.get("seed")
-        if not (isinstance(chunk, int) and 2 <= chunk <= MAX_CHUNK and chunk & (chunk - 1) == 0):
+        if not (isinstance(chunk, int) and 8 <= chunk <= MAX_CHUNK and chunk & (chunk - 1) == 0):
             raise PayloadError("eden payload has a bad chunk size")
         if not (isinstance(seed, int) and 0 <= seed < 1 << 63):
             raise PayloadError("eden payload has a bad seed")

@@ -1,6 +1,6 @@
 """Federated methods. Importing this package registers every method by name."""
 
-from fedsqueeze.methods import fedavg, head  # noqa: F401  (registration)
+from fedsqueeze.methods import compressors, fedavg, fedsz, head  # noqa: F401  (registration)
 from fedsqueeze.methods.base import METHODS, ClientOutput, Method, RoundContext, get_method, register_method
 
 __all__ = ["METHODS", "ClientOutput", "Method", "RoundContext", "get_method", "register_method"]
