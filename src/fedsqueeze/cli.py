@@ -79,9 +79,11 @@ def methods() -> None:
     codecs.add_column("id")
     codecs.add_column("lossless")
     codecs.add_column("what it does")
+    codecs.add_column("options (--set ID_OPTION=value)")
     for cid in sorted(CODECS):
         doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
-        codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc)
+        opts = ", ".join(f"{cid}_{opt}={default!r}" for opt, default, _ in describe_options(CODECS[cid].Options))
+        codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc, opts)
     console.print(codecs)
     console.print()
     run_opts = Table(title="[bold]run options[/bold] (CLI flags, --config TOML, or --set)", title_justify="left", show_edge=False)

@@ -191,7 +191,7 @@ def decode_tensors(
         tensors = codec.decode(meta, body, ctx)
     except PayloadError:
         raise
-    except (ConfigError, ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+    except (ConfigError, ValueError, TypeError, KeyError, IndexError, OverflowError, RuntimeError) as exc:
         # decoders validate what they read; this net keeps the contract (only PayloadError
         # escapes for bad bytes) should a library below them reject the data first
         raise PayloadError(f"{kind} payload cannot be decoded: {exc}") from exc

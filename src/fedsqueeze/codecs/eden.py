@@ -102,7 +102,7 @@ class EdenCodec(Codec):
         chunk, seed = meta.get("chunk"), meta.get("seed")
         if not (isinstance(chunk, int) and 8 <= chunk <= MAX_CHUNK and chunk & (chunk - 1) == 0):
             raise PayloadError("eden payload has a bad chunk size")
-        if not (isinstance(seed, int) and 0 <= seed < 1 << 63):
+        if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 1 << 63):
             raise PayloadError("eden payload has a bad seed")
         if any(numel == 0 or not np.issubdtype(dt, np.floating) for _, dt, _, numel in rows):
             raise PayloadError("eden payload declares an empty or non-float tensor")

@@ -27,7 +27,7 @@ from fedsqueeze.errors import ConfigError, PayloadError
 class QSGDOptions:
     levels: int = codec_option(16, "quantization levels s per sign (1 = ternary; up to 32767)")
     bucket: int = codec_option(512, "values sharing one norm")
-    level: int = codec_option(3, "Zstandard level of the entropy coder")
+    zstd_level: int = codec_option(3, "Zstandard level of the entropy coder")
 
     def validate(self) -> None:
         if not 1 <= self.levels <= 32767:
@@ -73,7 +73,7 @@ class QSGDCodec(Codec):
             norms.append(r)
         raw = b"".join([np.concatenate(norms).astype("<f4").tobytes() if norms else b"",
                         np.concatenate(codes).tobytes() if codes else b""])
-        q_blob = zstd_compress(raw, self.opts.level) if raw else b""
+        q_blob = zstd_compress(raw, self.opts.zstd_level) if raw else b""
         exact_table, e_blob = pack_lossless(exact)
         meta = {"quantized": tensor_table(floats), "exact": exact_table, "levels": s, "bucket": bucket,
                 "lengths": [len(q_blob), len(e_blob)]}

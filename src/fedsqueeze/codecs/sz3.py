@@ -34,7 +34,7 @@ class SZ3Options:
     bound: float = codec_option(1e-2, "error bound (REL fraction of the range, or ABS value)")
     threshold: int = codec_option(1024, "tensors with more elements than this go lossy, the rest lossless")
     name_filter: str = codec_option("", "only tensors whose name contains this go lossy ('' = all; FedSZ used 'weight')")
-    level: int = codec_option(3, "Zstandard level of the lossless part")
+    zstd_level: int = codec_option(3, "Zstandard level of the lossless part")
 
     def validate(self) -> None:
         if self.mode not in ("rel", "abs"):
@@ -79,7 +79,7 @@ class SZ3Codec(Codec):
         cfg = sz3_config(self.opts.mode, self.opts.bound)
         # pysz returns a view of its own buffer: copy it out before the next call reuses it
         streams = [bytes(pysz.sz.compress(np.ascontiguousarray(a).reshape(-1), cfg)[0]) for a in lossy.values()]
-        exact_table, blob = pack_lossless(exact, self.opts.level)
+        exact_table, blob = pack_lossless(exact, self.opts.zstd_level)
         meta = {
             "lossy": tensor_table(lossy), "exact": exact_table,
             "lengths": [len(blob)] + [len(s) for s in streams],
