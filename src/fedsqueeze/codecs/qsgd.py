@@ -66,7 +66,8 @@ class QSGDCodec(Codec):
         norms, codes = [], []
         for a in floats.values():
             v = bucketize(a, bucket)
-            r = np.linalg.norm(v, axis=1).astype(np.float32)
+            # float64: squares of tiny float32 values underflow, which would zero a whole bucket
+            r = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)).astype(np.float32)
             scaled = np.abs(v) * (s / np.where(r > 0, r, 1.0))[:, None]
             lv = np.minimum(np.floor(scaled + rng.random(v.shape, dtype=np.float32)), s)
             codes.append((np.sign(v) * lv).astype(level_dtype(s)).reshape(-1))
