@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedsqueeze.codecs.base import (
     Codec, CodecContext, Tensors, check_table, codec_option, is_float, register_codec, split_body, tensor_table,
@@ -39,7 +40,10 @@ def top_indices(p: np.ndarray, count: int) -> np.ndarray:
     """Sorted positions of the ``count`` largest magnitudes of ``p``."""
     if count >= p.size:
         return np.arange(p.size, dtype=np.int64)
-    return np.sort(np.argpartition(np.abs(p), p.size - count)[p.size - count :])
+    # torch.topk: numpy's argpartition degrades badly on the many ties of sparse updates
+    # (6 s against 0.3 s on MiniLM's embedding update)
+    _, idx = torch.topk(torch.from_numpy(np.abs(p)), count, sorted=False)
+    return np.sort(idx.numpy())
 
 
 @register_codec
