@@ -53,9 +53,9 @@ def link_codecs(
         targets = [direction] if direction else list(DIRECTIONS)
         if not any(used[d] == cid for d in targets):
             where = f"the {direction}" if direction else "either direction"
-            keys = ", ".join(sorted(opts))
+            keys = ", ".join(f"{direction + '_' if direction else ''}{cid}_{k}" for k in sorted(opts))
             raise ConfigError(
-                f"options {keys} are for codec {cid!r}, which {where} does not use "
+                f"option {keys} is for codec {cid!r}, which {where} does not use "
                 f"(uplink_codec={uplink!r}, downlink_codec={downlink!r})"
             )
     codecs = []
