@@ -19,9 +19,8 @@ from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.flower import run_flower
 from fedsqueeze.runtime.flower_deploy import Federation
 
-# (method, options). Only the raw codec exists in this branch; the second case is fedavg, whose
-# payload is the whole tiny model. Add a compressed method here once codecs beyond raw are merged.
-CASES = [("head", {}), ("fedavg", {})]
+# (method, options): the head, and a compressed method (FedSZ: SZ3 on the update)
+CASES = [("head", {}), ("fedsz", {})]
 CONTRACT_ROUND = {"round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp",
                   "clients", "wall_s", "train_s", "codec_s"}
 

@@ -1,5 +1,6 @@
 """Codecs: named tensors to bytes and back. Importing this package registers every codec."""
 
+from fedsqueeze.codecs import eden, fp16, qsgd, sign, sz3, topk, zstd  # noqa: F401  (registration)
 from fedsqueeze.codecs.base import (
     CODECS,
     Codec,

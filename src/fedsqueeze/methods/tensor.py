@@ -12,16 +12,18 @@ Subclasses choose what trains (:meth:`select_trainable`), may change the model o
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from abc import abstractmethod
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec
+from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors
+from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
@@ -47,6 +49,21 @@ class TensorMethod(Method):
     """Global tensors down, weighted-average delta up. Subclasses pick the trainable tensors."""
 
     Options = TensorOptions
+    # codec option defaults of this method's uplink codec, e.g. {"sz3": {"bound": 2e-2}}
+    uplink_codec_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # True: the client uploads its trained tensors, not the delta (FedSZ as published)
+    uplink_sends_weights: bool = False
+
+    def __init__(self, cfg) -> None:
+        # codec options (`sz3_bound=...`, see codecs/options.py) are split off before the
+        # method's own options are checked, then validated against the codecs in use
+        reserved = {f.name for f in dataclasses.fields(self.Options)}
+        own, codec_opts = split_codec_options(cfg.options, reserved)
+        super().__init__(dataclasses.replace(cfg, options=own))
+        self.cfg = cfg
+        self.up_codec, self.down_codec = link_codecs(
+            self.opts.uplink_codec, self.opts.downlink_codec, codec_opts, self.uplink_codec_defaults
+        )
 
     # ---- what trains ----------------------------------------------------------------------------
     def prepare_model(self, model: torch.nn.Module) -> None:
@@ -71,8 +88,6 @@ class TensorMethod(Method):
         self.params = [named[n] for n in self.names]
         self.shapes = {n: tuple(named[n].shape) for n in self.names}
         self.max_elements = sum(p.numel() for p in self.params)
-        self.up_codec = get_codec(self.opts.uplink_codec)
-        self.down_codec = get_codec(self.opts.downlink_codec)
 
     def trainable_params(self) -> int:
         return self.max_elements
@@ -113,6 +128,8 @@ class TensorMethod(Method):
     def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
         self._check_tensors(tensors, "client update")
+        if self.uplink_sends_weights:
+            tensors = {n: tensors[n].astype(np.float32) - state["weights"][n] for n in self.names}
         n = extra.get("n")
         if not isinstance(n, int) or n < 1:
             raise PayloadError(f"client update carries no valid example count (n={n!r})")
@@ -183,7 +200,9 @@ class TensorMethod(Method):
 
         t2 = time.perf_counter()
         after = self.read_weights()
-        delta = {n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names}
+        delta = after if self.uplink_sends_weights else {
+            n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names
+        }
         cctx = CodecContext(seed=ctx.seed_for(client, "uplink"), state=state if isinstance(state, dict) else {})
         payload = encode_tensors(self.up_codec, delta, cctx, n=len(data))
         codec_s += time.perf_counter() - t2

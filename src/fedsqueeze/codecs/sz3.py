@@ -1,0 +1,118 @@
+"""SZ3 error-bounded lossy compression (pysz), with FedSZ's lossy/lossless partition.
+
+A float32/float64 tensor goes lossy when it has more than ``threshold`` elements and its name
+contains ``name_filter`` (empty: every name); the rest (biases, norms, small or integer tensors)
+goes lossless through Zstandard, so counters and ids round-trip exactly.
+
+The error bound is **per tensor**: ``mode="abs"`` bounds ``|x - x̂| <= bound`` elementwise;
+``mode="rel"`` bounds it by ``bound * (max(x) - min(x))`` of that tensor (SZ3's REL is relative to
+the value range, so one bound over a whole concatenated model would wipe small tensors out).
+A tensor with a zero range or a non-finite value goes lossless instead.
+
+Body: the lossless part (a zstd frame), then one SZ3 stream per lossy tensor; the header lists
+the tensors of each part and every stream's length, checked before any decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pysz
+
+from fedsqueeze.codecs.base import (
+    Codec, CodecContext, Tensors, check_table, codec_option, is_float, register_codec, split_body, tensor_table,
+)
+from fedsqueeze.codecs.zstd import pack_lossless, unpack_lossless
+from fedsqueeze.errors import ConfigError, PayloadError
+
+
+@dataclass
+class SZ3Options:
+    mode: str = codec_option("rel", "error bound mode: 'rel' (times each tensor's value range) or 'abs'")
+    bound: float = codec_option(1e-2, "error bound (REL fraction of the range, or ABS value)")
+    threshold: int = codec_option(1024, "tensors with more elements than this go lossy, the rest lossless")
+    name_filter: str = codec_option("", "only tensors whose name contains this go lossy ('' = all; FedSZ used 'weight')")
+    zstd_level: int = codec_option(3, "Zstandard level of the lossless part")
+
+    def validate(self) -> None:
+        if self.mode not in ("rel", "abs"):
+            raise ConfigError(f"sz3 mode must be 'rel' or 'abs', got {self.mode!r}")
+        if not (self.bound > 0 and np.isfinite(self.bound)):
+            raise ConfigError(f"sz3 bound must be a positive number, got {self.bound}")
+        if self.threshold < 0:
+            raise ConfigError("sz3 threshold must be >= 0")
+
+
+def sz3_config(mode: str, bound: float) -> Any:
+    """A pysz configuration for one error bound."""
+    cfg = pysz.szConfig()
+    if mode == "rel":
+        cfg.errorBoundMode = pysz.szErrorBoundMode.REL
+        cfg.relErrorBound = bound
+    else:
+        cfg.errorBoundMode = pysz.szErrorBoundMode.ABS
+        cfg.absErrorBound = bound
+    return cfg
+
+
+@register_codec
+class SZ3Codec(Codec):
+    """Error-bounded lossy (SZ3) for large float tensors, lossless (zstd) for the rest."""
+
+    codec_id = "sz3"
+    lossless = False
+    Options = SZ3Options
+
+    def goes_lossy(self, name: str, a: np.ndarray) -> bool:
+        o = self.opts
+        if not (is_float(a) and a.size > o.threshold and o.name_filter in name):
+            return False
+        if not np.isfinite(a).all():
+            return False
+        return o.mode == "abs" or bool(a.max() > a.min())
+
+    def encode(self, tensors: Tensors, ctx: CodecContext) -> tuple[dict[str, Any], bytes]:
+        lossy = {n: a for n, a in tensors.items() if self.goes_lossy(n, a)}
+        exact = {n: a for n, a in tensors.items() if n not in lossy}
+        cfg = sz3_config(self.opts.mode, self.opts.bound)
+        # pysz returns a view of its own buffer: copy it out before the next call reuses it
+        streams = [bytes(pysz.sz.compress(np.ascontiguousarray(a).reshape(-1), cfg)[0]) for a in lossy.values()]
+        exact_table, blob = pack_lossless(exact, self.opts.zstd_level)
+        meta = {
+            "lossy": tensor_table(lossy), "exact": exact_table,
+            "lengths": [len(blob)] + [len(s) for s in streams],
+            "mode": self.opts.mode, "bound": self.opts.bound,
+        }
+        return meta, b"".join([blob, *streams])
+
+    def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
+        lossy_rows = check_table(meta.get("lossy"), ctx)
+        exact_table = meta.get("exact")
+        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in lossy_rows)
+        parts = split_body(body, meta.get("lengths"))
+        if len(parts) != len(lossy_rows) + 1:
+            raise PayloadError("sz3 payload has a stream count that disagrees with its table")
+        out = unpack_lossless(exact_table, parts[0], CodecContext(max_elements=budget))
+        for (name, dt, shape, numel), stream in zip(lossy_rows, parts[1:]):
+            if dt not in (np.float32, np.float64):
+                raise PayloadError(f"sz3 stream for {name!r} declares dtype {dt}")
+            if name in out:
+                raise PayloadError(f"tensor {name!r} appears twice in the sz3 payload")
+            out[name] = decode_stream(stream, dt, numel).reshape(shape)
+        return out
+
+
+def decode_stream(stream: memoryview, dtype: np.dtype, numel: int) -> np.ndarray:
+    """One SZ3 stream back to ``numel`` values; any complaint from SZ3 becomes a PayloadError."""
+    if numel == 0:
+        raise PayloadError("sz3 stream for an empty tensor")
+    try:
+        values, _ = pysz.sz.decompress(np.frombuffer(stream, dtype=np.uint8).copy(), dtype.type, (numel,))
+    except Exception as exc:  # pysz raises ValueError/IndexError/RuntimeError on bad streams
+        raise PayloadError(f"sz3 stream is corrupt: {exc}") from exc
+    values = np.asarray(values)
+    if values.dtype != dtype or values.size != numel:
+        raise PayloadError("sz3 stream decoded to the wrong dtype or size")
+    return values
