@@ -32,8 +32,12 @@ run: setup
 test: setup
 	$(PY) -m pytest -q
 
-bench: setup
-	$(PY) benchmarks/run_all.py
+bench: setup  ## speed/size benchmarks; JSON lands in benchmarks/results/
+	PYTHONPATH=src $(PY) benchmarks/fusefilter.py
+	PYTHONPATH=src $(PY) benchmarks/codecs.py
+	PYTHONPATH=src $(PY) benchmarks/round_time.py
+	PYTHONPATH=src $(PY) benchmarks/flower_runtimes.py
+	PYTHONPATH=src $(PY) benchmarks/reliability.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
