@@ -145,7 +145,7 @@ BAD_INPUT = [
     # (argv, words the message must contain)
     (["run", "--method", "nosuch"], ["unknown method", "fedavg", "head"]),
     (["run", "--model", "tiny", "--set", "uplink_codec=nosuch", "--set", "train_size=50", "--set", "test_size=20",
-      "--out", "{tmp}/codec"], ["unknown codec", "raw"]),
+      "--out", "{tmp}/codec"], ["unknown uplink_codec", "raw"]),
     (["run", "--dataset", "nosuch"], ["unknown dataset", "wordnet", "fashion-mnist", "hf:"]),
     (["run", "--runtime", "nosuch"], ["unknown runtime", "local"]),
     (["run", "--set", "server_lrr=2"], ["server_lr", "did you mean"]),

@@ -293,14 +293,16 @@ def play_round(
             log.warning("round %d: dropped client %d: %s", ctx.round, client, exc)
             dropped.append({"client": client, "reason": f"bad payload ({fault or 'as sent'}): {exc}"})
         codec_s += time.perf_counter() - t1
-    state, agg_metrics = method.aggregate(state, updates, ctx)
+    # as the local runtime: too few survivors and the round is skipped (Flower runs have no retry)
+    skipped = len(updates) < cfg.min_clients
+    state, agg_metrics = (state, {}) if skipped else method.aggregate(state, updates, ctx)
     accuracy, loss = method.evaluate(state)
     dropped.sort(key=lambda d: d["client"])
-    extra = {"train_loss": sum(losses) / len(losses) if losses else None, **agg_metrics,
-             **simulated_round_time(cfg, link_clients)}
+    extra = {"train_loss": sum(losses) / len(losses) if losses else None, "attempts": 1, "skipped": skipped,
+             **agg_metrics, **simulated_round_time(cfg, link_clients)}
     record = round_record(
         round_=ctx.round, accuracy=accuracy, loss=loss, uplink=uplink, downlink=list(downlink.values()),
-        model_params=task.model_params, aggregated=len(updates), dropped=dropped,
+        model_params=task.model_params, aggregated=0 if skipped else len(updates), dropped=dropped,
         wall_s=time.perf_counter() - t_round, train_s=train_s, codec_s=codec_s, extra=extra,
     )
     return state, record
