@@ -13,6 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from conftest import tiny_config
 from fedsqueeze.runtime import run_local
@@ -26,7 +27,9 @@ CONTRACT_ROUND = {"round", "accuracy", "loss", "uplink_bytes", "downlink_bytes",
 
 
 def _cfg(method: str, options: dict, out: Path):
-    return tiny_config(method=method, options=dict(options), clients=2, clients_per_round=2, rounds=2, out=str(out))
+    # one torch thread on both sides: the same float sums, so even SZ3's value-dependent sizes agree
+    return tiny_config(method=method, options=dict(options), clients=2, clients_per_round=2, rounds=2,
+                       threads=1, out=str(out))
 
 
 def _gone(pid: int) -> bool:
@@ -39,6 +42,7 @@ def _gone(pid: int) -> bool:
 def test_superlink_and_two_supernodes_match_local(tmp_path):
     fed = Federation(nodes=2, workdir=str(tmp_path / "federation"))
     pids: list[int] = []
+    threads = torch.get_num_threads()  # the local runs below set one thread; later tests get theirs back
     try:
         fed.start()
         with ThreadPoolExecutor(len(CASES)) as pool:
@@ -48,6 +52,7 @@ def test_superlink_and_two_supernodes_match_local(tmp_path):
             pids = fed.process_tree()
             remote = [f.result() for f in remote]
     finally:
+        torch.set_num_threads(threads)
         pids += fed.process_tree()
         fed.stop()
     assert pids and all(_gone(p) for p in pids), "a Flower process outlived the federation"
