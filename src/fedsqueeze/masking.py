@@ -25,9 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn import functional as F
 
-from fedsqueeze.training import Encoded, batch_inputs, iterate_batches
+from fedsqueeze.training import Encoded, train_local
 
 
 @dataclass
@@ -111,25 +110,12 @@ def train_masked(
     mask_generator: torch.Generator,
     optimizer: str = "adam",
 ) -> dict[str, float]:
-    """Train the mask scores and the head for ``steps`` minibatches of cross-entropy."""
-    if optimizer == "adam":
-        opt = torch.optim.Adam([{"params": [scores], "lr": score_lr}, {"params": head_params, "lr": head_lr}])
-    elif optimizer == "sgd":
-        opt = torch.optim.SGD(
-            [{"params": [scores], "lr": score_lr}, {"params": head_params, "lr": head_lr}], momentum=0.9
-        )
-    else:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose 'adam' or 'sgd'")
-    model = masked.model
-    model.train()
-    total, examples = 0.0, 0
-    for idx in iterate_batches(len(data), batch_size, steps, generator):
-        logits = masked.forward(ste_sample(scores, mask_generator), batch_inputs(data, idx))
-        loss = F.cross_entropy(logits, data.labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        total += loss.item() * len(idx)
-        examples += len(idx)
-    model.eval()
-    return {"train_loss": total / max(examples, 1), "steps": float(steps), "examples": float(examples)}
+    """Train the mask scores and the head for ``steps`` minibatches of cross-entropy.
+
+    A fresh straight-through mask is sampled for every step (one draw from ``mask_generator``).
+    """
+    groups = [{"params": [scores], "lr": score_lr}, {"params": head_params, "lr": head_lr}]
+    return train_local(
+        masked.model, groups, data, steps=steps, batch_size=batch_size, lr=score_lr, generator=generator,
+        optimizer=optimizer, forward=lambda inputs: masked.forward(ste_sample(scores, mask_generator), inputs),
+    )

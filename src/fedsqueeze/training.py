@@ -58,12 +58,14 @@ ParamsOrGroups = list[torch.Tensor] | list[dict]
 
 
 def make_optimizer(params: ParamsOrGroups, name: str, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW or SGD (momentum 0.9); ``params`` may be tensors or param groups with their own ``lr``."""
+    """AdamW, Adam or SGD (momentum 0.9); ``params`` may be tensors or param groups with their own ``lr``."""
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}; choose 'adamw' or 'sgd'")
+    raise ValueError(f"unknown optimizer {name!r}; choose 'adamw', 'adam' or 'sgd'")
 
 
 def train_local(
