@@ -104,3 +104,16 @@ def test_sz3_downlink_on_weights_stays_within_bound(make, tiny_cfg):
     for n in m.names:
         assert np.abs(weights[n] - state["weights"][n]).max() <= 1e-3 * (1 + 1e-6)
     assert len(msg) < len(encode_tensors(m.down_codec.__class__(), {}, CodecContext())) + 4 * m.max_elements
+
+
+def test_downlink_is_encoded_once_per_round_and_follows_aggregation(make, tiny_cfg):
+    m = make(tiny_cfg(method="fedavg"))
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    first = m.downlink(state, ctx, 0)
+    assert m.downlink(state, ctx, 1) is first  # one encoding serves every client of the round
+    delta = {n: np.full_like(a, 0.5) for n, a in state["weights"].items()}
+    state, _ = m.aggregate(state, {0: {"delta": delta, "n": 1}}, ctx)
+    after, _ = decode_tensors(m.downlink(state, ctx, 0), CodecContext(max_elements=m.max_elements))
+    assert all(np.array_equal(after[n], state["weights"][n]) for n in m.names)
+    assert m.downlink(state, RoundContext(round=2, rounds=2, seed=0), 0) != first

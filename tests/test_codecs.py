@@ -73,10 +73,10 @@ def test_sz3_abs_bound(x, bound):
 
 
 @FAST
-@given(floats32, st.sampled_from([1e-1, 1e-2, 1e-3]))
-def test_sz3_rel_bound_is_per_tensor_range(x, bound):
+@given(floats32, st.sampled_from([1e-1, 1e-2, 1e-3]), st.sampled_from(["interp_lorenzo", "lorenzo_reg", "interp", "nopred"]))
+def test_sz3_rel_bound_is_per_tensor_range(x, bound, algo):
     small = (x * 1e-6).astype(np.float32)  # a tensor a million times smaller keeps its own bound
-    out, _ = roundtrip(get_codec("sz3", mode="rel", bound=bound, threshold=0), {"x": x, "small": small})
+    out, _ = roundtrip(get_codec("sz3", mode="rel", bound=bound, threshold=0, algo=algo), {"x": x, "small": small})
     for name, a in (("x", x), ("small", small)):
         span = float(a.max()) - float(a.min())
         assert np.abs(out[name].astype(np.float64) - a).max() <= bound * span * (1 + 1e-5)
@@ -231,6 +231,8 @@ def test_corrupt_payloads_raise_only_payload_error(cid):
 
 
 def test_codec_options_are_validated_and_json_safe():
+    with pytest.raises(ConfigError, match="sz3 algo must be one of"):
+        get_codec("sz3", algo="lorenzo")
     codec = get_codec("sz3", bound="1e-3", mode="abs")
     assert codec.get_config() == {"id": "sz3", **codec.config} and codec.opts.bound == 1e-3
     assert get_codec(codec.get_config()).config == codec.config

@@ -61,6 +61,7 @@ class TensorMethod(Method):
         own, codec_opts = split_codec_options(cfg.options, reserved)
         super().__init__(dataclasses.replace(cfg, options=own))
         self.cfg = cfg
+        self._downlink_cache: tuple[tuple[int, int], bytes] | None = None  # ((round, seed), message)
         self.up_codec, self.down_codec = link_codecs(
             self.opts.uplink_codec, self.opts.downlink_codec, codec_opts, self.uplink_codec_defaults
         )
@@ -119,11 +120,16 @@ class TensorMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
+        self._downlink_cache = None
         return {"weights": self.read_weights()}
 
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
-        cctx = CodecContext(seed=ctx.seed_for(SERVER, "downlink"))
-        return encode_tensors(self.down_codec, state["weights"], cctx)
+        # every client of a round gets the same bytes: encode once per round, as a real server would
+        key = (ctx.round, ctx.seed)
+        if self._downlink_cache is None or self._downlink_cache[0] != key:
+            cctx = CodecContext(seed=ctx.seed_for(SERVER, "downlink"))
+            self._downlink_cache = (key, encode_tensors(self.down_codec, state["weights"], cctx))
+        return self._downlink_cache[1]
 
     def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
@@ -136,6 +142,7 @@ class TensorMethod(Method):
         return {"delta": tensors, "n": n}
 
     def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+        self._downlink_cache = None  # the global tensors change here
         if self.opts.dp_clip > 0:
             return self._aggregate_private(state, updates, ctx)
         if not updates:
