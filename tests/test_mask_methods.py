@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fedsqueeze.errors import PayloadError
-from fedsqueeze.masking import MaskedModel, select_masked, shared_uniforms
+from fedsqueeze.masking import MaskedModel, select_masked, shared_uniforms, stratified_uniforms
 from fedsqueeze.methods import RoundContext, get_method
 from fedsqueeze.runtime import run_local
 from fedsqueeze.task import build_task
@@ -48,9 +48,11 @@ def test_masked_forward_leaves_the_model_untouched(tiny_task):
     assert layout.total == sum(m.weight.numel() for m in model.backbone.modules() if isinstance(m, torch.nn.Linear))
 
 
+@pytest.mark.parametrize("stratify", [True, False])
 @pytest.mark.parametrize("name", MASK_METHODS)
-def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name):
-    method = _method(name, tiny_task, kappa_start=0.5, kappa_end=0.5) if name != "fedpm" else _method(name, tiny_task)
+def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name, stratify):
+    opts = {"kappa_start": 0.5, "kappa_end": 0.5} if name != "fedpm" else {}
+    method = _method(name, tiny_task, stratify=stratify, **opts)
     state = method.init_server()
     ctx = RoundContext(round=1, rounds=2, seed=0)
     out = method.client_update(method.downlink(state, ctx, 1), 1, None, ctx)
@@ -58,8 +60,7 @@ def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name):
     # the client's own mask, redrawn from its final probabilities is not returned: compare via statistics
     theta_start = method.start_theta(method.theta_of(state["theta_sym"], state["levels"]))
     mask, stats = method.rebuild_mask(update, theta_start, 1, ctx)
-    u = shared_uniforms(ctx.rng(1, "mask-draw"), method.n)
-    ref = u < theta_start
+    ref = method.server_uniforms(ctx, 1) < theta_start
     if name == "fedpm":
         assert mask.sum() > 0 and set(np.unique(mask)) <= {0, 1}
     else:
@@ -127,3 +128,34 @@ def test_same_seed_same_masks(tiny_cfg):
     b = run_local(tiny_cfg(method="deltamask", rounds=1), show_progress=False)
     strip = lambda res: [(r["accuracy"], r["uplink_bytes"], r["fp_flips"]) for r in res["rounds"]]
     assert strip(a) == strip(b)
+
+
+def test_stratified_uniforms_are_uniform_and_keep_counts_at_k_theta():
+    n, k = 200_000, 5
+    theta = np.random.default_rng(3).random(n).astype(np.float32)
+    us = [stratified_uniforms(np.random.default_rng(7), n, j, k) for j in range(k)]
+    for u in us:  # each client's draw is still uniform on [0, 1)
+        assert u.min() >= 0 and u.max() < 1
+        assert np.abs(np.histogram(u, bins=10, range=(0, 1))[0] / n - 0.1).max() < 0.005
+    kept = sum((u < theta).astype(int) for u in us)
+    assert np.all((kept >= np.floor(k * theta)) & (kept <= np.ceil(k * theta)))
+    independent = sum((shared_uniforms(np.random.default_rng(j), n) < theta).astype(int) for j in range(k))
+    assert np.mean(np.abs(independent - k * theta) > 1) > 0.1  # Binomial counts wander far more
+
+
+def test_server_needs_the_stratum_it_gave(tiny_task):
+    method = _method("deltamask", tiny_task)
+    state = method.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    strata = [json_meta(method.downlink(state, ctx, c))["stratum"] for c in (4, 2, 7)]
+    k = method.cfg.clients_per_round
+    assert strata == [[j % k, k] for j in range(3)]  # in the order contacted, modulo K
+    assert json_meta(method.downlink(state, ctx, 2))["stratum"] == strata[1]  # asked again: same stratum
+    with pytest.raises(PayloadError, match="no stratum"):
+        method.server_uniforms(ctx, 9)
+
+
+def json_meta(message: bytes) -> dict:
+    from fedsqueeze.codecs.framing import unframe
+
+    return unframe(message)[1]

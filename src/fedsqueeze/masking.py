@@ -15,6 +15,15 @@ mask is ``u < θ_global`` for the *same* uniforms ``u`` (drawn from the round's 
 client). Each mask is still an exact Bernoulli sample of its own probabilities, but the two masks
 differ only where ``u`` falls between the two probabilities: ``P(flip) = |θ_client − θ_global|``
 instead of ``θc(1−θg) + θg(1−θc)`` for independent draws (about 10% of all positions at θ≈0.95).
+
+Stratified uniforms across the clients of a round (``stratify``, on by default): instead of
+independent ``u`` per client, the server draws one ``v ~ U[0, 1)`` per position for the round and
+client ``k`` of the round's ``K`` gets ``u_k = (v + k/K) mod 1``. Each ``u_k`` is still uniform,
+so each mask is still an exact Bernoulli sample, but the K masks are a *systematic* sample: when
+every client keeps its probability ``θ``, exactly ``⌊Kθ⌋`` or ``⌈Kθ⌉`` of them keep a position.
+With independent draws the count is Binomial(K, θ), and the aggregate ``θ = Σm/K`` random-walks
+(genetic drift): at K = 5 a position at θ = 0.8 falls to ≤ 0.4, and out of the evaluation mask,
+with probability 5.8% per round whatever the clients learnt.
 """
 
 from __future__ import annotations
@@ -66,6 +75,13 @@ def logit(theta: np.ndarray) -> np.ndarray:
 def shared_uniforms(rng: np.random.Generator, n: int) -> np.ndarray:
     """The uniforms ``u`` that both a client and the server draw from the round's shared seed."""
     return rng.random(n, dtype=np.float32)
+
+
+def stratified_uniforms(rng: np.random.Generator, n: int, stratum: int, strata: int) -> np.ndarray:
+    """Client ``stratum``'s uniforms: ``(v + stratum/strata) mod 1`` with ``v`` shared by the round's clients."""
+    u = rng.random(n, dtype=np.float32) + np.float32(stratum / strata)
+    u[u >= 1] -= 1
+    return u
 
 
 class MaskedModel:

@@ -5,9 +5,9 @@ mask scores, Beta aggregation, coded downlink of θ).
 
 Client, after local training (probabilities ``θc``; start/global probabilities ``θg``):
 
-1. Draws its mask ``u < θc`` and the reference mask ``u < θg`` with the *same* uniforms ``u`` from
-   the round's shared seed for that client (``ctx.rng(client, "mask-draw")``); the server can
-   rebuild the reference. The masks differ only where ``u`` lies between ``θg`` and ``θc``.
+1. Draws its mask ``u < θc`` and the reference mask ``u < θg`` with the *same* uniforms ``u``
+   (from the round's shared seed and the client's stratum, :meth:`MaskMethod.uniforms`); the server
+   can rebuild the reference. The masks differ only where ``u`` lies between ``θg`` and ``θc``.
 2. Keeps, of those flipped positions, the top ``κ_r · n`` by ``|θc − θg|`` (``n`` = masked
    weights). ``κ_r`` follows a schedule from ``kappa_start`` (round 1) to ``kappa_end`` (last
    round): ``linear`` or ``geometric``.
@@ -35,7 +35,6 @@ import numpy as np
 from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filter, query_universe
 from fedsqueeze.codecs.positions import POSITION_CODERS, decode_positions, encode_positions, entropy_bound_bits
 from fedsqueeze.errors import PayloadError
-from fedsqueeze.masking import shared_uniforms
 from fedsqueeze.methods.base import RoundContext, option, register_method
 from fedsqueeze.methods.fedpm import MaskMethod, MaskOptions
 
@@ -108,8 +107,7 @@ class DeltaMask(MaskMethod):
         return query_universe(flt, self.n), flt.size
 
     def rebuild_mask(self, update, theta_start, client, ctx):
-        u = self._uniforms(client, ctx)
-        mask = u < theta_start
+        mask = self.server_uniforms(ctx, client) < theta_start
         flips, keys = self.flipped_positions(update)
         mask[flips] ^= True
         hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
@@ -118,9 +116,6 @@ class DeltaMask(MaskMethod):
             "keys": float(keys), "fp_flips": float(hits - keys),
             "mask_bits_per_key": bits / keys if keys else 0.0,
         }
-
-    def _uniforms(self, client: int, ctx: RoundContext) -> np.ndarray:
-        return shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
 
     def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         update = super().decode_update(payload, state, ctx)

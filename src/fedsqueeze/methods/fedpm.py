@@ -7,22 +7,26 @@ entropy-coded, with its head delta. The server aggregates the masks with a Beta 
 position: ``α = 1 + Σ m``, ``β = 1 + K − Σ m`` (priors reset each round; ``carry_priors=true``
 keeps adding to them), ``θ = (α − 1) / (α + β − 2)``, and averages the head deltas.
 
-Downlink (``kind = "mask-down"``), the same message for every client, is *coded*, not 32 bpp:
+Downlink (``kind = "mask-down"``), the same body for every client, is *coded*, not 32 bpp:
 ``θ`` is sent as integer symbols ``θ · L`` with ``L`` levels (``L`` = the number of clients
 aggregated when priors reset, so ``θ = Σm / K`` is exact; ``L = 255``, a uint8 quantisation,
 before round 1 and with carried priors), entropy-coded with rANS under their own histogram
 (:func:`fedsqueeze.codecs.ans.encode_symbols`). After a round most positions sit at ``θ = 1``, so
 this costs well under one bit per masked weight. The head follows as float32 (or float16).
 Body: ``[θ symbols ANS words][head weights]``; meta: ``levels``, the histogram, the head's
-tensor table and the section lengths.
+tensor table, the section lengths and the client's ``stratum`` ``[k, K]`` (see below). The body is
+encoded once per round.
 
 Uplink (``kind = "fedpm-up"``): the mask bits, grouped by the level of ``θ_global`` at each
 position (both sides know it) and coded per group with a Bernoulli model at the group's
 empirical frequency of ones (:func:`fedsqueeze.codecs.ans.encode_grouped_bits`); then the head
 delta. The cost is about ``Σ_g n_g H(p_g)`` bits, far below one bit per weight when θ is near 1.
 
-The mask is drawn as ``u < θ_client`` with uniforms ``u`` from the round's shared seed for that
-client (see :mod:`fedsqueeze.masking`); FedPM does not need that, DeltaMask builds on it.
+The mask is drawn as ``u < θ_client`` with uniforms ``u`` the server can rebuild: by default
+stratified across the round's clients (``stratify=true``: the server gives the k-th client it
+contacts in a round stratum ``k mod K`` in its downlink header, ``K`` = clients per round), else
+independent per client (see :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
+drifting by sampling noise alone; DeltaMask also needs ``u`` to rebuild the reference mask.
 
 Evaluation uses the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``) or one draw
 from ``θ_global`` seeded by the round (``eval_mask=sample``).
@@ -41,7 +45,9 @@ from fedsqueeze.codecs import RawCodec, CodecContext
 from fedsqueeze.codecs.ans import decode_grouped_bits, decode_symbols, encode_grouped_bits, encode_symbols
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import PayloadError
-from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, train_masked
+from fedsqueeze.masking import (
+    MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked,
+)
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option, register_method
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.seeding import SERVER, np_rng
@@ -61,6 +67,7 @@ class MaskOptions:
     carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them")
     eval_mask: str = option("threshold", "evaluation mask: threshold (θ>0.5) or sample (seeded draw)")
     head_dtype: str = option("float32", "head weights and deltas on the wire: float32 or float16")
+    stratify: bool = option(True, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
 
 
 def _split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
@@ -104,6 +111,9 @@ class MaskMethod(Method):
         self.head_shapes = {n: tuple(named[n].shape) for n in self.head_names}
         self.masked = MaskedModel(task.model, self.layout)
         self.n = self.layout.total
+        # server side, per round: the stratum given to each client, and the encoded downlink body
+        self._strata: dict[int, tuple[int, int]] = {}
+        self._down_cache: tuple[int, dict[str, Any], bytes] | None = None
 
     def trainable_params(self) -> int:
         return self.n + sum(p.numel() for p in self.head_params)
@@ -149,6 +159,7 @@ class MaskMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
+        self._down_cache = None
         sym = np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
         state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": self.read_head()}
         if self.opts.carry_priors:
@@ -157,21 +168,49 @@ class MaskMethod(Method):
         return state
 
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
-        levels = int(state["levels"])
-        sym_meta, sym_body = encode_symbols(state["theta_sym"], levels + 1)
-        head_meta, head_body = self._encode_head(state["head"])
-        meta = {"levels": levels, "theta": sym_meta, "head": head_meta, "sections": [len(sym_body), len(head_body)]}
-        return frame("mask-down", meta, sym_body + head_body)
+        if self._down_cache is None or self._down_cache[0] != ctx.round:
+            levels = int(state["levels"])
+            sym_meta, sym_body = encode_symbols(state["theta_sym"], levels + 1)
+            head_meta, head_body = self._encode_head(state["head"])
+            meta = {"levels": levels, "theta": sym_meta, "head": head_meta, "sections": [len(sym_body), len(head_body)]}
+            self._down_cache, self._strata = (ctx.round, meta, sym_body + head_body), {}
+        _, meta, body = self._down_cache
+        if self.opts.stratify:
+            k = self.cfg.clients_per_round
+            stratum = self._strata.setdefault(client, (len(self._strata) % k, k))
+            meta = {**meta, "stratum": list(stratum)}
+        return frame("mask-down", meta, body)
 
-    def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray]]:
-        """``(θ symbols, levels, head weights)`` from the server's message."""
+    def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray], tuple[int, int] | None]:
+        """``(θ symbols, levels, head weights, stratum)`` from the server's message."""
         _, meta, body = unframe(message, expect_kind="mask-down")
         levels = meta.get("levels")
         if not isinstance(levels, int) or not 1 <= levels <= 65535:
             raise PayloadError(f"server message has an invalid level count {levels!r}")
+        stratum = meta.get("stratum")
+        if stratum is not None:
+            if not (isinstance(stratum, list) and len(stratum) == 2 and all(type(x) is int for x in stratum)
+                    and 0 <= stratum[0] < stratum[1] <= 1 << 20):
+                raise PayloadError(f"server message has an invalid stratum {stratum!r}")
+            stratum = (stratum[0], stratum[1])
         sym_body, head_body = _split_sections(body, meta.get("sections"), 2)
         sym = decode_symbols(meta.get("theta", {}), sym_body, self.n, levels + 1)
-        return sym.astype(np.uint16 if levels > 255 else np.uint8), levels, self._decode_head(meta.get("head"), head_body, "server message")
+        head = self._decode_head(meta.get("head"), head_body, "server message")
+        return sym.astype(np.uint16 if levels > 255 else np.uint8), levels, head, stratum
+
+    def uniforms(self, ctx: RoundContext, client: int, stratum: tuple[int, int] | None) -> np.ndarray:
+        """The uniforms of ``client``'s mask draw this round, rebuildable by the server."""
+        if stratum is None:
+            return shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
+        return stratified_uniforms(ctx.rng(SERVER, "mask-draw"), self.n, *stratum)
+
+    def server_uniforms(self, ctx: RoundContext, client: int) -> np.ndarray:
+        """Server: the same uniforms, from the stratum it gave ``client`` this round."""
+        if not self.opts.stratify:
+            return self.uniforms(ctx, client, None)
+        if client not in self._strata or self._down_cache is None or self._down_cache[0] != ctx.round:
+            raise PayloadError(f"client {client} got no downlink this round, so it has no stratum")
+        return self.uniforms(ctx, client, self._strata[client])
 
     def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         _, meta, body = unframe(payload, expect_kind=self.uplink_kind)
@@ -216,6 +255,7 @@ class MaskMethod(Method):
             "theta_mean": float(theta.mean()),
             "aggregate_s": time.perf_counter() - t0,
         })
+        self._down_cache = None  # θ and the head changed
         return state, metrics
 
     def eval_mask(self, state: dict[str, Any]) -> torch.Tensor:
@@ -234,7 +274,7 @@ class MaskMethod(Method):
     # ---- client ---------------------------------------------------------------------------------
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
-        sym, levels, head = self.decode_downlink(message)
+        sym, levels, head, stratum = self.decode_downlink(message)
         theta_start = self.start_theta(self.theta_of(sym, levels))
         self.load_head(head)
         codec_s = time.perf_counter() - t0
@@ -253,7 +293,7 @@ class MaskMethod(Method):
 
         t2 = time.perf_counter()
         theta_client = torch.sigmoid(scores.detach()).numpy()
-        u = shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
+        u = self.uniforms(ctx, client, stratum)
         mask_meta, mask_body, stats = self.encode_mask(u, theta_client, theta_start, sym, levels, ctx)
         after = self.read_head()
         head_meta, head_body = self._encode_head({n: after[n] - head[n] for n in self.head_names})
