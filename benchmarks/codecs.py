@@ -35,7 +35,8 @@ from fedsqueeze.codecs.sz3 import sz3_config  # noqa: E402
 SETTINGS = [
     ("raw", {}), ("zstd", {}), ("fp16", {}),
     ("sz3", {"mode": "rel", "bound": 1e-2}),
-    ("sz3", {"mode": "rel", "bound": 2e-2, "name_filter": "weight"}),  # the fedsz method's default
+    ("sz3", {"mode": "rel", "bound": 2e-2, "name_filter": "weight"}),  # fedsz with SZ3's default predictor
+    ("sz3", {"mode": "rel", "bound": 2e-2, "name_filter": "weight", "algo": "nopred"}),  # the fedsz method's default
     ("sz3", {"mode": "rel", "bound": 1e-3}),
     ("qsgd", {}), ("topk", {}), ("sign", {}), ("eden", {}),
 ]
@@ -92,12 +93,12 @@ def measure(codec_id: str, options: dict, tensors: dict, repeats: int) -> dict:
     }
 
 
-def sz3_vs_raw_pysz(tensors: dict, bound: float, repeats: int) -> dict:
+def sz3_vs_raw_pysz(tensors: dict, bound: float, repeats: int, algo: str = "interp_lorenzo") -> dict:
     """Our sz3 codec against bare pysz calls on the same lossy arrays."""
-    codec = get_codec("sz3", mode="rel", bound=bound, threshold=1024)
+    codec = get_codec("sz3", mode="rel", bound=bound, threshold=1024, algo=algo)
     lossy = {n: a for n, a in tensors.items() if codec.goes_lossy(n, a)}
     mb = sum(a.nbytes for a in lossy.values()) / 1e6
-    cfg = sz3_config("rel", bound)
+    cfg = sz3_config("rel", bound, algo)
 
     def raw_encode():
         return [np.array(pysz.sz.compress(a.reshape(-1), cfg)[0], copy=True) for a in lossy.values()]
@@ -117,7 +118,7 @@ def sz3_vs_raw_pysz(tensors: dict, bound: float, repeats: int) -> dict:
             best[k] = min(best[k], best_time(fn, 1)[0])
     raw_enc_s, enc_s, raw_dec_s, dec_s = best["raw_enc"], best["enc"], best["raw_dec"], best["dec"]
     return {
-        "bound": bound, "tensors": len(lossy), "MB": mb,
+        "bound": bound, "algo": algo, "tensors": len(lossy), "MB": mb,
         "pysz_encode_MBps": mb / raw_enc_s, "codec_encode_MBps": mb / enc_s, "encode_fraction_of_pysz": raw_enc_s / enc_s,
         "pysz_decode_MBps": mb / raw_dec_s, "codec_decode_MBps": mb / dec_s, "decode_fraction_of_pysz": raw_dec_s / dec_s,
         "pysz_bytes": sum(s.nbytes for s in streams), "codec_bytes": len(payload),
@@ -142,7 +143,9 @@ def main() -> None:
             rows.append(row)
             print(f"{label:16s} {cid:5s} {json.dumps(opts):50s} ratio {row['ratio']:7.2f}  bpp {row['bpp']:6.3f}  "
                   f"enc {row['encode_MBps']:7.1f} MB/s  dec {row['decode_MBps']:7.1f} MB/s  relL2 {row['rel_l2_error']:.4f}", flush=True)
-        result["data"][label] = {"codecs": rows, "sz3_vs_pysz": [sz3_vs_raw_pysz(tensors, b, max(5, args.repeats)) for b in (1e-2, 2e-2)]}
+        result["data"][label] = {"codecs": rows, "sz3_vs_pysz": [
+            sz3_vs_raw_pysz(tensors, b, max(5, args.repeats), algo) for b in (1e-2, 2e-2) for algo in ("interp_lorenzo", "nopred")
+        ]}
         for row in result["data"][label]["sz3_vs_pysz"]:
             print(f"{label:16s} sz3 vs pysz {json.dumps(row)}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -82,6 +82,38 @@ def test_sz3_rel_bound_is_per_tensor_range(x, bound, algo):
         assert np.abs(out[name].astype(np.float64) - a).max() <= bound * span * (1 + 1e-5)
 
 
+@FAST
+@given(st.integers(2, 60), st.integers(1, 40), st.floats(0.0, 0.5), st.sampled_from(["rel", "abs"]), st.integers(0, 2**32 - 1))
+def test_sz3_row_sparse_tensors_keep_zero_rows_exact_and_the_bound(rows, cols, density, mode, seed):
+    rng = np.random.default_rng(seed)
+    x = np.zeros((rows, cols), dtype=np.float32)
+    live = rng.random(rows) < density
+    x[live] = rng.standard_normal((int(live.sum()), cols)).astype(np.float32)
+    out, payload = roundtrip(get_codec("sz3", mode=mode, bound=1e-2, threshold=0), {"emb": x})
+    span = float(x.max()) - float(x.min())
+    bound = 1e-2 if mode == "abs" else 1e-2 * span
+    assert np.abs(out["emb"].astype(np.float64) - x).max() <= bound * (1 + 1e-5)
+    meta = unframe(payload)[1]
+    sparse = 0 < live.sum() <= rows // 2
+    if meta["lossy"]:  # an all-zero tensor has no range and goes lossless
+        assert meta["rows"] == [int(live.sum()) if sparse else 0]
+    if sparse:  # the rows left out come back as exact zeros
+        assert np.all(out["emb"][~live] == 0)
+
+
+def test_sz3_row_sparse_header_is_checked():
+    x = np.zeros((64, 8), dtype=np.float32)
+    x[3] = np.arange(8)
+    payload = encode_tensors(get_codec("sz3", threshold=0), {"emb": x}, CodecContext())
+    assert unframe(payload)[1]["rows"] == [1]
+    dense = encode_tensors(get_codec("sz3", threshold=0, sparse_rows=False), {"emb": x}, CodecContext())
+    assert unframe(dense)[1]["rows"] == [0] and len(dense) > len(payload)
+    _, meta, body = unframe(payload)
+    for bad_rows in ([2], [-1], ["1"], [0]):
+        with pytest.raises(PayloadError):
+            decode_tensors(frame("sz3", {**meta, "rows": bad_rows}, bytes(body)), CodecContext(max_elements=10**6))
+
+
 def test_sz3_partition_follows_threshold_and_name_filter():
     rng = np.random.default_rng(1)
     t = {"l.weight": rng.standard_normal(2000).astype(np.float32), "l.bias": rng.standard_normal(2000).astype(np.float32),

@@ -9,8 +9,17 @@ The error bound is **per tensor**: ``mode="abs"`` bounds ``|x - x̂| <= bound`` 
 the value range, so one bound over a whole concatenated model would wipe small tensors out).
 A tensor with a zero range or a non-finite value goes lossless instead.
 
-Body: the lossless part (a zstd frame), then one SZ3 stream per lossy tensor; the header lists
-the tensors of each part and every stream's length, checked before any decoding.
+Row-sparse tensors (``sparse_rows``, on by default): an update of an embedding table touches only
+the rows of the tokens a client saw (96% of MiniLM's 11.7M word-embedding values stay exactly 0
+after 10 local steps). When at most half of a 2-D+ lossy tensor's rows are non-zero, only those
+rows go through SZ3, with the ABS bound the tensor's own bound works out to (``bound`` × the
+range of the *whole* tensor in REL mode), and a bitmap of the kept rows travels with them: the
+other rows come back as exact zeros, the stated bound still holds, and SZ3 has half the values to
+code for a typical update (faster, and smaller).
+
+Body: the lossless part (a zstd frame), then per lossy tensor its row bitmap (empty when dense)
+and its SZ3 stream; the header lists the tensors of each part, the kept-row count of each lossy
+tensor (0 = dense) and every section's length, all checked before any decoding.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ class SZ3Options:
     threshold: int = codec_option(1024, "tensors with more elements than this go lossy, the rest lossless")
     name_filter: str = codec_option("", "only tensors whose name contains this go lossy ('' = all; FedSZ used 'weight')")
     zstd_level: int = codec_option(3, "Zstandard level of the lossless part")
+    sparse_rows: bool = codec_option(True, "send only the non-zero rows of row-sparse tensors (embedding updates) through SZ3")
     algo: str = codec_option(
         "interp_lorenzo", "SZ3 predictor: interp_lorenzo (SZ3's default), lorenzo_reg, interp or nopred "
         "(quantization + entropy coding only: faster and smaller on noise-like updates)"
@@ -90,32 +100,70 @@ class SZ3Codec(Codec):
     def encode(self, tensors: Tensors, ctx: CodecContext) -> tuple[dict[str, Any], bytes]:
         lossy = {n: a for n, a in tensors.items() if self.goes_lossy(n, a)}
         exact = {n: a for n, a in tensors.items() if n not in lossy}
-        cfg = sz3_config(self.opts.mode, self.opts.bound, self.opts.algo)
-        # pysz returns a view of its own buffer: copy it out before the next call reuses it
-        streams = [bytes(pysz.sz.compress(np.ascontiguousarray(a).reshape(-1), cfg)[0]) for a in lossy.values()]
         exact_table, blob = pack_lossless(exact, self.opts.zstd_level)
+        sections, kept = [blob], []
+        for a in lossy.values():
+            bitmap, stream, rows = self.compress_one(np.ascontiguousarray(a))
+            sections += [bitmap, stream]
+            kept.append(rows)
         meta = {
-            "lossy": tensor_table(lossy), "exact": exact_table,
-            "lengths": [len(blob)] + [len(s) for s in streams],
-            "mode": self.opts.mode, "bound": self.opts.bound,
+            "lossy": tensor_table(lossy), "exact": exact_table, "rows": kept,
+            "lengths": [len(x) for x in sections], "mode": self.opts.mode, "bound": self.opts.bound,
         }
-        return meta, b"".join([blob, *streams])
+        return meta, b"".join(sections)
+
+    def compress_one(self, a: np.ndarray) -> tuple[bytes, bytes, int]:
+        """``(row bitmap, SZ3 stream, kept rows)`` of one lossy tensor; no bitmap and 0 rows when dense."""
+        o = self.opts
+        if o.sparse_rows and a.ndim >= 2 and a.shape[0] > 1:
+            nonzero = np.any(a.reshape(a.shape[0], -1) != 0, axis=1)
+            rows = int(nonzero.sum())
+            if 0 < rows <= a.shape[0] // 2:
+                bound = o.bound if o.mode == "abs" else o.bound * (float(a.max()) - float(a.min()))
+                values = a.reshape(a.shape[0], -1)[nonzero].reshape(-1)
+                return np.packbits(nonzero).tobytes(), sz3_compress(values, sz3_config("abs", bound, o.algo)), rows
+        return b"", sz3_compress(a.reshape(-1), sz3_config(o.mode, o.bound, o.algo)), 0
 
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         lossy_rows = check_table(meta.get("lossy"), ctx)
         exact_table = meta.get("exact")
         budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in lossy_rows)
         parts = split_body(body, meta.get("lengths"))
-        if len(parts) != len(lossy_rows) + 1:
+        kept = meta.get("rows")
+        if len(parts) != 2 * len(lossy_rows) + 1 or not (isinstance(kept, list) and len(kept) == len(lossy_rows)):
             raise PayloadError("sz3 payload has a stream count that disagrees with its table")
         out = unpack_lossless(exact_table, parts[0], CodecContext(max_elements=budget))
-        for (name, dt, shape, numel), stream in zip(lossy_rows, parts[1:]):
+        for i, (name, dt, shape, numel) in enumerate(lossy_rows):
             if dt not in (np.float32, np.float64):
                 raise PayloadError(f"sz3 stream for {name!r} declares dtype {dt}")
             if name in out:
                 raise PayloadError(f"tensor {name!r} appears twice in the sz3 payload")
-            out[name] = decode_stream(stream, dt, numel).reshape(shape)
+            out[name] = decode_tensor(parts[1 + 2 * i], parts[2 + 2 * i], kept[i], dt, shape, numel)
         return out
+
+
+def sz3_compress(values: np.ndarray, cfg: Any) -> bytes:
+    # pysz returns a view of its own buffer: copy it out before the next call reuses it
+    return bytes(pysz.sz.compress(values, cfg)[0])
+
+
+def decode_tensor(bitmap: memoryview, stream: memoryview, rows: Any, dtype: np.dtype, shape: tuple[int, ...], numel: int) -> np.ndarray:
+    """One lossy tensor: a dense SZ3 stream, or its kept rows scattered into zeros by the bitmap."""
+    if type(rows) is not int or rows < 0:
+        raise PayloadError(f"sz3 kept-row count {rows!r} is not a count")
+    if rows == 0:
+        if len(bitmap):
+            raise PayloadError("dense sz3 tensor carries a row bitmap")
+        return decode_stream(stream, dtype, numel).reshape(shape)
+    if len(shape) < 2 or rows > shape[0] or len(bitmap) != (shape[0] + 7) // 8:
+        raise PayloadError(f"sz3 row bitmap of {len(bitmap)} bytes does not fit {rows} rows of shape {shape}")
+    nonzero = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8), count=shape[0]).astype(bool)
+    if int(nonzero.sum()) != rows:
+        raise PayloadError(f"sz3 row bitmap marks {int(nonzero.sum())} rows, the header says {rows}")
+    row_size = numel // shape[0]
+    out = np.zeros((shape[0], row_size), dtype=dtype)
+    out[nonzero] = decode_stream(stream, dtype, rows * row_size).reshape(rows, row_size)
+    return out.reshape(shape)
 
 
 def decode_stream(stream: memoryview, dtype: np.dtype, numel: int) -> np.ndarray:
