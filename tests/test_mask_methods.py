@@ -159,3 +159,20 @@ def json_meta(message: bytes) -> dict:
     from fedsqueeze.codecs.framing import unframe
 
     return unframe(message)[1]
+
+
+@pytest.mark.parametrize("how", ["threshold", "sample", "expected"])
+def test_eval_masks(tiny_task, how):
+    method = _method("fedpm", tiny_task, eval_mask=how)
+    state = method.init_server()
+    state["theta_sym"][: method.n // 2] = 0  # half the positions at θ = 0, the rest at theta_init
+    theta = method.theta_of(state["theta_sym"], state["levels"])
+    mask = method.eval_mask(state).numpy()
+    if how == "expected":
+        np.testing.assert_array_equal(mask, theta)
+    else:
+        assert set(np.unique(mask)) <= {0.0, 1.0}
+        dropped = mask[: method.n // 2].mean()  # a draw keeps θ=0 positions at the clip probability
+        assert dropped == 0 if how == "threshold" else 0 < dropped < 2 * method.opts.clip_eps
+    acc, loss = method.evaluate(state)
+    assert 0.0 <= acc <= 1.0 and np.isfinite(loss)

@@ -28,8 +28,10 @@ contacts in a round stratum ``k mod K`` in its downlink header, ``K`` = clients 
 independent per client (see :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
 drifting by sampling noise alone; DeltaMask also needs ``u`` to rebuild the reference mask.
 
-Evaluation uses the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``) or one draw
-from ``θ_global`` seeded by the round (``eval_mask=sample``).
+Evaluation uses the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``), one draw
+from ``θ_global`` seeded by the round (``eval_mask=sample``), or the expected weights ``W ⊙ θ``
+(``eval_mask=expected``: the same scaling dropout applies at inference; the head was trained
+under random masks, so it expects their mean).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from fedsqueeze.methods.head import head_names
 from fedsqueeze.seeding import SERVER, np_rng
 from fedsqueeze.training import num_local_steps
 
+EVAL_MASKS = ("threshold", "sample", "expected")
 INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a uint8 level
 
 
@@ -65,7 +68,7 @@ class MaskOptions:
     optimizer: str = option("adam", "local optimizer: adam or sgd")
     mask_embeddings: bool = option(False, "mask the embedding tables too (not only Linear weights)")
     carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them")
-    eval_mask: str = option("threshold", "evaluation mask: threshold (θ>0.5) or sample (seeded draw)")
+    eval_mask: str = option("threshold", "evaluation mask: threshold (θ>0.5), sample (seeded draw) or expected (W·θ)")
     head_dtype: str = option("float32", "head weights and deltas on the wire: float32 or float16")
     stratify: bool = option(True, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
 
@@ -95,8 +98,8 @@ class MaskMethod(Method):
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, task) -> None:
-        if self.opts.eval_mask not in ("threshold", "sample"):
-            raise ValueError("eval_mask must be 'threshold' or 'sample'")
+        if self.opts.eval_mask not in EVAL_MASKS:
+            raise ValueError(f"eval_mask must be one of {EVAL_MASKS}")
         if self.opts.head_dtype not in ("float32", "float16"):
             raise ValueError("head_dtype must be 'float32' or 'float16'")
         if not 0.0 < self.opts.clip_eps < 0.5 or not 0.0 < self.opts.theta_init <= 1.0:
@@ -264,6 +267,8 @@ class MaskMethod(Method):
             theta_s = self.start_theta(theta)
             u = shared_uniforms(np_rng(self.cfg.seed, 0, SERVER, "eval-mask"), self.n)
             return torch.from_numpy((u < theta_s).astype(np.float32))
+        if self.opts.eval_mask == "expected":  # the mean of the masked model's weights, E[W ⊙ m] = W ⊙ θ
+            return torch.from_numpy(theta.astype(np.float32))
         return torch.from_numpy((theta > 0.5).astype(np.float32))
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
