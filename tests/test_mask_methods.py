@@ -144,7 +144,7 @@ def test_stratified_uniforms_are_uniform_and_keep_counts_at_k_theta():
 
 
 def test_server_needs_the_stratum_it_gave(tiny_task):
-    method = _method("deltamask", tiny_task)
+    method = _method("deltamask", tiny_task, stratify=True)
     state = method.init_server()
     ctx = RoundContext(round=1, rounds=2, seed=0)
     strata = [json_meta(method.downlink(state, ctx, c))["stratum"] for c in (4, 2, 7)]

@@ -16,7 +16,7 @@ client). Each mask is still an exact Bernoulli sample of its own probabilities, 
 differ only where ``u`` falls between the two probabilities: ``P(flip) = |θ_client − θ_global|``
 instead of ``θc(1−θg) + θg(1−θc)`` for independent draws (about 10% of all positions at θ≈0.95).
 
-Stratified uniforms across the clients of a round (``stratify``, on by default): instead of
+Stratified uniforms across the clients of a round (``stratify=true``; off by default): instead of
 independent ``u`` per client, the server draws one ``v ~ U[0, 1)`` per position for the round and
 client ``k`` of the round's ``K`` gets ``u_k = (v + k/K) mod 1``. Each ``u_k`` is still uniform,
 so each mask is still an exact Bernoulli sample, but the K masks are a *systematic* sample: when

@@ -22,16 +22,16 @@ position (both sides know it) and coded per group with a Bernoulli model at the 
 empirical frequency of ones (:func:`fedsqueeze.codecs.ans.encode_grouped_bits`); then the head
 delta. The cost is about ``Σ_g n_g H(p_g)`` bits, far below one bit per weight when θ is near 1.
 
-The mask is drawn as ``u < θ_client`` with uniforms ``u`` the server can rebuild: by default
-stratified across the round's clients (``stratify=true``: the server gives the k-th client it
-contacts in a round stratum ``k mod K`` in its downlink header, ``K`` = clients per round), else
-independent per client (see :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
+The mask is drawn as ``u < θ_client`` with uniforms ``u`` the server can rebuild: independent per
+client by default, or stratified across the round's clients (``stratify=true``: the server gives
+the k-th client it contacts in a round stratum ``k mod K`` in its downlink header, ``K`` = clients
+per round; see :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
 drifting by sampling noise alone; DeltaMask also needs ``u`` to rebuild the reference mask.
 
-Evaluation uses the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``), one draw
-from ``θ_global`` seeded by the round (``eval_mask=sample``), or the expected weights ``W ⊙ θ``
-(``eval_mask=expected``: the same scaling dropout applies at inference; the head was trained
-under random masks, so it expects their mean).
+Evaluation uses the expected weights ``W ⊙ θ`` (``eval_mask=expected``, the default: the same
+scaling dropout applies at inference; the head was trained under random masks, so it expects
+their mean), the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``) or one draw from
+``θ_global`` seeded by the round (``eval_mask=sample``).
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ class MaskOptions:
     optimizer: str = option("adam", "local optimizer: adam or sgd")
     mask_embeddings: bool = option(False, "mask the embedding tables too (not only Linear weights)")
     carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them")
-    eval_mask: str = option("threshold", "evaluation mask: threshold (θ>0.5), sample (seeded draw) or expected (W·θ)")
+    eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)")
     head_dtype: str = option("float32", "head weights and deltas on the wire: float32 or float16")
-    stratify: bool = option(True, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
+    stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
 
 
 def _split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
