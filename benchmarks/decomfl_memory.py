@@ -7,6 +7,8 @@ the RSS right after the model is loaded, so the increment due to the work itself
 - ``zo-step``: K zeroth-order steps (central difference, P perturbations, in-place perturbation);
 - ``zo-client``: the same plus the copy of the synced weights a DeComFL client keeps to stay
   bit-exact with the server (what ``decomfl`` does with ``params=full``);
+- ``zo-client-lora``: the zo-client of ``params=lora`` (the default): LoRA (r 8, query/value)
+  injected, only LoRA and the head perturbed, the synced copy of just those kept;
 - ``backprop``: K first-order AdamW steps, for reference.
 
 Run under the shared lock:
@@ -23,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ["inference", "zo-step", "zo-client", "backprop"]
+MODES = ["inference", "zo-step", "zo-client", "zo-client-lora", "backprop"]
 
 
 def rss_mb() -> float:
@@ -52,11 +54,17 @@ def child(mode: str, steps: int, batch: int, perturbations: int) -> dict:
         with torch.no_grad():
             for _ in range(steps):
                 model(**inputs)
-    elif mode in ("zo-step", "zo-client"):
-        params = list(model.parameters())
-        for p in params:
+    elif mode in ("zo-step", "zo-client", "zo-client-lora"):
+        for p in model.parameters():
             p.requires_grad_(False)
-        keep = [p.detach().clone() for p in params] if mode == "zo-client" else None
+        if mode == "zo-client-lora":
+            from fedsqueeze.methods.decomfl import inject_lora
+
+            names = set(inject_lora(model, 8, 16, 0)) | {n for n, _ in model.named_parameters() if n.startswith("head.")}
+            params = [p.requires_grad_(False) for n, p in model.named_parameters() if n in names]
+        else:
+            params = list(model.parameters())
+        keep = [p.detach().clone() for p in params] if mode != "zo-step" else None
         pert = Perturber(params)
         with torch.no_grad():
             loss = lambda: float(F.cross_entropy(model(**inputs), labels))
