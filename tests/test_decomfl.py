@@ -32,7 +32,7 @@ def _play(method, state, client_states, ctx, clients):
 @pytest.fixture(scope="module")
 def full_method():
     cfg = tiny_config(method="decomfl", clients=3, rounds=8, local_steps=2, threads=1, lr=1e-3,
-                      options={"warm_start_rounds": 1, "warm_start_steps": 5, "perturbations": 2})
+                      options={"params": "full", "warm_start_rounds": 1, "warm_start_steps": 5, "perturbations": 2})
     method, _ = prepare(cfg)
     return method
 
@@ -111,7 +111,7 @@ def test_perturb_restore_and_replay_are_deterministic():
 
 
 @pytest.mark.parametrize("options", [
-    {"warm_start_rounds": 1, "perturbations": 2},
+    {"params": "full", "warm_start_rounds": 1, "perturbations": 2},
     {"params": "head", "warm_start_rounds": 0, "difference": "forward", "aggregation": "median", "lr_schedule": "cosine"},
     {"params": "lora", "warm_start_rounds": 1, "warm_start_steps": 3},
 ])
