@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from fedsqueeze.codecs import RawCodec, CodecContext
+from fedsqueeze.codecs.base import split_body
 from fedsqueeze.codecs.ans import decode_grouped_bits, decode_symbols, encode_grouped_bits, encode_symbols
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import PayloadError
@@ -74,15 +75,11 @@ class MaskOptions:
 
 
 def _split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
-    if not (isinstance(lengths, list) and len(lengths) == count and all(isinstance(n, int) and n >= 0 for n in lengths)):
-        raise PayloadError("payload has no valid section lengths")
-    if sum(lengths) != len(body):
-        raise PayloadError(f"payload sections add up to {sum(lengths)} bytes, the body has {len(body)}")
-    out, pos = [], 0
-    for n in lengths:
-        out.append(body[pos : pos + n])
-        pos += n
-    return out
+    """``body`` cut into exactly ``count`` sections of the header's ``lengths``."""
+    parts = split_body(body, lengths)
+    if len(parts) != count:
+        raise PayloadError(f"payload has {len(parts)} sections, expected {count}")
+    return parts
 
 
 class MaskMethod(Method):
