@@ -68,7 +68,8 @@ class QSGDCodec(Codec):
             v = bucketize(a, bucket)
             # float64: squares of tiny float32 values underflow, which would zero a whole bucket
             r = np.sqrt(np.einsum("ij,ij->i", v, v, dtype=np.float64)).astype(np.float32)
-            scaled = np.abs(v) * (s / np.where(r > 0, r, 1.0))[:, None]
+            # |v| / r first: s / r overflows float32 when the norm is subnormal
+            scaled = (np.abs(v) / np.where(r > 0, r, 1.0)[:, None]) * np.float32(s)
             lv = np.minimum(np.floor(scaled + rng.random(v.shape, dtype=np.float32)), s)
             codes.append((np.sign(v) * lv).astype(level_dtype(s)).reshape(-1))
             norms.append(r)
