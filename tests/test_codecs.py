@@ -140,6 +140,7 @@ def test_fp16_bound(x):
 @FAST
 @given(floats32, st.sampled_from([1, 4, 16, 200]), st.sampled_from([8, 64, 512]))
 @example(np.array([8.939e-42, 8.939e-42], dtype=np.float32), 4, 8)  # subnormal norm: s / r overflowed
+@example(np.array([3.1e-44], dtype=np.float32), 200, 8)  # subnormal norm: r / s underflowed
 def test_qsgd_bound_per_bucket(x, levels, bucket):
     out, _ = roundtrip(get_codec("qsgd", levels=levels, bucket=bucket), {"x": x})
     pad = (-x.size) % bucket

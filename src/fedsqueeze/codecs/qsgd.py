@@ -106,6 +106,8 @@ class QSGDCodec(Codec):
                 raise PayloadError(f"tensor {name!r} appears twice in the qsgd payload")
             r = norms[nb_pos : nb_pos + nb]
             c = codes[nb_pos * bucket : (nb_pos + nb) * bucket].reshape(nb, bucket)
-            out[name] = (c * (r / s)[:, None]).reshape(-1)[:numel].astype(dt).reshape(shape)
+            # float64: r / s underflows float32 for a subnormal norm (and c · r could overflow it)
+            values = c.astype(np.float64) * (r.astype(np.float64) / s)[:, None]
+            out[name] = values.reshape(-1)[:numel].astype(dt).reshape(shape)
             nb_pos += nb
         return out
