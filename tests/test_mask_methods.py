@@ -59,7 +59,7 @@ def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name, stratify):
     update = method.decode_update(out.payload, state, ctx)
     # the client's own mask, redrawn from its final probabilities is not returned: compare via statistics
     theta_start = method.start_theta(method.theta_of(state["theta_sym"], state["levels"]))
-    mask, stats = method.rebuild_mask(update, theta_start, 1, ctx)
+    mask, stats = method.rebuild_mask(update, theta_start, None, 1, ctx)
     ref = method.server_uniforms(ctx, 1) < theta_start
     if name == "fedpm":
         assert mask.sum() > 0 and set(np.unique(mask)) <= {0, 1}
@@ -176,3 +176,28 @@ def test_eval_masks(tiny_task, how):
         assert dropped == 0 if how == "threshold" else 0 < dropped < 2 * method.opts.clip_eps
     acc, loss = method.evaluate(state)
     assert 0.0 <= acc <= 1.0 and np.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", MASK_METHODS)
+def test_delta_aggregation_moves_theta_only_where_masks_left_the_reference(tiny_task, name):
+    opts = {"kappa_start": 0.5, "kappa_end": 0.5} if name != "fedpm" else {}
+    method = _method(name, tiny_task, aggregate="delta", **opts)
+    state = method.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    theta_start = method.start_theta(method.theta_of(state["theta_sym"], state["levels"]))
+    updates, moved = {}, np.zeros(method.n)
+    for c in (0, 1):
+        out = method.client_update(method.downlink(state, ctx, c), c, None, ctx)
+        updates[c] = method.decode_update(out.payload, state, ctx)
+        ref = method.server_uniforms(ctx, c) < theta_start
+        mask, _ = method.rebuild_mask(updates[c], theta_start, ref, c, ctx)
+        moved += mask.astype(float) - ref
+    assert np.count_nonzero(moved) > 0
+    new, _ = method.aggregate(state, updates, ctx)
+    theta = method.theta_of(new["theta_sym"], new["levels"])
+    expected = np.clip(theta_start + moved / 2, 0, 1)
+    assert np.abs(theta - expected).max() <= 0.5 / 255 + 1e-6  # uint8 levels
+    still = moved == 0
+    assert np.array_equal(theta[still], theta_start[still])  # no sampling noise where nobody moved
+    with pytest.raises(ValueError, match="carry_priors"):
+        _method(name, tiny_task, aggregate="delta", carry_priors=True)

@@ -75,6 +75,7 @@ class DeltaMask(MaskMethod):
     summary = "masks on a frozen model; top-κ flips vs a shared reference mask sent in a Fuse8 filter"
     Options = DeltaMaskOptions
     uplink_kind = "deltamask-up"
+    needs_reference = True
 
     def setup(self, task) -> None:
         if self.opts.filter not in FILTER_KINDS:
@@ -106,8 +107,8 @@ class DeltaMask(MaskMethod):
         flt = update["filter"]
         return query_universe(flt, self.n), flt.size
 
-    def rebuild_mask(self, update, theta_start, client, ctx):
-        mask = self.server_uniforms(ctx, client) < theta_start
+    def rebuild_mask(self, update, theta_start, ref, client, ctx):
+        mask = (self.server_uniforms(ctx, client) < theta_start) if ref is None else ref.copy()
         flips, keys = self.flipped_positions(update)
         mask[flips] ^= True
         hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
@@ -149,8 +150,8 @@ class DeltaMaskExact(DeltaMask):
     def flipped_positions(self, update: dict[str, Any]) -> tuple[np.ndarray, int]:
         return update["positions"], int(update["positions"].size)
 
-    def rebuild_mask(self, update, theta_start, client, ctx):
-        mask, stats = super().rebuild_mask(update, theta_start, client, ctx)
+    def rebuild_mask(self, update, theta_start, ref, client, ctx):
+        mask, stats = super().rebuild_mask(update, theta_start, ref, client, ctx)
         keys = int(update["positions"].size)
         stats["bound_bits_per_key"] = entropy_bound_bits(keys, self.n) / keys if keys else 0.0
         return mask, stats

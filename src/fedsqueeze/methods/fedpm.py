@@ -57,6 +57,7 @@ from fedsqueeze.seeding import SERVER, np_rng
 from fedsqueeze.training import num_local_steps
 
 EVAL_MASKS = ("threshold", "sample", "expected")
+AGGREGATES = ("beta", "delta")
 INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a uint8 level
 
 
@@ -72,6 +73,7 @@ class MaskOptions:
     eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)")
     head_dtype: str = option("float32", "head weights and deltas on the wire: float32 or float16")
     stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
+    aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)")
 
 
 def _split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
@@ -92,6 +94,7 @@ class MaskMethod(Method):
 
     Options = MaskOptions
     uplink_kind: str = "fedpm-up"
+    needs_reference: bool = False  # rebuild_mask needs the reference mask u < θ_start
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, task) -> None:
@@ -101,6 +104,10 @@ class MaskMethod(Method):
             raise ValueError("head_dtype must be 'float32' or 'float16'")
         if not 0.0 < self.opts.clip_eps < 0.5 or not 0.0 < self.opts.theta_init <= 1.0:
             raise ValueError("clip_eps must be in (0, 0.5) and theta_init in (0, 1]")
+        if self.opts.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}")
+        if self.opts.aggregate == "delta" and self.opts.carry_priors:
+            raise ValueError("carry_priors applies to aggregate=beta only")
         self.task = task
         self.layout = select_masked(task.model, self.opts.mask_embeddings)
         self.head_names = head_names(task.model)
@@ -227,15 +234,25 @@ class MaskMethod(Method):
             return state, {}
         t0 = time.perf_counter()
         theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
+        delta = self.opts.aggregate == "delta"
         ones = np.zeros(self.n, dtype=np.int32)
+        moved = np.zeros(self.n, dtype=np.int32) if delta else None
         extra: dict[str, list[float]] = {}
         for client, upd in updates.items():
-            mask, stats = self.rebuild_mask(upd, theta_start, client, ctx)
+            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference) else None
+            mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
             ones += mask
+            if delta:
+                moved += mask
+                moved -= ref
             for k, v in stats.items():
                 extra.setdefault(k, []).append(v)
         k = len(updates)
-        if self.opts.carry_priors:
+        if delta:  # θ += mean(m − ref): E[m − ref] = θ_client − θ_start, noise only where clients moved
+            theta = np.clip(theta_start + moved.astype(np.float32) / np.float32(k), 0.0, 1.0)
+            state["theta_sym"] = np.rint(theta * INIT_LEVELS).astype(np.uint8)
+            state["levels"] = INIT_LEVELS
+        elif self.opts.carry_priors:
             state["alpha"] += ones
             state["beta"] += k - ones
             theta = (state["alpha"] - 1) / np.maximum(state["alpha"] + state["beta"] - 2, 1e-9)
@@ -322,9 +339,14 @@ class MaskMethod(Method):
         return {"mask": decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1)}
 
     def rebuild_mask(
-        self, update: dict[str, Any], theta_start: np.ndarray, client: int, ctx: RoundContext
+        self, update: dict[str, Any], theta_start: np.ndarray, ref: np.ndarray | None, client: int,
+        ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        """Server: the client's binary mask (int32 0/1) and per-client statistics for the round record."""
+        """Server: the client's binary mask (int32 0/1) and per-client statistics for the round record.
+
+        ``ref`` is the client's reference mask ``u < θ_start`` (None unless ``needs_reference`` or
+        ``aggregate=delta``).
+        """
         return update["mask"].astype(np.int32), {}
 
 
