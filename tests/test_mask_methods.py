@@ -73,7 +73,12 @@ def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name, stratify):
     for n in method.head_names:
         assert np.abs(update["head_delta"][n]).sum() > 0
     new_state, metrics = method.aggregate(state, {1: update}, ctx)
-    assert new_state["levels"] == 1 and set(np.unique(new_state["theta_sym"])) <= {0, 1}
+    if name == "fedpm":  # Beta rule: θ = Σm / K, one client ⇒ θ ∈ {0, 1}
+        assert new_state["levels"] == 1 and set(np.unique(new_state["theta_sym"])) <= {0, 1}
+    else:  # delta rule: θ moves by ±1 only where the client's mask left its reference
+        theta = method.theta_of(new_state["theta_sym"], new_state["levels"])
+        moved = mask.astype(float) - ref
+        np.testing.assert_allclose(theta, np.clip(theta_start + moved, 0, 1), atol=0.5 / 255 + 1e-6)
     if name != "fedpm":
         assert "fp_flips" in metrics
 
@@ -193,11 +198,12 @@ def test_delta_aggregation_moves_theta_only_where_masks_left_the_reference(tiny_
         mask, _ = method.rebuild_mask(updates[c], theta_start, ref, c, ctx)
         moved += mask.astype(float) - ref
     assert np.count_nonzero(moved) > 0
+    sym_before = state["theta_sym"].copy()
     new, _ = method.aggregate(state, updates, ctx)
     theta = method.theta_of(new["theta_sym"], new["levels"])
     expected = np.clip(theta_start + moved / 2, 0, 1)
     assert np.abs(theta - expected).max() <= 0.5 / 255 + 1e-6  # uint8 levels
     still = moved == 0
-    assert np.array_equal(theta[still], theta_start[still])  # no sampling noise where nobody moved
+    assert np.array_equal(new["theta_sym"][still], sym_before[still])  # no sampling noise where nobody moved
     with pytest.raises(ValueError, match="carry_priors"):
         _method(name, tiny_task, aggregate="delta", carry_priors=True)

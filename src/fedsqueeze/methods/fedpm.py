@@ -28,6 +28,13 @@ the k-th client it contacts in a round stratum ``k mod K`` in its downlink heade
 per round; see :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
 drifting by sampling noise alone; DeltaMask also needs ``u`` to rebuild the reference mask.
 
+Delta aggregation (``aggregate=delta``, ours): the server rebuilds every client's reference mask
+``ref = u < θ_start`` and sets ``θ = θ_start + Σ(m − ref) / K`` (clipped to [0, 1], sent as uint8
+levels like the initial θ). With common random numbers ``E[m − ref] = θ_client − θ_start``, so
+this is an unbiased average of the clients' probabilities, like ``Σm/K``; but ``m − ref`` is zero
+wherever a client's probability stayed put, while ``Σm/K`` resamples every position each round
+(at θ = 0.98 and K = 5 one position in ten falls to 0.8 by sampling noise alone).
+
 Evaluation uses the expected weights ``W ⊙ θ`` (``eval_mask=expected``, the default: the same
 scaling dropout applies at inference; the head was trained under random masks, so it expects
 their mean), the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``) or one draw from
