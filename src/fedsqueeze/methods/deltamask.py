@@ -18,7 +18,8 @@ Client, after local training (probabilities ``θc``; start/global probabilities 
 
 Server: rebuilds the reference mask, queries every position ``0..n−1`` against the filter with the
 vectorized query (:func:`fedsqueeze.codecs.fusefilter.query_universe`), flips the hits (false
-positives included) and aggregates as FedPM. The filter header states how many keys it holds, so
+positives included) and aggregates with the delta rule by default (``θ = θ_start + Σ(m − ref)/K``,
+:mod:`fedsqueeze.methods.fedpm`; ``aggregate=beta`` is the paper's FedPM rule). The filter header states how many keys it holds, so
 the false-positive flips are counted exactly: ``fp_flips = hits − keys`` (a filter has no false
 negatives). The round record carries ``fp_flips``, ``keys`` (means per client) and ``mask_bits_per_key``.
 
