@@ -43,7 +43,7 @@ from fedsqueeze.methods.fedpm import MaskMethod, MaskOptions
 @dataclass
 class DeltaMaskOptions(MaskOptions):
     # Defaults measured on the default task (docs/masks.md): the delta rule gained 3.4 points over
-    # FedPM's Beta rule, and starting nearer the pre-trained model halves the downlink.
+    # FedPM's Beta rule, and starting nearer the pre-trained model cut the downlink by 42%.
     theta_init: float = option(0.98, "initial keep probability of every masked weight")
     aggregate: str = option("delta", "server rule: delta (θ += mean of m − reference mask) or beta (θ = Σm/K, FedPM)")
     kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights")

@@ -242,31 +242,29 @@ class MaskMethod(Method):
         t0 = time.perf_counter()
         theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
         delta = self.opts.aggregate == "delta"
-        ones = np.zeros(self.n, dtype=np.int32)
-        moved = np.zeros(self.n, dtype=np.int32) if delta else None
+        counts = np.zeros(self.n, dtype=np.int32)  # Σm (beta) or Σ(m − ref) (delta)
         extra: dict[str, list[float]] = {}
         for client, upd in updates.items():
             ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference) else None
             mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
-            ones += mask
+            counts += mask
             if delta:
-                moved += mask
-                moved -= ref
+                counts -= ref
             for k, v in stats.items():
                 extra.setdefault(k, []).append(v)
         k = len(updates)
         if delta:  # θ += mean(m − ref): E[m − ref] = θ_client − θ_start, noise only where clients moved
-            theta = np.clip(theta_start + moved.astype(np.float32) / np.float32(k), 0.0, 1.0)
+            theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(k), 0.0, 1.0)
             state["theta_sym"] = np.rint(theta * INIT_LEVELS).astype(np.uint8)
             state["levels"] = INIT_LEVELS
         elif self.opts.carry_priors:
-            state["alpha"] += ones
-            state["beta"] += k - ones
+            state["alpha"] += counts
+            state["beta"] += k - counts
             theta = (state["alpha"] - 1) / np.maximum(state["alpha"] + state["beta"] - 2, 1e-9)
             state["theta_sym"] = np.rint(np.clip(theta, 0, 1) * INIT_LEVELS).astype(np.uint8)
             state["levels"] = INIT_LEVELS
         else:  # α = 1 + Σm, β = 1 + K − Σm  ⇒  θ = Σm / K exactly, sent as K + 1 levels
-            state["theta_sym"] = ones.astype(np.uint8 if k <= 255 else np.uint16)
+            state["theta_sym"] = counts.astype(np.uint8 if k <= 255 else np.uint16)
             state["levels"] = k
         total = sum(u["n"] for u in updates.values())
         for name in self.head_names:
