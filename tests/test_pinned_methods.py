@@ -1,0 +1,531 @@
+"""Pinned algorithms: every method's server rule recomputed by hand on small, hand-chosen cases.
+
+Each test builds real payloads (the method's own codec and frame) from tensors chosen here, runs
+``decode_update`` and ``aggregate``, and compares the resulting *server state* with an independent
+recomputation (float64 numpy, tight tolerances). Nothing here reads the keys of a decoded update,
+so the tests survive decoded updates becoming typed objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, frame, get_codec, unframe
+from fedsqueeze.codecs.fusefilter import contain_c, parse_filter
+from fedsqueeze.errors import PayloadError
+from fedsqueeze.methods import get_method
+from fedsqueeze.methods.base import RoundContext
+from fedsqueeze.methods.zo import Perturber
+from fedsqueeze.privacy import dp_epsilon
+from fedsqueeze.seeding import SERVER, np_rng, torch_gen
+from fedsqueeze.task import build_task
+from fedsqueeze.training import Encoded, batch_inputs, train_local
+
+from conftest import tiny_config
+
+OUT = "/tmp/fedsqueeze-pinned-unused"
+TENSOR_METHODS = ["fedavg", "head", "topk", "qsgd", "signsgd", "eden", "fedsz", "bitfit", "lora", "adapter", "prompt", "ia3"]
+PEFT = {"bitfit", "lora", "adapter", "prompt", "ia3"}
+
+
+@pytest.fixture(scope="module")
+def task():
+    return build_task(tiny_config(out=OUT))
+
+
+def fresh(task):
+    """The same task with its own copy of the model (for methods that change the model)."""
+    return dataclasses.replace(task, model=copy.deepcopy(task.model), _features={})
+
+
+def build(name, task, **options):
+    cfg = tiny_config(method=name, out=OUT, options=dict(options))
+    method = get_method(name)(cfg)
+    method.setup(task)
+    return method
+
+
+def hand_deltas(method, seed, scale=1e-2):
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(method.shapes[n]) * scale).astype(np.float32) for n in method.names}
+
+
+def parse_frame(data: bytes):
+    """Our own reading of the frame layout of codecs/framing.py: (kind, meta, body, total length check)."""
+    assert data[:4] == b"FSQZ" and data[4] == 1
+    (kind_len,) = struct.unpack_from("<H", data, 5)
+    pos = 7
+    kind = data[pos : pos + kind_len].decode()
+    pos += kind_len
+    (meta_len,) = struct.unpack_from("<I", data, pos)
+    pos += 4
+    meta = json.loads(data[pos : pos + meta_len])
+    pos += meta_len
+    (body_len,) = struct.unpack_from("<Q", data, pos)
+    pos += 8
+    body = data[pos : pos + body_len]
+    pos += body_len
+    (crc,) = struct.unpack_from("<I", data, pos)
+    assert pos + 4 == len(data) and crc == zlib.crc32(data[:pos])
+    return kind, meta, body
+
+
+def frame_size(kind: str, meta: dict, body_len: int) -> int:
+    return 4 + 1 + 2 + len(kind) + 4 + len(json.dumps(meta, separators=(",", ":"))) + 8 + body_len + 4
+
+
+# ---- tensor methods: weighted FedAvg rule, server_lr, every uplink codec ------------------------
+
+
+@pytest.mark.parametrize("name", TENSOR_METHODS)
+def test_tensor_method_server_update_is_the_example_weighted_mean(task, name):
+    m = build(name, fresh(task) if name in PEFT else task, server_lr=0.5)
+    state = m.init_server()
+    w0 = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    ctx = RoundContext(round=1, rounds=2, seed=3)
+    sizes = {0: 3, 2: 13}  # unequal clients: weights 3/16 and 13/16
+    decoded = {}
+    updates = {}
+    for c, n in sizes.items():
+        delta = hand_deltas(m, seed=10 + c)
+        payload = encode_tensors(m.up_codec, delta, CodecContext(seed=ctx.seed_for(c, "uplink")), n=n)
+        sent, extra = decode_tensors(payload, CodecContext(max_elements=m.max_elements))
+        assert extra == {"n": n}
+        decoded[c] = {k: v.astype(np.float64) for k, v in sent.items()}
+        if m.up_codec.codec_id == "raw":
+            assert all(np.array_equal(sent[k], delta[k]) for k in m.names)
+        updates[c] = m.decode_update(payload, c, state, ctx)
+    state, _ = m.aggregate(state, updates, ctx)
+    total = sum(sizes.values())
+    for k in m.names:
+        expected = w0[k] + 0.5 * sum(decoded[c][k] * sizes[c] / total for c in sizes)
+        assert state["weights"][k].dtype == np.float32
+        np.testing.assert_allclose(state["weights"][k], expected, rtol=1e-6, atol=1e-8, err_msg=f"{name}: {k}")
+
+
+def test_fedavg_uniform_weights_would_be_wrong(task):
+    """A case where the example weights matter a lot: one client of 1 example, one of 99."""
+    m = build("head", task)
+    state = m.init_server()
+    w0 = {n: a.copy() for n, a in state["weights"].items()}
+    ctx = RoundContext(round=1, rounds=1, seed=0)
+    ones = {n: np.ones(m.shapes[n], np.float32) for n in m.names}
+    zeros = {n: np.zeros(m.shapes[n], np.float32) for n in m.names}
+    ups = {1: m.decode_update(encode_tensors(m.up_codec, ones, n=1), 1, state, ctx),
+           3: m.decode_update(encode_tensors(m.up_codec, zeros, n=99), 3, state, ctx)}
+    state, _ = m.aggregate(state, ups, ctx)
+    for n in m.names:
+        np.testing.assert_allclose(state["weights"][n] - w0[n], 0.01, rtol=1e-5)
+
+
+def test_empty_round_keeps_the_state(task):
+    m = build("head", task, server_lr=2.0)
+    state = m.init_server()
+    before = {n: a.copy() for n, a in state["weights"].items()}
+    state, metrics = m.aggregate(state, {}, RoundContext(1, 1, 0))
+    assert metrics == {} and all(np.array_equal(state["weights"][n], before[n]) for n in m.names)
+
+
+def test_fedsz_compress_weights_turns_sent_weights_into_a_delta(task):
+    m = build("fedsz", task, compress_weights=True, sz3_mode="abs", sz3_bound=1e-3)
+    state = m.init_server()
+    w0 = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    ctx = RoundContext(1, 1, 0)
+    d = hand_deltas(m, 5)
+    trained = {n: (state["weights"][n] + d[n]).astype(np.float32) for n in m.names}
+    payload = encode_tensors(m.up_codec, trained, n=4)
+    sent, _ = decode_tensors(payload)
+    state, _ = m.aggregate(state, {0: m.decode_update(payload, 0, state, ctx)}, ctx)
+    for n in m.names:  # one client: the new weights are what it sent (up to float32 rounding)
+        np.testing.assert_allclose(state["weights"][n], sent[n].astype(np.float64), rtol=1e-6, atol=1e-7)
+        assert np.abs(sent[n] - trained[n]).max() <= 1e-3 * (1 + 1e-5)
+        np.testing.assert_allclose(state["weights"][n], w0[n] + d[n], atol=1.01e-3)
+
+
+def test_decode_update_rejects_a_missing_or_bad_example_count(task):
+    m = build("head", task)
+    state, ctx = m.init_server(), RoundContext(1, 1, 0)
+    d = hand_deltas(m, 1)
+    for extra in ({}, {"n": 0}, {"n": -3}, {"n": 2.5}, {"n": "7"}):
+        with pytest.raises(PayloadError, match="example count"):
+            m.decode_update(encode_tensors(m.up_codec, d, **extra), 0, state, ctx)
+    bad = dict(d)
+    bad[m.names[0]] = bad[m.names[0]].copy()
+    bad[m.names[0]].flat[3] = np.nan
+    with pytest.raises(PayloadError, match="NaN"):
+        m.decode_update(encode_tensors(m.up_codec, bad, n=2), 0, state, ctx)
+    with pytest.raises(PayloadError, match="wrong tensors"):
+        m.decode_update(encode_tensors(m.up_codec, {m.names[0]: d[m.names[0]]}, n=2), 0, state, ctx)
+    with pytest.raises(PayloadError, match="shape"):
+        m.decode_update(encode_tensors(m.up_codec, {n: a.reshape(-1) for n, a in d.items()}, n=2), 0, state, ctx)
+
+
+# ---- DP-FedAvg (privacy.py) ---------------------------------------------------------------------
+
+
+def test_dp_aggregate_clips_sums_adds_noise_and_divides_by_clients_per_round(task):
+    clip, sigma, lr = 0.05, 0.7, 0.5
+    m = build("head", task, dp_clip=clip, dp_noise=sigma, server_lr=lr, dp_delta=1e-4)
+    state = m.init_server()
+    w0 = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    ctx = RoundContext(round=2, rounds=3, seed=4)
+    raw = {0: hand_deltas(m, 0, scale=1e-1), 1: hand_deltas(m, 1, scale=1e-4)}  # one clipped, one not
+    ups = {c: m.decode_update(encode_tensors(m.up_codec, d, n=5 + 90 * c), c, state, ctx) for c, d in raw.items()}
+    state, metrics = m.aggregate(state, ups, ctx)
+    total = {n: np.zeros(m.shapes[n]) for n in m.names}
+    norms = []
+    for d in raw.values():
+        norm = math.sqrt(sum(float((d[n].astype(np.float64) ** 2).sum()) for n in m.names))
+        norms.append(norm)
+        for n in m.names:
+            total[n] += d[n].astype(np.float64) * min(1.0, clip / norm)  # uniform weights: no example counts
+    assert norms[0] > clip > norms[1]
+    rng = np_rng(4, 2, SERVER, "dp-noise")
+    for n in m.names:  # noise σ·C on the sum, drawn tensor by tensor in the state's order
+        expected = w0[n] + lr * (total[n] + rng.normal(0.0, sigma * clip, size=m.shapes[n])) / 2
+        np.testing.assert_allclose(state["weights"][n], expected, rtol=1e-5, atol=1e-7)
+    assert metrics["dp_clipped_fraction"] == 0.5
+    assert metrics["dp_mean_update_norm"] == pytest.approx(np.mean(norms), rel=1e-9)
+    assert metrics["dp_epsilon"] == dp_epsilon(2 / 4, sigma, 2, 1e-4) and metrics["dp_delta"] == 1e-4
+
+
+def test_dp_without_noise_is_the_clipped_sum_over_k(task):
+    m = build("head", task, dp_clip=1e-3)
+    state = m.init_server()
+    w0 = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    ctx = RoundContext(1, 1, 0)
+    d = hand_deltas(m, 2)
+    state, metrics = m.aggregate(state, {0: m.decode_update(encode_tensors(m.up_codec, d, n=9), 0, state, ctx)}, ctx)
+    norm = math.sqrt(sum(float((d[n].astype(np.float64) ** 2).sum()) for n in m.names))
+    for n in m.names:  # one client of the two expected: its clipped update over K = 2
+        np.testing.assert_allclose(state["weights"][n], w0[n] + d[n] * (1e-3 / norm) / 2, rtol=1e-5, atol=1e-9)
+    assert metrics["dp_epsilon"] is None
+
+
+# ---- byte counts against our own recount of the frames -------------------------------------------
+
+
+def test_raw_payload_bytes_recount(task):
+    m = build("head", task)
+    d = hand_deltas(m, 0)
+    payload = encode_tensors(m.up_codec, d, n=17)
+    kind, meta, body = parse_frame(payload)
+    table = [[n, "float32", list(m.shapes[n])] for n in m.names]
+    assert kind == "raw" and meta == {"tensors": table, "extra": {"n": 17}}
+    assert body == b"".join(d[n].astype("<f4").tobytes() for n in m.names)
+    numel = sum(int(np.prod(s)) for s in m.shapes.values())
+    assert len(payload) == frame_size("raw", meta, 4 * numel)
+
+
+def test_round_record_bytes_and_accuracy_recount(tmp_path):
+    """A whole simulator run: every round's byte counts equal our recount of the frames it sent,
+    and the final accuracy is what evaluating the checkpointed final state gives."""
+    from fedsqueeze.runtime.checkpoint import load_checkpoint
+    from fedsqueeze.runtime import run_local
+
+    cfg = tiny_config(method="head", out=str(tmp_path / "run"), rounds=2, clients=3, clients_per_round=2, train_size=90)
+    res = run_local(cfg, show_progress=False)
+    t = build_task(cfg)
+    m = get_method("head")(cfg)
+    m.setup(t)
+    numel = sum(int(np.prod(s)) for s in m.shapes.values())
+    table = [[n, "float32", list(m.shapes[n])] for n in m.names]
+    down = frame_size("raw", {"tensors": table}, 4 * numel)
+    sizes = {len(ix) for ix in t.client_indices}
+    ups = {n: frame_size("raw", {"tensors": table, "extra": {"n": n}}, 4 * numel) for n in sizes}
+    for r in res["rounds"]:
+        assert r["clients_aggregated"] == 2 and r["downlink_bytes"] == 2 * down
+        assert r["uplink_bytes"] in {a + b for a in ups.values() for b in ups.values()}
+    ckpt = load_checkpoint(cfg.out)
+    acc, loss = m.evaluate(ckpt.server_state)
+    assert res["final"]["accuracy"] == res["rounds"][-1]["accuracy"] == acc
+    assert res["rounds"][-1]["loss"] == pytest.approx(loss, rel=1e-9)
+
+
+# ---- head: each client trains on its own cached features ------------------------------------------
+
+
+def test_head_client_trains_on_its_own_features(task):
+    m = build("head", task)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=1, seed=0)
+    msg = m.downlink(state, ctx, 0)
+    for client in (1, 3):
+        update = m.decode_update(m.client_update(msg, client, None, ctx).payload, client, state, ctx)
+        new, _ = m.aggregate({"weights": {n: a.copy() for n, a in state["weights"].items()}}, {client: update}, ctx)
+        # independent: this client's features from the backbone itself, then the same local training
+        data = task.client_data(client)
+        with torch.no_grad():
+            task.model.eval()
+            feats = task.model.features(**batch_inputs(data, torch.arange(len(data))))
+        head = copy.deepcopy(task.model.head)
+        with torch.no_grad():
+            head.weight.copy_(torch.from_numpy(state["weights"]["head.weight"]))
+            head.bias.copy_(torch.from_numpy(state["weights"]["head.bias"]))
+        steps = max(1, m.cfg.local_steps)
+        train_local(head, list(head.parameters()), Encoded({"x": feats}, data.labels), steps=steps,
+                    batch_size=m.cfg.batch_size, lr=m.lr, generator=torch_gen(0, 1, client, "batches"),
+                    optimizer=m.opts.optimizer, forward=lambda inputs: head(inputs["x"]))
+        np.testing.assert_allclose(new["weights"]["head.weight"], head.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new["weights"]["head.bias"], head.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- mask methods: Beta rule, carried priors, delta rule, κ schedule -------------------------------
+
+
+def mask_payload(m, state, ctx, client, keep, head_delta, n):
+    """A client's real upload whose drawn mask is exactly ``keep`` (θ_client ∈ {0, 1} makes ``u < θ`` = keep)."""
+    sym, levels = state["theta_sym"], int(state["levels"])
+    theta_start = m.start_theta(m.theta_of(sym, levels))
+    u = m.uniforms(ctx, client, None)
+    mask_meta, mask_body, _ = m.encode_mask(u, keep.astype(np.float32), theta_start, sym, levels, ctx)
+    head_meta, head_body = m._encode_head(head_delta)
+    meta = {"n": n, "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
+    return frame(m.uplink_kind, meta, mask_body + head_body)
+
+
+def hand_head(m, seed):
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(m.head_shapes[n]) * 1e-2).astype(np.float32) for n in m.head_names}
+
+
+def reference(m, state, ctx, client):
+    """``u < θ_start`` recomputed from the seeds (independent of the method's helpers)."""
+    theta = np.clip(state["theta_sym"].astype(np.float32) / np.float32(state["levels"]), m.opts.clip_eps, 1 - m.opts.clip_eps)
+    u = np_rng(ctx.seed, ctx.round, client, "mask-draw").random(m.n, dtype=np.float32)
+    return u < theta.astype(np.float32), theta.astype(np.float32)
+
+
+def check_head(m, state, head0, heads, sizes):
+    total = sum(sizes.values())
+    for n in m.head_names:
+        expected = head0[n].astype(np.float64) + sum(heads[c][n].astype(np.float64) * sizes[c] / total for c in sizes)
+        np.testing.assert_allclose(state["head"][n], expected, rtol=1e-6, atol=1e-8)
+
+
+def test_fedpm_beta_rule_counts_the_masks(task):
+    m = build("fedpm", task)
+    state = m.init_server()
+    head0 = {n: a.copy() for n, a in state["head"].items()}
+    ctx = RoundContext(round=1, rounds=3, seed=2)
+    rng = np.random.default_rng(0)
+    keeps = {c: rng.random(m.n) < p for c, p in ((0, 0.9), (1, 0.5), (3, 0.2))}
+    heads = {c: hand_head(m, c) for c in keeps}
+    sizes = {0: 2, 1: 30, 3: 7}
+    ups = {c: m.decode_update(mask_payload(m, state, ctx, c, keeps[c], heads[c], sizes[c]), c, state, ctx) for c in keeps}
+    state, metrics = m.aggregate(state, ups, ctx)
+    count = sum(k.astype(np.int64) for k in keeps.values())
+    assert state["levels"] == 3
+    np.testing.assert_array_equal(state["theta_sym"].astype(np.int64), count)  # θ = Σm / K exactly
+    assert metrics["theta_mean"] == pytest.approx(count.mean() / 3, rel=1e-6)
+    assert metrics["mask_keep_frac"] == pytest.approx((count / 3 > 0.5).mean())
+    check_head(m, state, head0, heads, sizes)
+    # the next downlink carries θ as K + 1 levels and the new head, exactly
+    sym, levels, head, _ = m.decode_downlink(m.downlink(state, RoundContext(2, 3, 2), 0))
+    assert levels == 3 and np.array_equal(sym.astype(np.int64), count)
+    assert all(np.array_equal(head[n], state["head"][n]) for n in m.head_names)
+
+
+def test_fedpm_carried_priors_accumulate_over_rounds(task):
+    m = build("fedpm", task, carry_priors=True)
+    state = m.init_server()
+    rng = np.random.default_rng(1)
+    total = np.zeros(m.n)
+    for r in (1, 2):
+        ctx = RoundContext(round=r, rounds=2, seed=0)
+        keeps = {c: rng.random(m.n) < 0.6 for c in (0, 2)}
+        total += sum(k.astype(np.float64) for k in keeps.values())
+        ups = {c: m.decode_update(mask_payload(m, state, ctx, c, keeps[c], hand_head(m, c), 4), c, state, ctx) for c in keeps}
+        state, _ = m.aggregate(state, ups, ctx)
+        alpha, beta = 1 + total, 1 + 2 * r - total
+        np.testing.assert_array_equal(state["alpha"], alpha)
+        np.testing.assert_array_equal(state["beta"], beta)
+        theta = (alpha - 1) / (alpha + beta - 2)
+        assert state["levels"] == 255
+        np.testing.assert_array_equal(state["theta_sym"], np.rint(theta * 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name", ["fedpm", "deltamask", "deltamask-exact"])
+def test_delta_rule_moves_theta_by_the_mean_flip(task, name):
+    opts = {"aggregate": "delta"} if name == "fedpm" else {}
+    m = build(name, task, **opts)
+    state = m.init_server()
+    head0 = {n: a.copy() for n, a in state["head"].items()}
+    ctx = RoundContext(round=1, rounds=4, seed=6)
+    rng = np.random.default_rng(2)
+    counts = np.zeros(m.n, np.int64)
+    heads, sizes, ups, fps = {}, {0: 5, 2: 1}, {}, []
+    for c in sizes:
+        ref, theta_start = reference(m, state, ctx, c)
+        flip = rng.choice(m.n, size=40, replace=False)  # well under the κ cap
+        keep = ref.copy()
+        keep[flip] ^= True
+        heads[c] = hand_head(m, c)
+        ups[c] = m.decode_update(mask_payload(m, state, ctx, c, keep, heads[c], sizes[c]), c, state, ctx)
+        rebuilt = keep.copy()
+        if name == "deltamask":  # the filter's false positives flip too: ask the C library which
+            _, meta, body = unframe(mask_payload(m, state, ctx, c, keep, heads[c], sizes[c]))
+            mask_body = body[: meta["sections"][0]]
+            hits = contain_c(parse_filter(meta["mask"], mask_body, m.n), np.arange(m.n, dtype=np.uint64))
+            assert hits[flip].all()
+            rebuilt = ref ^ hits
+            fps.append(int(hits.sum()) - 40)
+        counts += rebuilt.astype(np.int64) - ref.astype(np.int64)
+    state, metrics = m.aggregate(state, ups, ctx)
+    theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(2), 0, 1)  # float32, as sent
+    assert state["levels"] == 255
+    np.testing.assert_array_equal(state["theta_sym"], np.rint(theta * 255).astype(np.uint8))
+    check_head(m, state, head0, heads, sizes)
+    if name != "fedpm":
+        assert metrics["keys"] == 40
+        assert metrics["fp_flips"] == (np.mean(fps) if name == "deltamask" else 0.0)
+
+
+def test_deltamask_filter_stats_are_exact(task):
+    m = build("deltamask", task)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=1)
+    ref, _ = reference(m, state, ctx, 0)
+    keep = ref.copy()
+    flip = np.arange(3, m.n, 97)
+    keep[flip] ^= True
+    payload = mask_payload(m, state, ctx, 0, keep, hand_head(m, 0), 3)
+    _, meta, body = parse_frame(payload)
+    fp_bytes = body[: meta["sections"][0]]
+    hits = contain_c(parse_filter(meta["mask"], fp_bytes, m.n), np.arange(m.n, dtype=np.uint64))
+    _, metrics = m.aggregate(state, {0: m.decode_update(payload, 0, state, ctx)}, ctx)
+    assert meta["mask"]["size"] == flip.size == metrics["keys"]
+    assert metrics["fp_flips"] == hits.sum() - flip.size
+    assert metrics["mask_bits_per_key"] == 8 * len(fp_bytes) / flip.size
+
+
+def kappa(schedule, start, end, r, rounds):
+    t = (r - 1) / max(rounds - 1, 1)
+    return start + t * (end - start) if schedule == "linear" else start * (end / start) ** t
+
+
+@pytest.mark.parametrize("schedule", ["linear", "geometric"])
+def test_kappa_schedule_caps_the_positions_sent(task, schedule):
+    start, end, rounds = 0.03, 0.004, 5
+    m = build("deltamask-exact", task, kappa_start=start, kappa_end=end, kappa_schedule=schedule)
+    state = m.init_server()
+    for r in (1, 2, 4, 5):
+        ctx = RoundContext(round=r, rounds=rounds, seed=0)
+        ref, theta_start = reference(m, state, ctx, 1)
+        u = np_rng(0, r, 1, "mask-draw").random(m.n, dtype=np.float32)
+        # θc = u/2 on every kept position flips it off with |θc − θg| = θg − u/2 (distinct), θc = 0 on
+        # a few flips them off with the largest move of all: those must always be sent
+        theta_c = np.where(ref, u / 2, theta_start).astype(np.float32)
+        strong = np.flatnonzero(ref)[:5]
+        theta_c[strong] = 0.0
+        sym, levels = state["theta_sym"], int(state["levels"])
+        meta, body, stats = m.encode_mask(u, theta_c, theta_start, sym, levels, ctx)
+        cap = int(kappa(schedule, start, end, r, rounds) * m.n)
+        flips = np.flatnonzero(ref)
+        assert stats["flips_total"] == flips.size > cap
+        moved = theta_start[flips].astype(np.float64) - np.where(np.isin(flips, strong), 0.0, u[flips] / 2)
+        expected = np.sort(flips[np.argsort(-moved, kind="stable")[:cap]])
+        head_meta, head_body = m._encode_head(hand_head(m, 0))
+        payload = frame(m.uplink_kind, {"n": 2, "mask": meta, "head": head_meta, "sections": [len(body), len(head_body)]},
+                        body + head_body)
+        new, metrics = m.aggregate(copy.deepcopy(state), {1: m.decode_update(payload, 1, state, ctx)}, ctx)
+        assert metrics["keys"] == cap and set(strong) <= set(expected)
+        theta = np.clip(theta_start - np.isin(np.arange(m.n), expected).astype(np.float32), 0, 1)
+        np.testing.assert_array_equal(new["theta_sym"], np.rint(theta * 255).astype(np.uint8))
+
+
+def test_stratified_uniforms_follow_contact_order(task):
+    m = build("fedpm", task, stratify=True)
+    state = m.init_server()
+    ctx = RoundContext(round=2, rounds=3, seed=5)
+    for c in (3, 0):  # contact order gives strata 0 and 1 of K = clients_per_round = 2
+        m.downlink(state, ctx, c)
+    v = np_rng(5, 2, SERVER, "mask-draw").random(m.n, dtype=np.float32)
+    for c, k in ((3, 0), (0, 1)):
+        _, _, _, stratum = m.decode_downlink(m.downlink(state, ctx, c))
+        assert stratum == (k, 2)
+        expected = v + np.float32(k / 2)
+        expected[expected >= 1] -= 1
+        np.testing.assert_array_equal(m.server_uniforms(ctx, c), expected)
+    with pytest.raises(PayloadError, match="stratum"):
+        m.server_uniforms(ctx, 1)  # no downlink, no stratum
+
+
+# ---- DeComFL: mean vs median, replay, warm start, lr schedule -------------------------------------
+
+
+def zo_expected(m, w0, seeds, scalars, lr):
+    z = {}
+    out = {n: a.astype(np.float64).copy() for n, a in w0.items()}
+    for k, seed in enumerate(seeds):
+        for i in range(scalars.shape[1]):
+            probe = [torch.zeros_like(m.named[n]) for n in m.names]
+            Perturber(probe).add(int(seed), i, 1.0)
+            for n, zi in zip(m.names, probe):
+                z[n] = zi.numpy().astype(np.float64)
+                out[n] -= lr * float(scalars[k, i]) / scalars.shape[1] * z[n]
+    return out
+
+
+@pytest.mark.parametrize("aggregation", ["mean", "median"])
+def test_decomfl_combines_the_scalars_and_replays_them(task, aggregation):
+    m = build("decomfl", task, params="head", warm_start_rounds=0, perturbations=2, aggregate=aggregation)
+    state = m.init_server()
+    w0 = {n: a.copy() for n, a in state["weights"].items()}
+    ctx = RoundContext(round=1, rounds=2, seed=9)
+    k, p = m.k, m.p
+    scalars = {c: np.arange(k * p, dtype=np.float32).reshape(k, p) * s + s for c, s in ((0, 1.0), (1, 2.0), (3, 30.0))}
+    ups = {c: m.decode_update(frame("decomfl-up", {"round": 1, "k": k, "p": p, "n": 5}, g.astype("<f4").tobytes()), c, state, ctx)
+           for c, g in scalars.items()}
+    state, metrics = m.aggregate(state, ups, ctx)
+    stack = np.stack(list(scalars.values())).astype(np.float64)
+    combined = np.median(stack, axis=0) if aggregation == "median" else stack.mean(axis=0)
+    seeds = np_rng(9, 1, SERVER, "decomfl-seeds").integers(0, 1 << 63, size=k, dtype=np.uint64)
+    expected = zo_expected(m, w0, seeds, combined, m.lr)
+    for n in m.names:
+        np.testing.assert_allclose(state["weights"][n], expected[n], rtol=1e-5, atol=1e-6)
+    assert metrics["zo_scalar_abs_mean"] == pytest.approx(np.abs(combined).mean(), rel=1e-6)
+    # the next message to a client that missed round 1 carries exactly that record (our own parse)
+    _, meta, body = parse_frame(m.downlink(state, RoundContext(2, 2, 9), 2))
+    assert meta["records"] == [1] and meta["head"] is False
+    assert np.array_equal(np.frombuffer(body[: 8 * k], "<u8"), seeds)
+    np.testing.assert_array_equal(np.frombuffer(body[8 * k : 8 * k + 4 * k * p], "<f4").reshape(k, p), combined.astype(np.float32))
+    assert np.array_equal(np.frombuffer(body[8 * k + 4 * k * p :], "<u8"),
+                          np_rng(9, 2, SERVER, "decomfl-seeds").integers(0, 1 << 63, size=k, dtype=np.uint64))
+
+
+def test_decomfl_warm_start_is_weighted_and_rounded_to_the_wire_dtype(task):
+    m = build("decomfl", task, params="head", warm_start_rounds=1)
+    state = m.init_server()
+    w0 = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    ctx = RoundContext(round=1, rounds=3, seed=0)
+    raw = get_codec("raw")
+    deltas = {c: {n: (np.random.default_rng(c).standard_normal(w0[n].shape) * 1e-2).astype(np.float16) for n in m.head}
+              for c in (0, 1)}
+    sizes = {0: 1, 1: 3}
+    ups = {c: m.decode_update(encode_tensors(raw, deltas[c], n=sizes[c]), c, state, ctx) for c in deltas}
+    state, _ = m.aggregate(state, ups, ctx)
+    for n in m.head:
+        expected = w0[n] + sum(deltas[c][n].astype(np.float64) * sizes[c] / 4 for c in sizes)
+        np.testing.assert_allclose(state["weights"][n], expected.astype(np.float16).astype(np.float32), rtol=2e-3, atol=1e-6)
+        assert np.array_equal(state["weights"][n], state["weights"][n].astype(np.float16).astype(np.float32))
+        assert np.array_equal(state["warm_head"][n], state["weights"][n].astype(np.float16))
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "exp"])
+def test_decomfl_lr_schedule(task, schedule):
+    m = build("decomfl", task, params="head", warm_start_rounds=1, lr_schedule=schedule, lr_decay=0.7)
+    lr, span = m.lr, max(1, m.cfg.rounds - 1)
+    for r in (2, 3):
+        t = r - 2
+        expected = {"constant": lr, "cosine": lr * 0.5 * (1 + math.cos(math.pi * t / span)), "exp": lr * 0.7**t}[schedule]
+        assert m.lr_at(r) == pytest.approx(expected, rel=1e-12)
