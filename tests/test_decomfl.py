@@ -24,7 +24,7 @@ def _play(method, state, client_states, ctx, clients):
         messages[c] = method.downlink(state, ctx, c)
         out = method.client_update(messages[c], c, client_states.get(c), ctx)
         client_states[c] = out.state
-        updates[c] = method.decode_update(out.payload, state, ctx)
+        updates[c] = method.decode_update(out.payload, c, state, ctx)
     state, _ = method.aggregate(state, updates, ctx)
     return state, messages
 
@@ -74,15 +74,15 @@ def test_messages_are_seeds_and_scalars(full_method):
     kind, meta, body = unframe(out.payload)
     assert kind == "decomfl-up" and len(body) == m.k * m.p * 4
     assert len(out.payload) <= m.k * m.p * 4 + HEADER
-    assert np.all(np.isfinite(m.decode_update(out.payload, state, ctx)["scalars"]))
+    assert np.all(np.isfinite(m.decode_update(out.payload, 0, state, ctx)["scalars"]))
     # a message for another round, a truncated one, or NaN scalars are refused
     with pytest.raises(PayloadError):
-        m.decode_update(out.payload, state, RoundContext(3, 8, 0))
+        m.decode_update(out.payload, 0, state, RoundContext(3, 8, 0))
     with pytest.raises(PayloadError):
-        m.decode_update(out.payload[:-5], state, ctx)
+        m.decode_update(out.payload[:-5], 0, state, ctx)
     nan = frame("decomfl-up", meta, np.full(m.k * m.p, np.nan, dtype="<f4").tobytes())
     with pytest.raises(PayloadError):
-        m.decode_update(nan, state, ctx)
+        m.decode_update(nan, 0, state, ctx)
     with pytest.raises(PayloadError):
         m.client_update(msg[:-3], 0, clients[0], ctx)
 
@@ -112,7 +112,7 @@ def test_perturb_restore_and_replay_are_deterministic():
 
 @pytest.mark.parametrize("options", [
     {"params": "full", "warm_start_rounds": 1, "perturbations": 2},
-    {"params": "head", "warm_start_rounds": 0, "difference": "forward", "aggregation": "median", "lr_schedule": "cosine"},
+    {"params": "head", "warm_start_rounds": 0, "difference": "forward", "aggregate": "median", "lr_schedule": "cosine"},
     {"params": "lora", "warm_start_rounds": 1, "warm_start_steps": 3},
 ])
 def test_runs_end_to_end_with_tiny_uplink(tiny_cfg, options):

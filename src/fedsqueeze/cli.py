@@ -2,46 +2,65 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
-from typing import Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
+from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, FedsqueezeError
+from fedsqueeze.options import describe_values, kind_of, option_fields
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning at a tiny communication cost.")
 err = Console(stderr=True)
 
-RUNTIMES = ("local", "flower-sim", "flower")
+RUN_PANEL = "Run options (also settable in --config or with --set)"
+
+
+def _flag(f: Any, help_: str | None) -> inspect.Parameter:
+    """The typer option for run option ``f``: unset (None) unless given, so a TOML file's value stands."""
+    values = describe_values(f)
+    text = (help_ or f.metadata["help"]) + (f" ({values})" if values else "") + f" (default: {f.default!r})"
+    default = typer.Option(None, help=escape(text), show_default=False, rich_help_panel=RUN_PANEL)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Optional[kind_of(f)])
+
+
+def run_flags(exclude: tuple[str, ...] = (), help: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
+    """Give a command taking ``**flags`` one CLI flag per RunConfig option (from its metadata).
+
+    The command receives every option in ``flags``, None where the flag was not given.
+    """
+    def add(fn: Callable) -> Callable:
+        own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        generated = [_flag(f, (help or {}).get(f.name)) for f in option_fields(RunConfig) if f.name not in exclude]
+        fn.__signature__ = inspect.Signature(own + generated)  # typer reads the command's flags from this
+        return fn
+
+    return add
 
 
 @app.command()
+@run_flags(help={"method": "method name (see `fedsqueeze methods`)"})
 def run(
-    method: Optional[str] = typer.Option(None, help="method name (see `fedsqueeze methods`)"),
-    model: Optional[str] = typer.Option(None, help="'minilm' (bundled), 'tiny', a local path or a Hub id"),
-    dataset: Optional[str] = typer.Option(None, help="'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file or hf:NAME[:CONFIG]"),
-    clients: Optional[int] = typer.Option(None, help="number of clients"),
-    clients_per_round: Optional[int] = typer.Option(None, help="clients sampled per round"),
-    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
-    seed: Optional[int] = typer.Option(None, help="run seed"),
-    out: Optional[str] = typer.Option(None, help="output directory"),
-    runtime: Optional[str] = typer.Option(None, help=f"one of: {', '.join(RUNTIMES)}"),
-    config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an [options] table"),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an \\[options] table"),
     set_: list[str] = typer.Option([], "--set", help="key=value for run, method or codec options (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or tables"),
     superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
     root_certificates: Optional[str] = typer.Option(
         None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
     resume: Optional[str] = typer.Option(None, "--resume", help="continue the killed run in this output directory (uses its saved config)"),
+    **flags: Any,
 ) -> None:
     """Run one federated fine-tuning job; writes OUT/results.json and OUT/rounds.csv."""
     from fedsqueeze.config import build_config, parse_sets
     from fedsqueeze.methods import get_method
 
-    cli = dict(method=method, model=model, dataset=dataset, clients=clients, clients_per_round=clients_per_round,
-               rounds=rounds, seed=seed, out=out, runtime=runtime)
+    cli = flags
     if resume is not None:
         given = [f"--{k.replace('_', '-')}" for k, v in cli.items() if v is not None]
         given += ["--config"] * (config is not None) + ["--set"] * bool(set_)
@@ -53,9 +72,7 @@ def run(
         _print_final(results, resume)
         return
     cfg = build_config(config, cli, parse_sets(set_))
-    get_method(cfg.method)  # fail fast on an unknown method, before any loading
-    if cfg.runtime not in RUNTIMES:
-        raise ConfigError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    get_method(cfg.method)(cfg)  # every method option is checked here, before any data or model loads
     if cfg.runtime == "flower-sim":
         from fedsqueeze.runtime.flower import run_flower_sim
 
@@ -122,23 +139,17 @@ def federation(
 
 
 @app.command()
+@run_flags(exclude=("method",), help={"out": "output directory (default runs/compare); each run goes to OUT/<method>"})
 def compare(
     methods: str = typer.Option(..., "--methods", help="comma-separated method names, e.g. fedavg,head,lora"),
     target: Optional[float] = typer.Option(None, help="target accuracy for time-to-accuracy (default: 90% of the best final)"),
-    model: Optional[str] = typer.Option(None, help="'minilm' (bundled), 'tiny', a local path or a Hub id"),
-    dataset: Optional[str] = typer.Option(None, help="'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file or hf:NAME[:CONFIG]"),
-    clients: Optional[int] = typer.Option(None, help="number of clients"),
-    clients_per_round: Optional[int] = typer.Option(None, help="clients sampled per round"),
-    rounds: Optional[int] = typer.Option(None, help="federated rounds"),
-    seed: Optional[int] = typer.Option(None, help="run seed"),
-    out: Optional[str] = typer.Option(None, help="output directory (default runs/compare); each run goes to OUT/<method>"),
-    runtime: Optional[str] = typer.Option(None, help=f"one of: {', '.join(RUNTIMES)}"),
-    config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an [options] table"),
+    config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an \\[options] table"),
     set_: list[str] = typer.Option([], "--set", help="key=value for run options; a method option goes to every method that has it, METHOD.key=value to one (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars or tables"),
+    **flags: Any,
 ) -> None:
     """Run several methods on the same task and seed; write OUT/report.md, pareto.png, accuracy.png, bpp.png."""
-    from fedsqueeze.config import RunConfig, build_config, parse_sets
+    from fedsqueeze.config import build_config, parse_sets
     from fedsqueeze.methods import get_method
     from fedsqueeze.report.compare import run_compare
 
@@ -147,11 +158,9 @@ def compare(
         get_method(name)  # fail fast on an unknown method, before any loading
     sets = parse_sets(set_)
     # method options are checked per method (split_options), so keep them out of the shared config's check
-    cli = dict(method=names[0] if names else None, model=model, dataset=dataset, clients=clients,
-               clients_per_round=clients_per_round, rounds=rounds, seed=seed, out=out, runtime=runtime)
+    cli = dict(flags, method=names[0] if names else None)
     cfg = build_config(config, cli, sets)
-    if cfg.runtime not in RUNTIMES:
-        raise FedsqueezeError(f"unknown runtime {cfg.runtime!r}; choose one of: {', '.join(RUNTIMES)}")
+    out = flags["out"]
     out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
     done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line())
     _print_summary(done)
@@ -213,7 +222,7 @@ def _options_table(title: str, rows: list[tuple[str, str, str]]):
     table.add_column("default", no_wrap=True)
     table.add_column("help")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(escape(cell) for cell in row))  # text, not markup: "[1, 2]" must show
     return table
 
 
@@ -222,14 +231,11 @@ def methods(
     name: Optional[str] = typer.Argument(None, help="show only this method, codec, or 'run' for the run options"),
 ) -> None:
     """List every method and codec with its options and defaults (or one of them: `methods NAME`)."""
-    from dataclasses import fields
-
     from rich.table import Table
 
     from fedsqueeze.codecs import CODECS
-    from fedsqueeze.config import RunConfig
     from fedsqueeze.methods import METHODS
-    from fedsqueeze.methods.base import describe_options
+    from fedsqueeze.options import describe_options
 
     if name is not None and name not in METHODS and name not in CODECS and name != "run":
         import difflib
@@ -272,7 +278,7 @@ def methods(
             rows = [(f"{name}_{opt}", repr(default), help_) for opt, default, help_ in describe_options(CODECS[name].Options)]
             console.print(_options_table(f"[bold]{name}[/bold] options", rows))
     if name in (None, "run"):
-        rows = [(f.name, repr(f.default), f.metadata.get("help", "")) for f in fields(RunConfig) if f.name != "options"]
+        rows = [(opt, repr(default), help_) for opt, default, help_ in describe_options(RunConfig)]
         console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))
 
 
@@ -282,7 +288,8 @@ def main() -> None:
     try:
         app(standalone_mode=False)
     except FedsqueezeError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        # one line, however long (no wrapping), and the message is text, not rich markup ("got [1, 2]")
+        err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")

@@ -11,16 +11,16 @@ body is raw bytes whose layout the codec documents.
 
 from __future__ import annotations
 
-import difflib
 import math
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import ConfigError, PayloadError
+from fedsqueeze.options import option, parse_options
 
 Tensors = dict[str, np.ndarray]
 
@@ -44,9 +44,8 @@ class CodecContext:
     max_elements: int | None = None
 
 
-def codec_option(default: Any, help: str) -> Any:
-    """Declare a codec option with its default and help text (fields of a codec's ``Options``)."""
-    return field(default=default, metadata={"help": help})
+# codecs declare options with the one option system (fedsqueeze.options); the old name stays for them
+codec_option = option
 
 
 @dataclass
@@ -54,55 +53,17 @@ class NoCodecOptions:
     """A codec without options."""
 
 
-def _coerce(owner: str, name: str, default: Any, value: Any) -> Any:
-    """``value`` converted to the type of ``default``; a ConfigError if it does not fit."""
-    kind = type(default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-    elif kind is int and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            as_float = float(value)
-            if as_float.is_integer():
-                return int(as_float)
-        except ValueError:
-            pass
-    elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    elif kind is str and isinstance(value, str):
-        return value
-    raise ConfigError(f"option {name!r} of {owner} expects {kind.__name__}, got {value!r}")
-
-
 def parse_codec_options(codec_cls: type["Codec"], given: dict[str, Any]) -> Any:
     """Build ``codec_cls.Options`` from ``given``; unknown names or bad values are a ConfigError."""
-    owner = f"codec {codec_cls.codec_id!r}"
-    known = {f.name: f for f in fields(codec_cls.Options)}
-    values = {}
-    for key, value in given.items():
-        if key not in known:
-            hint = difflib.get_close_matches(key, list(known), n=1)
-            extra = f" (did you mean {hint[0]!r}?)" if hint else ""
-            raise ConfigError(f"unknown option {key!r} for {owner}{extra}; its options are: {', '.join(sorted(known)) or 'none'}")
-        default = known[key].default if known[key].default is not MISSING else None
-        values[key] = _coerce(owner, key, default, value)
-    opts = codec_cls.Options(**values)
-    check = getattr(opts, "validate", None)
-    if check is not None:
-        check()
-    return opts
+    return parse_options(codec_cls.Options, given, f"codec {codec_cls.codec_id!r}")
 
 
 class Codec(ABC):
     """Base class: subclasses set ``codec_id`` and ``lossless`` and implement encode/decode.
 
-    Options are declared as a dataclass ``Options`` (fields made with :func:`codec_option`, an
-    optional ``validate()`` raising ConfigError) and parsed into ``self.opts``; ``self.config``
+    Options are declared as a dataclass ``Options`` (fields made with
+    :func:`fedsqueeze.options.option`, alias ``codec_option``; an optional ``validate()`` raising
+    ConfigError) and parsed into ``self.opts``; ``self.config``
     holds them as a JSON-safe dict. ``for_weights`` says whether the codec is meant for model
     weights (the downlink), not only for updates: sparsifiers and 1-bit codecs are not.
     """

@@ -4,7 +4,7 @@
 
     server:  downlink(state, ctx, client)            -> message bytes for that client
     client:  client_update(message, client, cstate, ctx) -> ClientOutput(payload bytes, cstate, metrics)
-    server:  decode_update(payload, state, ctx)      -> a decoded update (or PayloadError)
+    server:  decode_update(payload, client, state, ctx) -> a decoded update (or PayloadError)
              aggregate(state, {client: update}, ctx) -> (state, metrics)
 
 Everything that travels is ``bytes`` from a codec, so the same method runs in the local simulator
@@ -12,14 +12,16 @@ and on Flower, and the bytes counted are the bytes sent. Server and client state
 dicts, lists, numbers, strings and numpy arrays (so checkpoints never need pickle).
 
 Methods register by name with :func:`register_method` and declare their options as a dataclass
-(``Options``) whose fields carry a ``help`` text; ``--set key=value`` reaches them.
+(``Options``) of :func:`fedsqueeze.options.option` fields (help, choices, range; cross-field rules
+in its ``validate()``); ``--set key=value`` reaches them. They are all checked when the method
+object is built, before any data or model loads.
 """
 
 from __future__ import annotations
 
 import difflib
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -27,15 +29,15 @@ import torch
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError
+from fedsqueeze.options import parse_options
 from fedsqueeze.seeding import np_rng, seed_int, torch_gen
 
 if TYPE_CHECKING:
     from fedsqueeze.task import Task
 
 
-def option(default: Any, help: str) -> Any:
-    """Declare a method option with its default and help text."""
-    return field(default=default, metadata={"help": help})
+# what training.make_optimizer builds: every method's `optimizer` option takes these
+OPTIMIZERS = ("adamw", "adam", "sgd")
 
 
 @dataclass
@@ -50,6 +52,8 @@ class RoundContext:
     round: int  # 1-based
     rounds: int
     seed: int  # the run seed
+    attempt: int = 0  # 0, or the retry of a round that had too few survivors (min_clients_policy='retry')
+    participants: tuple[int, ...] = ()  # the clients sampled for this attempt, sorted (set by the round engine)
 
     def rng(self, client: int, purpose: str) -> np.random.Generator:
         return np_rng(self.seed, self.round, client, purpose)
@@ -68,51 +72,6 @@ class ClientOutput:
     metrics: dict[str, float] = field(default_factory=dict)  # train_s, codec_s, train_loss, ...
 
 
-def _coerce_option(name: str, default: Any, value: Any) -> Any:
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"option {name!r} expects true/false, got {value!r}")
-    try:
-        if isinstance(default, int) and not isinstance(default, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, str):
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"option {name!r} expects {type(default).__name__}, got {value!r}") from None
-    return value
-
-
-def parse_options(options_cls: type, given: dict[str, Any], owner: str) -> Any:
-    """Build ``options_cls`` from ``given``; unknown keys are a ConfigError naming the valid ones."""
-    known = {f.name: f for f in fields(options_cls)}
-    for key in given:
-        if key not in known:
-            hint = difflib.get_close_matches(key, list(known) + RunConfig.field_names(), n=1)
-            msg = f"unknown option {key!r}: neither a run option nor an option of {owner}"
-            if hint:
-                msg += f" (did you mean {hint[0]!r}?)"
-            valid = ", ".join(sorted(known)) or "none"
-            raise ConfigError(f"{msg}; its options are: {valid}; run options are listed by `fedsqueeze methods`")
-    values = {}
-    for name, f in known.items():
-        if name in given:
-            default = f.default if f.default is not MISSING else None
-            values[name] = _coerce_option(name, default, given[name])
-    return options_cls(**values)
-
-
-def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
-    """``(name, default, help)`` for each option."""
-    return [(f.name, f.default, f.metadata.get("help", "")) for f in fields(options_cls)]
-
-
 class Method(ABC):
     """Base class of every federated method. See the module docstring for the contract."""
 
@@ -123,8 +82,13 @@ class Method(ABC):
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.opts = parse_options(self.Options, cfg.options, f"method {self.name!r}")
+        # every option is coerced and checked here, before any data or model loads
+        self.opts = parse_options(self.Options, cfg.options, f"method {self.name!r}", suggest=RunConfig.field_names())
+        self.check_run(cfg)
         self.task: Task | None = None
+
+    def check_run(self, cfg: RunConfig) -> None:
+        """Raise ConfigError if this method cannot run with ``cfg``'s run options. Default: it can."""
 
     @property
     def lr(self) -> float:
@@ -149,7 +113,7 @@ class Method(ABC):
         """The message the server sends to ``client`` this round."""
 
     @abstractmethod
-    def decode_update(self, payload: bytes, state: Any, ctx: RoundContext) -> Any:
+    def decode_update(self, payload: bytes, client: int, state: Any, ctx: RoundContext) -> Any:
         """Decode and validate one client's payload; raise PayloadError if it is unusable."""
 
     @abstractmethod

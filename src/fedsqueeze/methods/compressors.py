@@ -9,29 +9,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedsqueeze.methods.base import option, register_method
+from fedsqueeze.methods.base import register_method
 from fedsqueeze.methods.fedavg import FedAvg
-from fedsqueeze.methods.tensor import TensorOptions
+from fedsqueeze.methods.tensor import TensorOptions, codec_ids
+from fedsqueeze.options import option
 
 
 @dataclass
 class TopKOptions(TensorOptions):
-    uplink_codec: str = option("topk", "codec for the client upload (topk: largest k fraction + error feedback)")
+    uplink_codec: str = option("topk", "codec for the client upload (topk: largest k fraction + error feedback)", choices=codec_ids)
 
 
 @dataclass
 class QSGDOptions(TensorOptions):
-    uplink_codec: str = option("qsgd", "codec for the client upload (qsgd: stochastic s-level quantization)")
+    uplink_codec: str = option("qsgd", "codec for the client upload (qsgd: stochastic s-level quantization)", choices=codec_ids)
 
 
 @dataclass
 class SignOptions(TensorOptions):
-    uplink_codec: str = option("sign", "codec for the client upload (sign: scaled sign + error feedback)")
+    uplink_codec: str = option("sign", "codec for the client upload (sign: scaled sign + error feedback)", choices=codec_ids)
 
 
 @dataclass
 class EdenOptions(TensorOptions):
-    uplink_codec: str = option("eden", "codec for the client upload (eden: random rotation + 1 bit)")
+    uplink_codec: str = option("eden", "codec for the client upload (eden: random rotation + 1 bit)", choices=codec_ids)
 
 
 @register_method

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -38,7 +38,8 @@ from torch.nn import functional as F
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, frame, get_codec, unframe
 from fedsqueeze.errors import ConfigError, PayloadError
-from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option, register_method
+from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, register_method
+from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.zo import Perturber, estimate_step
 from fedsqueeze.seeding import SERVER
@@ -55,24 +56,31 @@ WARM_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 @dataclass
 class DeComFLOptions:
-    perturbations: int = option(1, "P: random perturbations per local step (each uploads one float32)")
-    mu: float = option(1e-3, "μ: finite-difference step")
-    difference: str = option("central", "'central' (f(w+μz) − f(w−μz)) / 2μ or 'forward' (f(w+μz) − f(w)) / μ")
-    aggregation: str = option("mean", "how the server combines the clients' scalars: 'mean' or 'median' (robust)")
+    # old option names (before the names were made the same across methods) say what they are now
+    renamed: ClassVar[dict[str, str]] = {"aggregation": "aggregate", "lora_r": "rank"}
+
+    perturbations: int = option(1, "P: random perturbations per local step (each uploads one float32)", check=at_least(1))
+    mu: float = option(1e-3, "μ: finite-difference step", check=above(0.0))
+    difference: str = option("central", "'central' (f(w+μz) − f(w−μz)) / 2μ or 'forward' (f(w+μz) − f(w)) / μ",
+                             choices=("central", "forward"))
+    aggregate: str = option("mean", "how the server combines the clients' scalars: 'mean' or 'median' (robust)",
+                            choices=("mean", "median"))
     params: str = option("lora", "what trains: 'lora' (LoRA on query/value + head), 'full' (every weight), 'head' (classifier only); "
-                                 "lr 0 = 2e-3, 1e-4, 1e-3 respectively")
-    lr_schedule: str = option("constant", "per-round lr of the zeroth-order phase: 'constant', 'cosine' (to 0) or 'exp'")
-    lr_decay: float = option(0.9, "factor per round for lr_schedule='exp'")
-    zo_batch_size: int = option(0, "minibatch of each zeroth-order step; 0 = the run's batch_size, -1 = all the client's data")
-    warm_start_rounds: int = option(1, "first rounds spent on federated linear probing of the head (0 = none)")
-    warm_start_steps: int = option(100, "local AdamW steps on cached features in each warm-start round")
-    warm_start_lr: float = option(1e-2, "learning rate of the warm-start linear probing")
-    warm_start_dtype: str = option("float16", "wire dtype of the warm-start head and its deltas: float16 or float32")
-    lora_r: int = option(8, "LoRA rank for params='lora'")
-    lora_alpha: int = option(16, "LoRA alpha for params='lora'")
+                                 "lr 0 = 2e-3, 1e-4, 1e-3 respectively", choices=tuple(DEFAULT_LR))
+    lr_schedule: str = option("constant", "per-round lr of the zeroth-order phase: 'constant', 'cosine' (to 0) or 'exp'",
+                              choices=("constant", "cosine", "exp"))
+    lr_decay: float = option(0.9, "factor per round for lr_schedule='exp'", check=above(0.0))
+    zo_batch_size: int = option(0, "minibatch of each zeroth-order step; 0 = the run's batch_size, -1 = all the client's data",
+                                check=at_least(-1))
+    warm_start_rounds: int = option(1, "first rounds spent on federated linear probing of the head (0 = none)", check=at_least(0))
+    warm_start_steps: int = option(100, "local AdamW steps on cached features in each warm-start round", check=at_least(0))
+    warm_start_lr: float = option(1e-2, "learning rate of the warm-start linear probing", check=at_least(0.0))
+    warm_start_dtype: str = option("float16", "wire dtype of the warm-start head and its deltas", choices=tuple(WARM_DTYPES))
+    rank: int = option(8, "LoRA rank r for params='lora'", check=at_least(1))
+    lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' (update scaled by alpha / r)", check=above(0.0))
 
 
-def inject_lora(model: torch.nn.Module, r: int, alpha: int, seed: int) -> list[str]:
+def inject_lora(model: torch.nn.Module, r: int, alpha: float, seed: int) -> list[str]:
     """Add LoRA adapters on the backbone's query/value projections (peft); return their names.
 
     The adapters' random A matrices come from ``seed`` so every party builds the same model; B
@@ -97,20 +105,12 @@ class DeComFL(Method):
     default_lr = DEFAULT_LR["lora"]  # of the default params; `fedsqueeze methods` shows it
 
     # ---- set-up ---------------------------------------------------------------------------------
+    def check_run(self, cfg) -> None:
+        if cfg.local_steps < 1:
+            raise ConfigError(f"method 'decomfl' needs local_steps >= 1 (one zeroth-order step each); got {cfg.local_steps}")
+
     def setup(self, task) -> None:
         o = self.opts
-        if o.difference not in ("central", "forward"):
-            raise ConfigError(f"difference must be 'central' or 'forward', got {o.difference!r}")
-        if o.aggregation not in ("mean", "median"):
-            raise ConfigError(f"aggregation must be 'mean' or 'median', got {o.aggregation!r}")
-        if o.params not in DEFAULT_LR:
-            raise ConfigError(f"params must be one of {sorted(DEFAULT_LR)}, got {o.params!r}")
-        if o.lr_schedule not in ("constant", "cosine", "exp"):
-            raise ConfigError(f"lr_schedule must be 'constant', 'cosine' or 'exp', got {o.lr_schedule!r}")
-        if o.warm_start_dtype not in WARM_DTYPES:
-            raise ConfigError(f"warm_start_dtype must be one of {sorted(WARM_DTYPES)}")
-        if o.perturbations < 1 or o.mu <= 0 or o.warm_start_rounds < 0 or self.cfg.local_steps < 1:
-            raise ConfigError("decomfl needs perturbations >= 1, mu > 0, warm_start_rounds >= 0, local_steps >= 1")
         self.task = task
         model = task.model
         self.head = head_names(model)
@@ -119,7 +119,7 @@ class DeComFL(Method):
         elif o.params == "head":
             self.names = list(self.head)
         else:
-            self.names = inject_lora(model, o.lora_r, o.lora_alpha, self.cfg.seed) + list(self.head)
+            self.names = inject_lora(model, o.rank, o.lora_alpha, self.cfg.seed) + list(self.head)
         named = dict(model.named_parameters())
         for n, p in named.items():
             p.requires_grad_(n in self.head)  # only the warm start uses autograd (on the head)
@@ -191,7 +191,7 @@ class DeComFL(Method):
         meta = {"round": ctx.round, "records": [r["round"] for r in records], "k": self.k, "p": self.p, "head": send_head}
         return frame(DOWN_KIND, meta, b"".join(parts))
 
-    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         if self.is_warm(ctx.round):
             tensors, extra = decode_tensors(payload, CodecContext(max_elements=self.head_elements), allowed={"raw"})
             self._check_head(tensors, "warm-start update")
@@ -233,7 +233,7 @@ class DeComFL(Method):
                 state["warm_head"] = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
         elif updates:
             stacked = np.stack([u["scalars"] for u in updates.values()])
-            combined = np.median(stacked, axis=0) if self.opts.aggregation == "median" else stacked.mean(axis=0)
+            combined = np.median(stacked, axis=0) if self.opts.aggregate == "median" else stacked.mean(axis=0)
             record = {"round": ctx.round, "seeds": self.round_seeds(ctx), "scalars": combined.astype(np.float32)}
             self._load(state["weights"])
             self.perturber.apply_record(record["seeds"], record["scalars"], self.lr_at(ctx.round))

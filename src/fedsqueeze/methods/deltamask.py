@@ -35,22 +35,33 @@ import numpy as np
 
 from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filter, query_universe
 from fedsqueeze.codecs.positions import POSITION_CODERS, decode_positions, encode_positions, entropy_bound_bits
-from fedsqueeze.errors import PayloadError
-from fedsqueeze.methods.base import RoundContext, option, register_method
-from fedsqueeze.methods.fedpm import MaskMethod, MaskOptions
+from fedsqueeze.errors import ConfigError, PayloadError
+from fedsqueeze.methods.base import RoundContext, register_method
+from fedsqueeze.options import between, option
+from fedsqueeze.methods.fedpm import AGGREGATES, MaskMethod, MaskOptions
+
+
+KAPPA_SCHEDULES = ("linear", "geometric")
 
 
 @dataclass
 class DeltaMaskOptions(MaskOptions):
     # Defaults measured on the default task (docs/masks.md): the delta rule gained 3.4 points over
     # FedPM's Beta rule, and starting nearer the pre-trained model cut the downlink by 42%.
-    theta_init: float = option(0.98, "initial keep probability of every masked weight")
-    aggregate: str = option("delta", "server rule: delta (θ += mean of m − reference mask) or beta (θ = Σm/K, FedPM)")
-    kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights")
-    kappa_end: float = option(0.01, "last-round cap (the schedule goes from kappa_start to kappa_end)")
-    kappa_schedule: str = option("linear", "how κ moves over the rounds: linear or geometric")
-    filter: str = option("fuse8", "filter for the flipped positions: fuse8, fuse16 or xor8")
-    coder: str = option("rice", "deltamask-exact position coder: rice or elias-fano")
+    theta_init: float = option(0.98, "initial keep probability of every masked weight", check=between(0.0, 1.0, lo_open=True))
+    aggregate: str = option("delta", "server rule: delta (θ += mean of m − reference mask) or beta (θ = Σm/K, FedPM)",
+                            choices=AGGREGATES)
+    kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights",
+                                check=between(0.0, 1.0))
+    kappa_end: float = option(0.01, "last-round cap (the schedule goes from kappa_start to kappa_end)", check=between(0.0, 1.0))
+    kappa_schedule: str = option("linear", "how κ moves over the rounds", choices=KAPPA_SCHEDULES)
+    filter: str = option("fuse8", "filter for the flipped positions", choices=FILTER_KINDS)
+    coder: str = option("rice", "deltamask-exact position coder", choices=POSITION_CODERS)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.kappa_schedule == "geometric" and min(self.kappa_start, self.kappa_end) <= 0:
+            raise ConfigError("kappa_schedule=geometric needs kappa_start > 0 and kappa_end > 0")
 
 
 def kappa_at(opts: DeltaMaskOptions, round_: int, rounds: int) -> float:
@@ -81,14 +92,6 @@ class DeltaMask(MaskMethod):
     Options = DeltaMaskOptions
     uplink_kind = "deltamask-up"
     needs_reference = True
-
-    def setup(self, task) -> None:
-        if self.opts.filter not in FILTER_KINDS:
-            raise ValueError(f"filter must be one of {FILTER_KINDS}")
-        if self.opts.coder not in POSITION_CODERS:
-            raise ValueError(f"coder must be one of {POSITION_CODERS}")
-        kappa_at(self.opts, 1, 1)  # validates the schedule name
-        super().setup(task)
 
     # ---- client ---------------------------------------------------------------------------------
     def encode_mask(self, u, theta_client, theta_start, sym, levels, ctx: RoundContext):
@@ -123,8 +126,8 @@ class DeltaMask(MaskMethod):
             "mask_bits_per_key": bits / keys if keys else 0.0,
         }
 
-    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
-        update = super().decode_update(payload, state, ctx)
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        update = super().decode_update(payload, client, state, ctx)
         update["mask_bytes"] = self._mask_bytes(update)
         return update
 

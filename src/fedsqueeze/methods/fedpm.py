@@ -54,33 +54,41 @@ from fedsqueeze.codecs import RawCodec, CodecContext
 from fedsqueeze.codecs.base import split_body
 from fedsqueeze.codecs.ans import decode_grouped_bits, decode_symbols, encode_grouped_bits, encode_symbols
 from fedsqueeze.codecs.framing import frame, unframe
-from fedsqueeze.errors import PayloadError
+from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.masking import (
     MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked,
 )
-from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option, register_method
+from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, register_method
+from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.seeding import SERVER, np_rng
 from fedsqueeze.training import num_local_steps
 
-EVAL_MASKS = ("threshold", "sample", "expected")
+EVAL_MASKS = ("expected", "threshold", "sample")
 AGGREGATES = ("beta", "delta")
 INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a uint8 level
 
 
 @dataclass
 class MaskOptions:
-    theta_init: float = option(0.95, "initial keep probability of every masked weight")
-    clip_eps: float = option(0.02, "clients start from θ_global clipped to [eps, 1-eps] (finite scores)")
-    score_lr: float = option(0.1, "learning rate of the mask scores")
-    head_lr: float = option(1e-2, "learning rate of the classification head")
-    optimizer: str = option("adam", "local optimizer: adam or sgd")
+    theta_init: float = option(0.95, "initial keep probability of every masked weight", check=between(0.0, 1.0, lo_open=True))
+    clip_eps: float = option(0.02, "clients start from θ_global clipped to [eps, 1-eps] (finite scores)",
+                             check=between(0.0, 0.5, lo_open=True, hi_open=True))
+    score_lr: float = option(0.1, "learning rate of the mask scores", check=above(0.0))
+    head_lr: float = option(1e-2, "learning rate of the classification head", check=at_least(0.0))
+    optimizer: str = option("adam", "local optimizer", choices=OPTIMIZERS)
     mask_embeddings: bool = option(False, "mask the embedding tables too (not only Linear weights)")
-    carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them")
-    eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)")
-    head_dtype: str = option("float32", "head weights and deltas on the wire: float32 or float16")
+    carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them (aggregate=beta only)")
+    eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)",
+                            choices=EVAL_MASKS)
+    head_dtype: str = option("float32", "head weights and deltas on the wire", choices=("float32", "float16"))
     stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
-    aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)")
+    aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)",
+                            choices=AGGREGATES)
+
+    def validate(self) -> None:
+        if self.aggregate == "delta" and self.carry_priors:
+            raise ConfigError("option 'carry_priors' applies to aggregate=beta only, not aggregate=delta")
 
 
 def _split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
@@ -105,16 +113,6 @@ class MaskMethod(Method):
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, task) -> None:
-        if self.opts.eval_mask not in EVAL_MASKS:
-            raise ValueError(f"eval_mask must be one of {EVAL_MASKS}")
-        if self.opts.head_dtype not in ("float32", "float16"):
-            raise ValueError("head_dtype must be 'float32' or 'float16'")
-        if not 0.0 < self.opts.clip_eps < 0.5 or not 0.0 < self.opts.theta_init <= 1.0:
-            raise ValueError("clip_eps must be in (0, 0.5) and theta_init in (0, 1]")
-        if self.opts.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}")
-        if self.opts.aggregate == "delta" and self.opts.carry_priors:
-            raise ValueError("carry_priors applies to aggregate=beta only")
         self.task = task
         self.layout = select_masked(task.model, self.opts.mask_embeddings)
         self.head_names = head_names(task.model)
@@ -226,7 +224,7 @@ class MaskMethod(Method):
             raise PayloadError(f"client {client} got no downlink this round, so it has no stratum")
         return self.uniforms(ctx, client, self._strata[client])
 
-    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         _, meta, body = unframe(payload, expect_kind=self.uplink_kind)
         n = meta.get("n")
         if not isinstance(n, int) or n < 1:

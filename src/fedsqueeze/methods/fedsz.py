@@ -14,14 +14,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedsqueeze.methods.base import option, register_method
+from fedsqueeze.methods.base import register_method
 from fedsqueeze.methods.fedavg import FedAvg
-from fedsqueeze.methods.tensor import TensorOptions
+from fedsqueeze.methods.tensor import TensorOptions, codec_ids
+from fedsqueeze.options import option
 
 
 @dataclass
 class FedSZOptions(TensorOptions):
-    uplink_codec: str = option("sz3", "codec for the client upload (sz3: error-bounded lossy)")
+    uplink_codec: str = option("sz3", "codec for the client upload (sz3: error-bounded lossy)", choices=codec_ids)
     compress_weights: bool = option(False, "upload the trained weights, not the update (as the FedSZ paper)")
 
 

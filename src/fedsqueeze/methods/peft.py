@@ -31,7 +31,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.methods.base import option, register_method
+from fedsqueeze.methods.base import register_method
+from fedsqueeze.options import above, at_least, between, names_list, option
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
 
@@ -84,10 +85,10 @@ class BitFit(PeftMethod):
 
 @dataclass
 class LoraOptions(TensorOptions):
-    rank: int = option(8, "LoRA rank r")
-    lora_alpha: float = option(16.0, "LoRA scaling alpha (update scaled by alpha / r)")
-    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input")
-    target_modules: str = option("query,value", "comma-separated module-name suffixes to adapt")
+    rank: int = option(8, "LoRA rank r", check=at_least(1))
+    lora_alpha: float = option(16.0, "LoRA scaling alpha (update scaled by alpha / r)", check=above(0.0))
+    lora_dropout: float = option(0.0, "dropout on the LoRA branch's input", check=between(0.0, 1.0, hi_open=True))
+    target_modules: str = option("query,value", "comma-separated module-name suffixes to adapt", check=names_list())
 
 
 @register_method
@@ -153,10 +154,11 @@ class AdaptedLinear(nn.Module):
 
 @dataclass
 class AdapterOptions(TensorOptions):
-    bottleneck: int = option(16, "adapter bottleneck width")
+    bottleneck: int = option(16, "adapter bottleneck width", check=at_least(1))
     after: str = option(
         "attention.output.dense,output.dense",
         "comma-separated suffixes of the linear layers an adapter follows (attention output, FFN output)",
+        check=names_list(),
     )
 
 
@@ -168,8 +170,6 @@ class Adapter(PeftMethod):
     default_lr = 2e-3
 
     def inject(self, model: nn.Module) -> list[str]:
-        if self.opts.bottleneck < 1:
-            raise ConfigError("adapter: bottleneck must be >= 1")
         suffixes = tuple(split_modules(self.opts.after))
         # one pass to find, then replace: never mutate a module tree while iterating it
         targets = [
@@ -209,9 +209,11 @@ class DropVirtualTokens(nn.Module):
 
 @dataclass
 class PromptOptions(TensorOptions):
-    mode: str = option("prompt", "'prompt' (virtual input tokens) or 'prefix' (virtual keys/values in every layer)")
-    virtual_tokens: int = option(10, "number of virtual tokens")
-    init: str = option("vocab", "prompt-mode initialisation: 'vocab' (embeddings of random tokens) or 'random'")
+    mode: str = option("prompt", "'prompt' (virtual input tokens) or 'prefix' (virtual keys/values in every layer)",
+                       choices=("prompt", "prefix"))
+    virtual_tokens: int = option(10, "number of virtual tokens", check=at_least(1))
+    init: str = option("vocab", "prompt-mode initialisation: 'vocab' (embeddings of random tokens) or 'random'",
+                       choices=("vocab", "random"))
 
 
 @register_method
@@ -227,17 +229,11 @@ class Prompt(PeftMethod):
         if model.kind != "text":
             raise ConfigError("prompt: prompt and prefix tuning need a text model")
         n = self.opts.virtual_tokens
-        if n < 1:
-            raise ConfigError("prompt: virtual_tokens must be >= 1")
         if self.opts.mode == "prompt":
-            if self.opts.init not in ("vocab", "random"):
-                raise ConfigError(f"prompt: init must be 'vocab' or 'random', got {self.opts.init!r}")
             init = PromptTuningInit.SAMPLE_VOCAB if self.opts.init == "vocab" else PromptTuningInit.RANDOM
             config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=n, prompt_tuning_init=init)
-        elif self.opts.mode == "prefix":
+        else:  # "prefix" (the option's choices allow no other)
             config = PrefixTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=n)
-        else:
-            raise ConfigError(f"prompt: mode must be 'prompt' or 'prefix', got {self.opts.mode!r}")
 
         def wrap() -> None:
             # SAMPLE_VOCAB draws token ids from the global RNG: fork it so the run's seed decides
@@ -254,8 +250,13 @@ class Prompt(PeftMethod):
 
 @dataclass
 class Ia3Options(TensorOptions):
-    target_modules: str = option("key,value,output.dense", "comma-separated module-name suffixes to scale")
+    target_modules: str = option("key,value,output.dense", "comma-separated module-name suffixes to scale", check=names_list())
     feedforward_modules: str = option("output.dense", "which of the targets scale their input (FFN) instead of their output")
+
+    def validate(self) -> None:
+        extra = sorted(set(split_modules(self.feedforward_modules)) - set(split_modules(self.target_modules)))
+        if extra:  # peft would reject it only when the model is built
+            raise ConfigError(f"option 'feedforward_modules' of method 'ia3' must be among target_modules; got {', '.join(extra)}")
 
 
 @register_method

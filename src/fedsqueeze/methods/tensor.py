@@ -22,10 +22,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors
+from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors
 from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
-from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, option
+from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext
+from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.training import Encoded, num_local_steps, train_local
@@ -33,16 +34,31 @@ from fedsqueeze.training import Encoded, num_local_steps, train_local
 Tensors = dict[str, np.ndarray]
 
 
+def codec_ids() -> list[str]:
+    """Every registered codec (any of them can code an update)."""
+    return sorted(CODECS)
+
+
+def weight_codec_ids() -> list[str]:
+    """The codecs meant for model weights, i.e. the ones the downlink may use."""
+    return sorted(cid for cid, cls in CODECS.items() if cls.for_weights)
+
+
 @dataclass
 class TensorOptions:
-    uplink_codec: str = option("raw", "codec for the client update (see `fedsqueeze methods`)")
-    downlink_codec: str = option("raw", "codec for the global tensors sent to clients")
-    optimizer: str = option("adamw", "local optimizer: adamw or sgd")
-    server_lr: float = option(1.0, "server step size on the averaged update")
-    head_lr: float = option(1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr")
-    dp_clip: float = option(0.0, "DP-FedAvg: clip each client update to this L2 norm C (0 = no DP)")
-    dp_noise: float = option(0.0, "DP-FedAvg: noise multiplier σ; Gaussian noise σ·C is added to the sum")
-    dp_delta: float = option(1e-5, "DP-FedAvg: δ at which ε is reported")
+    uplink_codec: str = option("raw", "codec for the client update (see `fedsqueeze methods`)", choices=codec_ids)
+    downlink_codec: str = option("raw", "codec for the global tensors sent to clients", choices=weight_codec_ids)
+    optimizer: str = option("adamw", "local optimizer", choices=OPTIMIZERS)
+    server_lr: float = option(1.0, "server step size on the averaged update", check=above(0.0))
+    head_lr: float = option(1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr",
+                            check=at_least(0.0))
+    dp_clip: float = option(0.0, "DP-FedAvg: clip each client update to this L2 norm C (0 = no DP)", check=at_least(0.0))
+    dp_noise: float = option(0.0, "DP-FedAvg: noise multiplier σ; Gaussian noise σ·C is added to the sum", check=at_least(0.0))
+    dp_delta: float = option(1e-5, "DP-FedAvg: δ at which ε is reported", check=between(0.0, 1.0, lo_open=True, hi_open=True))
+
+    def validate(self) -> None:
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
 
 
 class TensorMethod(Method):
@@ -75,8 +91,6 @@ class TensorMethod(Method):
         """Names of the parameters that train and travel."""
 
     def setup(self, task) -> None:
-        if self.opts.dp_noise > 0 and self.opts.dp_clip <= 0:
-            raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
         self.task = task
         self.prepare_model(task.model)
         named = dict(task.model.named_parameters())
@@ -131,7 +145,7 @@ class TensorMethod(Method):
             self._downlink_cache = (key, encode_tensors(self.down_codec, state["weights"], cctx))
         return self._downlink_cache[1]
 
-    def decode_update(self, payload: bytes, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
         self._check_tensors(tensors, "client update")
         if self.uplink_sends_weights:
