@@ -1,0 +1,75 @@
+"""Hand-made cases shared by the pinned tests and the fuzz tests: small methods, payloads, frame parsing."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import struct
+import zlib
+
+import numpy as np
+
+from fedsqueeze.codecs import frame
+from fedsqueeze.methods import get_method
+
+from conftest import tiny_config
+
+OUT = "/tmp/fedsqueeze-pinned-unused"
+
+
+def fresh(task):
+    """The same task with its own copy of the model (for methods that change the model)."""
+    return dataclasses.replace(task, model=copy.deepcopy(task.model), _features={})
+
+
+def build(name, task, **options):
+    cfg = tiny_config(method=name, out=OUT, options=dict(options))
+    method = get_method(name)(cfg)
+    method.setup(task)
+    return method
+
+
+def hand_deltas(method, seed, scale=1e-2):
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(method.shapes[n]) * scale).astype(np.float32) for n in method.names}
+
+
+def parse_frame(data: bytes):
+    """Our own reading of the frame layout of codecs/framing.py: (kind, meta, body, total length check)."""
+    assert data[:4] == b"FSQZ" and data[4] == 1
+    (kind_len,) = struct.unpack_from("<H", data, 5)
+    pos = 7
+    kind = data[pos : pos + kind_len].decode()
+    pos += kind_len
+    (meta_len,) = struct.unpack_from("<I", data, pos)
+    pos += 4
+    meta = json.loads(data[pos : pos + meta_len])
+    pos += meta_len
+    (body_len,) = struct.unpack_from("<Q", data, pos)
+    pos += 8
+    body = data[pos : pos + body_len]
+    pos += body_len
+    (crc,) = struct.unpack_from("<I", data, pos)
+    assert pos + 4 == len(data) and crc == zlib.crc32(data[:pos])
+    return kind, meta, body
+
+
+def frame_size(kind: str, meta: dict, body_len: int) -> int:
+    return 4 + 1 + 2 + len(kind) + 4 + len(json.dumps(meta, separators=(",", ":"))) + 8 + body_len + 4
+
+
+def mask_payload(m, state, ctx, client, keep, head_delta, n):
+    """A client's real upload whose drawn mask is exactly ``keep`` (θ_client ∈ {0, 1} makes ``u < θ`` = keep)."""
+    sym, levels = state["theta_sym"], int(state["levels"])
+    theta_start = m.start_theta(m.theta_of(sym, levels))
+    u = m.uniforms(ctx, client, None)
+    mask_meta, mask_body, _ = m.encode_mask(u, keep.astype(np.float32), theta_start, sym, levels, ctx)
+    head_meta, head_body = m._encode_head(head_delta)
+    meta = {"n": n, "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
+    return frame(m.uplink_kind, meta, mask_body + head_body)
+
+
+def hand_head(m, seed):
+    rng = np.random.default_rng(seed)
+    return {n: (rng.standard_normal(m.head_shapes[n]) * 1e-2).astype(np.float32) for n in m.head_names}
