@@ -73,3 +73,37 @@ def mask_payload(m, state, ctx, client, keep, head_delta, n):
 def hand_head(m, seed):
     rng = np.random.default_rng(seed)
     return {n: (rng.standard_normal(m.head_shapes[n]) * 1e-2).astype(np.float32) for n in m.head_names}
+
+
+_TASKS: dict = {}
+
+
+def evaluate_final_state(cfg):
+    """``(accuracy, loss, test examples)`` of the run's checkpointed final server state, evaluated afresh.
+
+    The task (data and pre-trained model) is built once per data/model setting and copied, so the
+    method's set-up (adapter injection...) never touches the cached one.
+    """
+    from fedsqueeze.runtime.checkpoint import load_checkpoint
+    from fedsqueeze.task import build_task
+
+    ckpt = load_checkpoint(cfg.out)
+    assert ckpt is not None and ckpt.round == cfg.rounds, f"no checkpoint of round {cfg.rounds} in {cfg.out}"
+    key = (cfg.model, cfg.dataset, cfg.train_size, cfg.test_size, cfg.seed, cfg.max_length, cfg.clients,
+           cfg.partition, cfg.alpha)
+    if key not in _TASKS:
+        _TASKS[key] = build_task(cfg)
+    method = get_method(cfg.method)(cfg)
+    method.setup(fresh(_TASKS[key]))
+    return (*method.evaluate(ckpt.server_state), len(_TASKS[key].test))
+
+
+def assert_accuracy_is_real(cfg, res):
+    """Every round's accuracy is a count of correct test examples, and the final one is exactly what
+    evaluating the final server state gives (an assertion that a broken evaluation or state fails)."""
+    acc, loss, n_test = evaluate_final_state(cfg)
+    for r in res["rounds"]:
+        correct = r["accuracy"] * n_test
+        assert 0 <= r["accuracy"] <= 1 and abs(correct - round(correct)) < 1e-6, r["accuracy"]
+    assert res["rounds"][-1]["accuracy"] == acc == res["final"]["accuracy"]
+    assert abs(res["rounds"][-1]["loss"] - loss) <= 1e-9 * max(1.0, abs(loss))

@@ -12,6 +12,7 @@ from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.runtime import run_local
 from fedsqueeze.task import build_task
 from conftest import tiny_config
+from handmade import assert_accuracy_is_real
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +82,13 @@ def test_fedsz_compress_weights_sends_weights_and_recovers_the_update(make, tiny
 
 
 def test_fedsz_runs_end_to_end_with_a_compressed_downlink(tiny_cfg):
-    res = run_local(tiny_cfg(method="fedsz", options={"downlink_codec": "fp16"}), show_progress=False)
+    cfg = tiny_cfg(method="fedsz", options={"downlink_codec": "fp16"})
+    res = run_local(cfg, show_progress=False)
     fedavg_bpp = 32.0
     for r in res["rounds"]:
         assert r["uplink_bpp"] < fedavg_bpp / 4
         assert 16.0 < r["downlink_bpp"] < 16.2
-    assert np.isfinite(res["final"]["accuracy"])
+    assert_accuracy_is_real(cfg, res)
 
 
 def test_head_with_lossless_downlink_is_exact(tiny_cfg):
