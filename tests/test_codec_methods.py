@@ -119,3 +119,16 @@ def test_downlink_is_encoded_once_per_round_and_follows_aggregation(make, tiny_c
     after, _ = decode_tensors(m.downlink(state, ctx, 0), CodecContext(max_elements=m.max_elements))
     assert all(np.array_equal(after[n], state["weights"][n]) for n in m.names)
     assert m.downlink(state, RoundContext(round=2, rounds=2, seed=0), 0) != first
+
+
+def test_downlink_memo_never_serves_a_stale_encoding(make, tiny_cfg):
+    m = make(tiny_cfg(method="head"))
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    first = m.downlink(state, ctx, 0)
+    name = m.names[0]
+    state["weights"][name][...] += 1.0  # changed in place, same round: the memo's digest must notice
+    after, _ = decode_tensors(m.downlink(state, ctx, 1), CodecContext(max_elements=m.max_elements))
+    assert np.array_equal(after[name], state["weights"][name])
+    fresh = make(tiny_cfg(method="head"))  # another method object on the edited state: the same bytes
+    assert fresh.downlink(state, ctx, 0) == m.downlink(state, ctx, 0) != first

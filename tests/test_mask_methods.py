@@ -57,7 +57,7 @@ def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name, stratify):
     state = method.init_server()
     ctx = RoundContext(round=1, rounds=2, seed=0)
     out = method.client_update(method.downlink(state, ctx, 1), 1, None, ctx)
-    update = method.decode_update(out.payload, state, ctx)
+    update = method.decode_update(out.payload, 1, state, ctx)
     # the client's own mask, redrawn from its final probabilities is not returned: compare via statistics
     theta_start = method.start_theta(method.theta_of(state["theta_sym"], state["levels"]))
     mask, stats = method.rebuild_mask(update, theta_start, None, 1, ctx)
@@ -108,9 +108,9 @@ def test_corrupt_payloads_raise_payload_error(tiny_task, name):
     bad[len(bad) // 2] ^= 0xFF
     for broken in (bytes(bad), payload[:-5], payload[:40], b""):
         with pytest.raises(PayloadError):
-            method.decode_update(broken, state, ctx)
+            method.decode_update(broken, 0, state, ctx)
     with pytest.raises(PayloadError):
-        method.decode_update(message, state, ctx)  # a server message is not a client update
+        method.decode_update(message, 0, state, ctx)  # a server message is not a client update
     with pytest.raises(PayloadError):
         method.decode_downlink(payload)
 
@@ -150,16 +150,28 @@ def test_stratified_uniforms_are_uniform_and_keep_counts_at_k_theta():
     assert np.mean(np.abs(independent - k * theta) > 1) > 0.1  # Binomial counts wander far more
 
 
-def test_server_needs_the_stratum_it_gave(tiny_task):
+def test_strata_are_a_pure_function_of_the_participants(tiny_task):
     method = _method("deltamask", tiny_task, stratify=True)
     state = method.init_server()
-    ctx = RoundContext(round=1, rounds=2, seed=0)
+    ctx = RoundContext(round=1, rounds=2, seed=0, participants=(2, 4, 7))
     strata = [json_meta(method.downlink(state, ctx, c))["stratum"] for c in (4, 2, 7)]
-    k = method.cfg.clients_per_round
-    assert strata == [[j % k, k] for j in range(3)]  # in the order contacted, modulo K
-    assert json_meta(method.downlink(state, ctx, 2))["stratum"] == strata[1]  # asked again: same stratum
+    assert strata == [[1, 3], [0, 3], [2, 3]]  # the index among the sorted participants, whatever the call order
+    assert json_meta(method.downlink(state, ctx, 2))["stratum"] == [0, 3]  # asked again: same stratum
     with pytest.raises(PayloadError, match="no stratum"):
-        method.server_uniforms(ctx, 9)
+        method.server_uniforms(ctx, 9)  # not a participant
+    bare = RoundContext(round=1, rounds=2, seed=0)  # no participants: K = clients_per_round, k = client mod K
+    k = method.cfg.clients_per_round
+    assert [method.stratum(bare, c) for c in (4, 2, 7)] == [(4 % k, k), (2 % k, k), (7 % k, k)]
+
+
+def test_mask_downlink_memo_follows_the_state_not_the_round(tiny_task):
+    method = _method("fedpm", tiny_task)
+    state = method.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    first = method.downlink(state, ctx, 0)
+    state["theta_sym"][:10] = 0  # edited within the round: the next message must carry it
+    sym, levels, _, _ = method.decode_downlink(method.downlink(state, ctx, 1))
+    assert np.array_equal(sym, state["theta_sym"]) and method.downlink(state, ctx, 1) != first
 
 
 def json_meta(message: bytes) -> dict:
@@ -206,7 +218,7 @@ def test_delta_aggregation_moves_theta_only_where_masks_left_the_reference(tiny_
     updates, moved = {}, np.zeros(method.n)
     for c in (0, 1):
         out = method.client_update(method.downlink(state, ctx, c), c, None, ctx)
-        updates[c] = method.decode_update(out.payload, state, ctx)
+        updates[c] = method.decode_update(out.payload, c, state, ctx)
         ref = method.server_uniforms(ctx, c) < theta_start
         mask, _ = method.rebuild_mask(updates[c], theta_start, ref, c, ctx)
         moved += mask.astype(float) - ref

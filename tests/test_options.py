@@ -106,6 +106,7 @@ def test_every_run_option_rejects_a_bad_value_through_the_cli(name, value, words
     ("decomfl", ["local_steps=0"], ["decomfl", "local_steps >= 1"]),
     ("decomfl", ["aggregation=median"], ["'aggregation'", "renamed to 'aggregate'"]),
     ("decomfl", ["lora_r=4"], ["'lora_r'", "renamed to 'rank'"]),
+    ("prompt", ["dataset=fashion-mnist"], ["prompt", "text"]),
 ])
 def test_rules_across_options_and_renames_are_one_line_errors(method, sets, words, capsys, no_loading, tmp_path):
     argv = ["run", "--method", method, "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)]

@@ -20,9 +20,11 @@ object is built, before any data or model loads.
 from __future__ import annotations
 
 import difflib
+import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ from fedsqueeze.seeding import np_rng, seed_int, torch_gen
 
 if TYPE_CHECKING:
     from fedsqueeze.task import Task
+
+T = TypeVar("T")
 
 
 # what training.make_optimizer builds: every method's `optimizer` option takes these
@@ -63,6 +67,54 @@ class RoundContext:
 
     def seed_for(self, client: int, purpose: str) -> int:
         return seed_int(self.seed, self.round, client, purpose)
+
+
+def state_digest(tree: Any) -> bytes:
+    """A digest of a state tree's every value (names, dtypes, shapes and bytes of its arrays).
+
+    SHA-1 as a fast fingerprint, not for security: about 60 ms for FedAvg's 91 MB of weights,
+    a fifth of encoding them once.
+    """
+    h = hashlib.sha1(usedforsecurity=False)
+
+    def feed(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node):
+                h.update(repr(key).encode())
+                feed(node[key])
+        elif isinstance(node, (list, tuple)):
+            h.update(b"[%d" % len(node))
+            for item in node:
+                feed(item)
+        elif isinstance(node, np.ndarray):
+            h.update(f"{node.dtype.str}{node.shape}".encode())
+            h.update(np.ascontiguousarray(node).data)
+        else:
+            h.update(repr(node).encode())
+
+    feed(tree)
+    return h.digest()
+
+
+class RoundMemo:
+    """An explicit memo of one value: the last ``make()`` result and the key it was made for.
+
+    Methods keep their downlink encoding here, keyed by ``(round, ..., state_digest(what it
+    encodes))``: every client of a round gets the same bytes, encoded once, and a state that
+    changed in any byte (aggregation, a resumed checkpoint, a test editing it) misses the memo
+    instead of being served stale. It holds no other state, so dropping it changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._value: Any = None
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], T]) -> T:
+        """The value for ``key``: remembered if the last call had the same key, else ``make()``."""
+        if self._key != key:
+            self._value = make()
+            self._key = key  # only once made: a failing make() leaves no entry behind
+        return self._value
 
 
 @dataclass

@@ -24,8 +24,8 @@ delta. The cost is about ``Σ_g n_g H(p_g)`` bits, far below one bit per weight 
 
 The mask is drawn as ``u < θ_client`` with uniforms ``u`` the server can rebuild: independent per
 client by default, or stratified across the round's clients (``stratify=true``: the server gives
-the k-th client it contacts in a round stratum ``k mod K`` in its downlink header, ``K`` = clients
-per round; see :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
+the k-th of the round's K participants, sorted, stratum ``[k, K]`` in its downlink header (the same
+as the order a round contacts them in); see :meth:`MaskMethod.stratum` and :mod:`fedsqueeze.masking`). Stratification keeps the aggregated θ from
 drifting by sampling noise alone; DeltaMask also needs ``u`` to rebuild the reference mask.
 
 Delta aggregation (``aggregate=delta``, ours): the server rebuilds every client's reference mask
@@ -58,7 +58,7 @@ from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.masking import (
     MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked,
 )
-from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, register_method
+from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, register_method, state_digest
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.seeding import SERVER, np_rng
@@ -123,9 +123,8 @@ class MaskMethod(Method):
         self.head_shapes = {n: tuple(named[n].shape) for n in self.head_names}
         self.masked = MaskedModel(task.model, self.layout)
         self.n = self.layout.total
-        # server side, per round: the stratum given to each client, and the encoded downlink body
-        self._strata: dict[int, tuple[int, int]] = {}
-        self._down_cache: tuple[int, dict[str, Any], bytes] | None = None
+        # the round's downlink (meta, body), keyed by the θ and head it encodes
+        self._downlink = RoundMemo()
 
     def trainable_params(self) -> int:
         return self.n + sum(p.numel() for p in self.head_params)
@@ -171,7 +170,6 @@ class MaskMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
-        self._down_cache = None
         sym = np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
         state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": self.read_head()}
         if self.opts.carry_priors:
@@ -179,19 +177,34 @@ class MaskMethod(Method):
             state["beta"] = np.ones(self.n, dtype=np.float32)
         return state
 
+    def _encode_downlink(self, state: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """The downlink header and body every client of a round shares (θ symbols, then the head)."""
+        levels = int(state["levels"])
+        sym_meta, sym_body = encode_symbols(state["theta_sym"], levels + 1)
+        head_meta, head_body = self._encode_head(state["head"])
+        meta = {"levels": levels, "theta": sym_meta, "head": head_meta, "sections": [len(sym_body), len(head_body)]}
+        return meta, sym_body + head_body
+
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
-        if self._down_cache is None or self._down_cache[0] != ctx.round:
-            levels = int(state["levels"])
-            sym_meta, sym_body = encode_symbols(state["theta_sym"], levels + 1)
-            head_meta, head_body = self._encode_head(state["head"])
-            meta = {"levels": levels, "theta": sym_meta, "head": head_meta, "sections": [len(sym_body), len(head_body)]}
-            self._down_cache, self._strata = (ctx.round, meta, sym_body + head_body), {}
-        _, meta, body = self._down_cache
+        shared = {k: state[k] for k in ("theta_sym", "levels", "head")}
+        meta, body = self._downlink.get((ctx.round, state_digest(shared)), lambda: self._encode_downlink(state))
         if self.opts.stratify:
-            k = self.cfg.clients_per_round
-            stratum = self._strata.setdefault(client, (len(self._strata) % k, k))
-            meta = {**meta, "stratum": list(stratum)}
+            meta = {**meta, "stratum": list(self.stratum(ctx, client))}
         return frame("mask-down", meta, body)
+
+    def stratum(self, ctx: RoundContext, client: int) -> tuple[int, int]:
+        """``client``'s stratum ``(k, K)`` this round: a pure function of the round, never of call order.
+
+        ``k`` is the client's index among ``ctx.participants`` (sorted) and ``K`` their number.
+        Without participants (a caller that does not set them) ``K`` = clients_per_round and
+        ``k = client mod K``: still the same on both sides, but two clients may share a stratum.
+        """
+        if not ctx.participants:
+            k = self.cfg.clients_per_round
+            return client % k, k
+        if client not in ctx.participants:
+            raise PayloadError(f"client {client} is not among this round's participants, so it has no stratum")
+        return ctx.participants.index(client), len(ctx.participants)
 
     def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray], tuple[int, int] | None]:
         """``(θ symbols, levels, head weights, stratum)`` from the server's message."""
@@ -218,11 +231,7 @@ class MaskMethod(Method):
 
     def server_uniforms(self, ctx: RoundContext, client: int) -> np.ndarray:
         """Server: the same uniforms, from the stratum it gave ``client`` this round."""
-        if not self.opts.stratify:
-            return self.uniforms(ctx, client, None)
-        if client not in self._strata or self._down_cache is None or self._down_cache[0] != ctx.round:
-            raise PayloadError(f"client {client} got no downlink this round, so it has no stratum")
-        return self.uniforms(ctx, client, self._strata[client])
+        return self.uniforms(ctx, client, self.stratum(ctx, client) if self.opts.stratify else None)
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         _, meta, body = unframe(payload, expect_kind=self.uplink_kind)
@@ -275,7 +284,6 @@ class MaskMethod(Method):
             "theta_mean": float(theta.mean()),
             "aggregate_s": time.perf_counter() - t0,
         })
-        self._down_cache = None  # θ and the head changed
         return state, metrics
 
     def eval_mask(self, state: dict[str, Any]) -> torch.Tensor:

@@ -223,6 +223,10 @@ class Prompt(PeftMethod):
     Options = PromptOptions
     default_lr = 3e-2
 
+    def check_run(self, cfg) -> None:
+        if cfg.dataset == "fashion-mnist":  # known to be images before loading; other datasets are checked in inject
+            raise ConfigError("method 'prompt' needs a text dataset: prompt and prefix tuning need a text model; got dataset 'fashion-mnist'")
+
     def inject(self, model: nn.Module) -> list[str]:
         from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 

@@ -25,7 +25,7 @@ import torch
 from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors
 from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
-from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext
+from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
@@ -77,7 +77,7 @@ class TensorMethod(Method):
         own, codec_opts = split_codec_options(cfg.options, reserved)
         super().__init__(dataclasses.replace(cfg, options=own))
         self.cfg = cfg
-        self._downlink_cache: tuple[tuple[int, int], bytes] | None = None  # ((round, seed), message)
+        self._downlink = RoundMemo()  # the round's message, keyed by the weights it encodes
         self.up_codec, self.down_codec = link_codecs(
             self.opts.uplink_codec, self.opts.downlink_codec, codec_opts, self.uplink_codec_defaults
         )
@@ -134,16 +134,14 @@ class TensorMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
-        self._downlink_cache = None
         return {"weights": self.read_weights()}
 
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
         # every client of a round gets the same bytes: encode once per round, as a real server would
-        key = (ctx.round, ctx.seed)
-        if self._downlink_cache is None or self._downlink_cache[0] != key:
-            cctx = CodecContext(seed=ctx.seed_for(SERVER, "downlink"))
-            self._downlink_cache = (key, encode_tensors(self.down_codec, state["weights"], cctx))
-        return self._downlink_cache[1]
+        def encode() -> bytes:
+            return encode_tensors(self.down_codec, state["weights"], CodecContext(seed=ctx.seed_for(SERVER, "downlink")))
+
+        return self._downlink.get((ctx.round, ctx.seed, state_digest(state["weights"])), encode)
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
@@ -156,7 +154,6 @@ class TensorMethod(Method):
         return {"delta": tensors, "n": n}
 
     def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
-        self._downlink_cache = None  # the global tensors change here
         if self.opts.dp_clip > 0:
             return self._aggregate_private(state, updates, ctx)
         if not updates:
