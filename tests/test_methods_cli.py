@@ -34,3 +34,16 @@ def test_methods_name_shows_only_that_one():
 def test_methods_unknown_name_suggests():
     result = _run("hed")
     assert isinstance(result.exception, FedsqueezeError) and "'head'" in str(result.exception)
+
+
+def _flat(*args) -> str:
+    """The output with the table's column rules and line wraps removed (a wrapped help cell reads on)."""
+    return " ".join(_run(*args).output.replace("│", " ").split())
+
+
+def test_methods_shows_each_options_allowed_values():
+    out = _flat("fedpm")
+    assert "one of: expected, threshold, sample" in out and "in (0, 0.5)" in out
+    out = _flat("decomfl")
+    assert "aggregate" in out and "one of: mean, median" in out and "lora_r" not in out
+    assert "one of: local, flower-sim, flower" in _flat("run")
