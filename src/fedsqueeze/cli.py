@@ -6,6 +6,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import Field
 from typing import Any, Optional
 
 import typer
@@ -22,7 +23,7 @@ err = Console(stderr=True)
 RUN_PANEL = "Run options (also settable in --config or with --set)"
 
 
-def _flag(f: Any, help_: str | None) -> inspect.Parameter:
+def _flag(f: Field, help_: str | None) -> inspect.Parameter:
     """The typer option for run option ``f``: unset (None) unless given, so a TOML file's value stands."""
     values = describe_values(f)
     text = (help_ or f.metadata["help"]) + (f" ({values})" if values else "") + f" (default: {f.default!r})"

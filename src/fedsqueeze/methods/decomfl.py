@@ -38,10 +38,10 @@ from torch.nn import functional as F
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, frame, get_codec, unframe
 from fedsqueeze.errors import ConfigError, PayloadError
-from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, register_method
-from fedsqueeze.options import above, at_least, between, option
+from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register_method
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.zo import Perturber, estimate_step
+from fedsqueeze.options import above, at_least, option
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.training import Encoded, batch_inputs, iterate_batches, train_local
 

@@ -59,8 +59,8 @@ from fedsqueeze.masking import (
     MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked,
 )
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, register_method, state_digest
-from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.methods.head import head_names
+from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.seeding import SERVER, np_rng
 from fedsqueeze.training import num_local_steps
 

@@ -32,9 +32,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods.base import register_method
-from fedsqueeze.options import above, at_least, between, names_list, option
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
+from fedsqueeze.options import above, at_least, between, names_list, option
 
 
 def added_parameters(model: nn.Module, inject: Callable[[], None]) -> list[str]:
