@@ -201,3 +201,12 @@ def test_generated_flags_reach_the_config(capsys, no_loading, tmp_path):
     assert_one_line_error(code, stderr, ["'batch_size'", ">= 1", "got 0"])
     code, stderr = run_cli(["run", "--resume", str(tmp_path), "--no-checkpoint"], capsys)
     assert_one_line_error(code, stderr, ["--resume", "--checkpoint"])
+
+
+def test_a_directly_built_run_config_is_checked_and_normalised():
+    cfg = RunConfig(alpha=1, checkpoint=0, rounds=3.0).validate()  # e.g. from a peer's JSON
+    assert (cfg.alpha, cfg.checkpoint, cfg.rounds) == (1.0, False, 3) and type(cfg.alpha) is float
+    with pytest.raises(ConfigError, match="option 'rounds' of the run must be an integer; got 'ten'"):
+        RunConfig(rounds="ten").validate()
+    with pytest.raises(ConfigError, match="option 'partition' of the run must be one of: iid, dirichlet; got 'x'"):
+        RunConfig(partition="x").validate()

@@ -143,9 +143,15 @@ def check_value(f: Field, value: Any, owner: str) -> None:
 
 
 def check_fields(obj: Any, owner: str) -> None:
-    """Check every option of the dataclass instance ``obj`` against its declared choices and range."""
+    """Check every option of the dataclass instance ``obj``: its type (normalised in place, e.g. an
+    int given for a float option becomes a float), its declared choices and its range.
+
+    For objects built directly (``RunConfig(**json_values)``) rather than through :func:`parse_options`.
+    """
     for f in option_fields(type(obj)):
-        check_value(f, getattr(obj, f.name), owner)
+        value = coerce(getattr(obj, f.name), kind_of(f), f.name, owner)
+        check_value(f, value, owner)
+        setattr(obj, f.name, value)
 
 
 def option_fields(cls: type) -> list[Field]:
