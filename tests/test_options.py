@@ -14,6 +14,7 @@ import typer
 
 import fedsqueeze.task
 from fedsqueeze import cli
+from fedsqueeze.codecs import CODECS
 from fedsqueeze.config import RunConfig, build_config
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods import METHODS, get_method
@@ -44,6 +45,12 @@ METHOD_CASES = [
     pytest.param(m, f.name, value, words, id=f"{m}-{f.name}-{what}")
     for m in sorted(METHODS)
     for f in option_fields(METHODS[m].Options)
+    for what, value, words in bad_values(f)
+]
+CODEC_CASES = [
+    pytest.param(cid, f.name, value, words, id=f"codec-{cid}-{f.name}-{what}")
+    for cid in sorted(CODECS)
+    for f in option_fields(CODECS[cid].Options)
     for what, value, words in bad_values(f)
 ]
 RUN_CASES = [
@@ -89,6 +96,12 @@ def assert_one_line_error(code: int, stderr: str, words: list[str]) -> None:
 def test_every_method_option_rejects_a_bad_value_through_the_cli(method, name, value, words, capsys, no_loading, tmp_path):
     code, stderr = run_cli(["run", "--method", method, "--out", str(tmp_path), "--set", f"{name}={value}"], capsys)
     assert_one_line_error(code, stderr, [f"'{name}'", f"method '{method}'", *words])
+
+
+@pytest.mark.parametrize(("cid", "name", "value", "words"), CODEC_CASES)
+def test_every_codec_option_rejects_a_bad_value_through_the_cli(cid, name, value, words, capsys, no_loading, tmp_path):
+    argv = ["run", "--out", str(tmp_path), "--set", f"uplink_codec={cid}", "--set", f"{cid}_{name}={value}"]
+    assert_one_line_error(*run_cli(argv, capsys), [f"'{name}'", f"codec '{cid}'", *words])
 
 
 @pytest.mark.parametrize(("name", "value", "words"), RUN_CASES)
