@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench data clean
+.PHONY: setup run test bench data clean mutants
 
 setup: $(STAMP) data
 
@@ -38,6 +38,10 @@ bench: setup  ## speed/size benchmarks; JSON lands in benchmarks/results/
 	PYTHONPATH=src $(PY) benchmarks/round_time.py
 	PYTHONPATH=src $(PY) benchmarks/flower_runtimes.py
 	PYTHONPATH=src $(PY) benchmarks/reliability.py
+
+mutants: setup  ## mutation-testing benchmark (not part of `make test`); MUTANTS_ARGS="--files ... --sample 0.2"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/mutants.py $(MUTANTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

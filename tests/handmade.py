@@ -78,6 +78,24 @@ def hand_head(m, seed):
 _TASKS: dict = {}
 
 
+def task_for(cfg):
+    """The task of ``cfg``'s data and model settings, built once per process and shared (copy it with
+    :func:`fresh` before a set-up that changes the model)."""
+    from fedsqueeze.task import build_task
+
+    key = (cfg.model, cfg.dataset, cfg.train_size, cfg.test_size, cfg.seed, cfg.max_length, cfg.clients,
+           cfg.partition, cfg.alpha)
+    if key not in _TASKS:
+        _TASKS[key] = build_task(cfg)
+    return _TASKS[key]
+
+
+def shared_task():
+    """The tiny task of ``tiny_config()``, built once per process (mutation runs fork from a process
+    that built it, so each mutant's tests skip the ~10 s of tokenization and model loading)."""
+    return task_for(tiny_config(out=OUT))
+
+
 def evaluate_final_state(cfg):
     """``(accuracy, loss, test examples)`` of the run's checkpointed final server state, evaluated afresh.
 
@@ -85,17 +103,13 @@ def evaluate_final_state(cfg):
     method's set-up (adapter injection...) never touches the cached one.
     """
     from fedsqueeze.runtime.checkpoint import load_checkpoint
-    from fedsqueeze.task import build_task
 
     ckpt = load_checkpoint(cfg.out)
     assert ckpt is not None and ckpt.round == cfg.rounds, f"no checkpoint of round {cfg.rounds} in {cfg.out}"
-    key = (cfg.model, cfg.dataset, cfg.train_size, cfg.test_size, cfg.seed, cfg.max_length, cfg.clients,
-           cfg.partition, cfg.alpha)
-    if key not in _TASKS:
-        _TASKS[key] = build_task(cfg)
+    task = task_for(cfg)
     method = get_method(cfg.method)(cfg)
-    method.setup(fresh(_TASKS[key]))
-    return (*method.evaluate(ckpt.server_state), len(_TASKS[key].test))
+    method.setup(fresh(task))
+    return (*method.evaluate(ckpt.server_state), len(task.test))
 
 
 def assert_accuracy_is_real(cfg, res):

@@ -15,7 +15,7 @@ from fedsqueeze.treeio import pack_tree, unpack_tree
 from fedsqueeze.methods.base import RoundContext
 
 from fuzzing import EXAMPLES, REJECTED, TRIED, fuzz_codec, fuzz_decoder, reframe
-from handmade import OUT, build, fresh, hand_deltas, hand_head, mask_payload
+from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 
 def sample_tensors() -> dict[str, np.ndarray]:
@@ -60,10 +60,7 @@ def test_codecs_with_options(codec_id, options):
 
 @pytest.fixture(scope="module")
 def task():
-    from conftest import tiny_config
-    from fedsqueeze.task import build_task
-
-    return build_task(tiny_config(out=OUT))
+    return shared_task()
 
 
 TENSOR_METHODS = ["fedavg", "head", "topk", "qsgd", "signsgd", "eden", "fedsz", "bitfit", "lora", "adapter", "prompt", "ia3"]

@@ -82,6 +82,66 @@ def test_frame_layout_and_checks():
     assert unframe(frame("", {}, b""))[1] == {} and len(frame("", {}, b"")) == 4 + 1 + 2 + 4 + 2 + 8 + 4
 
 
+def reframed(kind: bytes, meta: bytes, body: bytes, *, meta_len=None, body_len=None, tail=b"") -> bytes:
+    """A frame built by hand (lengths may lie), with a correct checksum over what precedes it."""
+    head = b"FSQZ\x01" + struct.pack("<H", len(kind)) + kind + struct.pack("<I", len(meta) if meta_len is None else meta_len)
+    head += meta + struct.pack("<Q", len(body) if body_len is None else body_len) + body
+    return head + struct.pack("<I", zlib.crc32(head)) + tail
+
+
+def test_frame_boundaries_each_fail_with_their_own_reason():
+    assert len(reframed(b"", b"", b"")) == 23  # the smallest frame: its meta is empty, not JSON
+    with pytest.raises(PayloadError, match="not valid JSON: JSONDecodeError"):
+        unframe(reframed(b"", b"", b""))
+    with pytest.raises(PayloadError, match=r"too short to be a frame \(22 bytes\)"):
+        unframe(reframed(b"", b"", b"")[:22])
+    # the kind field runs to exactly where the meta length ends: the kind fits, the meta does not
+    exact = b"FSQZ\x01" + struct.pack("<H", 12) + b"k" * 12 + struct.pack("<I", 0)
+    assert len(exact) == 23
+    with pytest.raises(PayloadError, match="meta length 0 does not fit the 23-byte payload"):
+        unframe(exact)
+    with pytest.raises(PayloadError, match="truncated in its kind field"):
+        unframe(b"FSQZ\x01" + struct.pack("<H", 16) + b"k" * 16)
+    with pytest.raises(PayloadError, match="kind is not ASCII"):
+        unframe(reframed(b"\xff", b"{}", b""))
+    # the meta ends exactly where the body length field ends: no room for the checksum
+    cut = b"FSQZ\x01" + struct.pack("<H", 1) + b"k" + struct.pack("<I", 4) + b"{}  " + struct.pack("<Q", 0)
+    with pytest.raises(PayloadError, match=r"body length 0 disagrees with the payload size \(-4 bytes present\)"):
+        unframe(cut)
+    with pytest.raises(PayloadError, match=r"body length 5 disagrees with the payload size \(3 bytes present\)"):
+        unframe(reframed(b"k", b"{}", b"abc", body_len=5))
+    with pytest.raises(PayloadError, match="meta length 4294967280 does not fit"):
+        unframe(reframed(b"k", b"{}", b"", meta_len=0xFFFFFFF0))
+    with pytest.raises(PayloadError, match="not a JSON object"):
+        unframe(reframed(b"k", b"[1]", b""))
+    with pytest.raises(PayloadError, match="checksum"):
+        unframe(reframed(b"k", b"{}", b"")[:-1] + b"\0")
+
+
+def test_meta_size_limit_is_inclusive():
+    from fedsqueeze.codecs.framing import MAX_META_BYTES
+
+    biggest = {"s": "x" * (MAX_META_BYTES - len('{"s":""}'))}
+    data = frame("k", biggest, b"")
+    assert unframe(data)[1] == biggest  # exactly 1 MiB of meta is allowed, one byte more is not
+    with pytest.raises(ValueError, match="more than"):
+        frame("k", {"s": biggest["s"] + "x"}, b"")
+    raw = json.dumps({"s": biggest["s"] + "x"}, separators=(",", ":")).encode()
+    with pytest.raises(PayloadError, match="meta length"):
+        unframe(reframed(b"k", raw, b""))
+    with pytest.raises(ValueError):
+        frame("k", {"a": float("nan")}, b"")  # the header is strict JSON
+
+
+def test_expected_kinds():
+    data = frame("ra", {}, b"")
+    with pytest.raises(PayloadError, match="kind 'ra'"):
+        unframe(data, expect_kind="raw")  # a name, not a substring
+    assert unframe(data, expect_kind={"raw", "ra"})[0] == "ra"
+    with pytest.raises(PayloadError, match="kind 'ra'"):
+        unframe(data, expect_kind={"raw", "zstd"})
+
+
 # ---- lossless codecs ----------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from fedsqueeze.task import build_task
 from fedsqueeze.training import Encoded, batch_inputs, train_local
 
 from conftest import tiny_config
-from handmade import OUT, build, frame_size, fresh, hand_deltas, hand_head, mask_payload, parse_frame
+from handmade import build, frame_size, fresh, hand_deltas, hand_head, mask_payload, parse_frame, shared_task
 
 TENSOR_METHODS = ["fedavg", "head", "topk", "qsgd", "signsgd", "eden", "fedsz", "bitfit", "lora", "adapter", "prompt", "ia3"]
 PEFT = {"bitfit", "lora", "adapter", "prompt", "ia3"}
@@ -35,7 +35,7 @@ PEFT = {"bitfit", "lora", "adapter", "prompt", "ia3"}
 
 @pytest.fixture(scope="module")
 def task():
-    return build_task(tiny_config(out=OUT))
+    return shared_task()
 
 
 # ---- tensor methods: weighted FedAvg rule, server_lr, every uplink codec ------------------------
