@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.methods import RoundContext, get_method
-from fedsqueeze.report import ResultsWriter
+from fedsqueeze.results import ResultsWriter
 from fedsqueeze.runtime.common import run_header
 from fedsqueeze.runtime.local import run_round
 from fedsqueeze.task import build_task

@@ -13,9 +13,8 @@ import pytest
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.report.compare import (
-    find_results, labels_for, load_results, method_configs, render_report, split_options, time_to_target, write_report,
-)
+from fedsqueeze.report.compare import find_results, labels_for, load_results, render_report, time_to_target, write_report
+from fedsqueeze.runners import method_configs, split_options
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -188,15 +187,15 @@ def test_method_configs_share_everything_but_method_and_out(tmp_path):
 
 
 def test_a_failing_method_does_not_lose_the_others(tmp_path, monkeypatch):
-    import fedsqueeze.runtime
-    from fedsqueeze.report.compare import run_compare
+    import fedsqueeze.runners
+    from fedsqueeze.runners import run_compare
 
-    def fake_run_local(cfg, show_progress=True):
+    def fake_run(cfg, show_progress=True, **kwargs):
         if cfg.method == "head":
             raise RuntimeError("boom")
         return _fake(cfg.method, [0.5, 0.6], 100, 100)
 
-    monkeypatch.setattr(fedsqueeze.runtime, "run_local", fake_run_local)
+    monkeypatch.setattr(fedsqueeze.runners, "run", fake_run)
     done = run_compare(RunConfig(model="tiny"), ["fedavg", "head"], tmp_path, show_progress=False)
     assert done["failed"] == [{"method": "head", "error": "RuntimeError: boom"}]
     md = done["report"].read_text()

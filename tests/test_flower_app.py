@@ -10,11 +10,12 @@ from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import RoundContext, get_method
 from fedsqueeze.runtime.flower import app_pyproject, flower_env, write_flwr_config
-from fedsqueeze.runtime.flower_app import (
-    CONFIG, PAYLOAD, STATE, RUN_CONFIG_KEY, bytes_record, client_app, config_from_json, config_to_json,
-    record_bytes,
+from fedsqueeze.runtime.engine import prepare
+from fedsqueeze.runtime.flower_app import RUN_CONFIG_KEY
+from fedsqueeze.runtime.flower_client import client_app
+from fedsqueeze.runtime.flower_wire import (
+    CONFIG, PAYLOAD, STATE, bytes_record, config_from_json, config_to_json, record_bytes,
 )
-from fedsqueeze.runtime.local import prepare
 
 
 def test_payload_bytes_travel_unchanged_as_uint8():
@@ -100,7 +101,7 @@ def test_client_app_matches_the_local_client_function(tiny_cfg, task_identity):
     assert not reply.has_error()
     got = record_bytes(reply.content)
     assert got == expected
-    assert isinstance(method.decode_update(got, state, ctx), dict)
+    assert isinstance(method.decode_update(got, 1, state, ctx), dict)
     assert STATE in context.state.config_records  # client state persists in the node's context
 
 
@@ -154,5 +155,9 @@ def test_partitions_map_to_nodes_and_gaps_or_clashes_are_errors(task_identity):
     assert discover_partitions(FakeGrid({11: 1, 22: 0, 33: 5}), clients=2, wait_s=1) == {0: 22, 1: 11}
     with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
         discover_partitions(FakeGrid({11: 0}), clients=2, wait_s=0.5)
-    with pytest.raises(ConfigError, match="both claim"):
+    # a second claimant of a taken partition, or a node with a non-integer partition-id, is ignored: it
+    # neither takes the partition over nor ends the run
+    assert discover_partitions(FakeGrid({11: 0, 22: 0, 33: 1}), clients=2, wait_s=1) == {0: 11, 1: 33}
+    assert discover_partitions(FakeGrid({11: "one", 22: 0, 33: 1.0, 44: 1}), clients=2, wait_s=1) == {0: 22, 1: 44}
+    with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
         discover_partitions(FakeGrid({11: 0, 22: 0}), clients=2, wait_s=0.5)

@@ -80,7 +80,7 @@ def test_halving_uplink_bandwidth_adds_the_uplink_transfer_time(tiny_cfg):
 
 def test_dropped_clients_are_not_waited_for(tiny_cfg):
     from fedsqueeze.methods import RoundContext
-    from fedsqueeze.runtime.common import drops_out
+    from fedsqueeze.runtime.faults import drops_out
 
     def cfg_for(seed):
         return tiny_cfg(method="head", rounds=1, clients=4, clients_per_round=4, dropout=0.5, seed=seed,

@@ -41,7 +41,7 @@ def test_payload_round_trips_only_the_tuner_moves_and_bpp_is_32_per_trainable(ti
     down, _ = decode_tensors(message)
     assert set(down) == set(method.names)  # only the trainable tensors travel down, never the backbone
     out = method.client_update(message, 0, None, ctx)
-    update = method.decode_update(out.payload, state, ctx)
+    update = method.decode_update(out.payload, 0, state, ctx)
     assert set(update["delta"]) == set(method.names) and update["n"] == len(task.client_indices[0])
     # the decoded delta is exactly what the client's training did to its tensors
     after = method.read_weights()

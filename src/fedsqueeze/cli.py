@@ -58,8 +58,8 @@ def run(
     **flags: Any,
 ) -> None:
     """Run one federated fine-tuning job; writes OUT/results.json and OUT/rounds.csv."""
+    from fedsqueeze import runners
     from fedsqueeze.config import build_config, parse_sets
-    from fedsqueeze.methods import get_method
 
     cli = flags
     if resume is not None:
@@ -67,29 +67,11 @@ def run(
         given += ["--config"] * (config is not None) + ["--set"] * bool(set_)
         if given:
             raise ConfigError(f"--resume takes every setting from the run's saved config.toml; drop {', '.join(given)}")
-        from fedsqueeze.runtime import resume_local
-
-        results = resume_local(resume, show_progress=not quiet)
+        results = runners.resume(resume, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates)
         _print_final(results, resume)
         return
     cfg = build_config(config, cli, parse_sets(set_))
-    get_method(cfg.method)(cfg)  # every method option is checked here, before any data or model loads
-    if cfg.runtime == "flower-sim":
-        from fedsqueeze.runtime.flower import run_flower_sim
-
-        results = run_flower_sim(cfg, show_progress=not quiet)
-    elif cfg.runtime == "flower":
-        from fedsqueeze.runtime.flower import run_flower
-
-        results = run_flower(cfg, superlink=superlink, root_certificates=root_certificates, show_progress=not quiet)
-        if results is None:
-            err.print(f"no results.json in {cfg.out} here: the run failed (see the log above), or the SuperLink "
-                      "runs on another machine, which holds the results")
-            raise typer.Exit(1)
-    else:
-        from fedsqueeze.runtime import run_local
-
-        results = run_local(cfg, show_progress=not quiet)
+    results = runners.run(cfg, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates)
     _print_final(results, cfg.out)
 
 
@@ -147,12 +129,15 @@ def compare(
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an \\[options] table"),
     set_: list[str] = typer.Option([], "--set", help="key=value for run options; a method option goes to every method that has it, METHOD.key=value to one (repeatable)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars or tables"),
+    superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
+    root_certificates: Optional[str] = typer.Option(
+        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
     **flags: Any,
 ) -> None:
     """Run several methods on the same task and seed; write OUT/report.md, pareto.png, accuracy.png, bpp.png."""
     from fedsqueeze.config import build_config, parse_sets
     from fedsqueeze.methods import get_method
-    from fedsqueeze.report.compare import run_compare
+    from fedsqueeze.runners import run_compare
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     for name in names:
@@ -163,7 +148,8 @@ def compare(
     cfg = build_config(config, cli, sets)
     out = flags["out"]
     out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
-    done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line())
+    done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line(),
+                       superlink=superlink, root_certificates=root_certificates)
     _print_summary(done)
     if done["failed"]:
         raise FedsqueezeError("compare: failed: " + ", ".join(f["method"] for f in done["failed"]) + f" (see {done['report']})")

@@ -1,5 +1,1 @@
-"""Run outputs: results.json, rounds.csv and console tables."""
-
-from fedsqueeze.report.results import ResultsWriter, bpp, summarize
-
-__all__ = ["ResultsWriter", "bpp", "summarize"]
+"""Reading results: comparison tables, report.md and plots from results.json files (never runs anything)."""

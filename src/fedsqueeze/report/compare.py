@@ -1,6 +1,6 @@
-"""Compare methods on one task: run them, then write report.md and plots from their results.json.
+"""Compare runs: report.md and plots from their results.json (runs are made by :mod:`fedsqueeze.runners`).
 
-Everything here after the runs reads only results.json files, so ``fedsqueeze report`` (alias
+Everything here reads only results.json files, so ``fedsqueeze report`` (alias
 ``plot``) rebuilds the same report from runs made elsewhere, by anyone, at any time.
 
 Outputs in the report directory:
@@ -14,16 +14,13 @@ Outputs in the report directory:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections import Counter
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from fedsqueeze.config import RunConfig
-from fedsqueeze.errors import ConfigError, FedsqueezeError
+from fedsqueeze.errors import ConfigError
 
 log = logging.getLogger("fedsqueeze")
 
@@ -35,105 +32,6 @@ TASK_FIELDS = (
 LINK_FIELDS = ("uplink_mbps", "downlink_mbps", "latency_ms", "link_spread")
 DEFAULT_TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
 PLOTS = ("pareto.png", "accuracy.png", "bpp.png")
-
-
-# ---- running ---------------------------------------------------------------------------------------
-def _rejection(base: RunConfig, method: str, options: dict[str, Any]) -> str | None:
-    """None if ``method`` takes ``options`` (its constructor checks them, cheaply), else why not."""
-    from fedsqueeze.methods import get_method
-
-    try:
-        get_method(method)(dataclasses.replace(base, method=method, options=options))
-    except ConfigError as exc:
-        return str(exc)
-    return None
-
-
-def split_options(options: dict[str, Any], methods: list[str], base: RunConfig | None = None) -> dict[str, dict[str, Any]]:
-    """Route shared ``options`` to each method of a comparison.
-
-    A plain key goes to every method that takes it: one its ``Options`` declare, or any other key
-    its constructor accepts (codec options such as ``sz3_bound`` for a method that uses that codec).
-    A key no compared method takes is an error, so a typo is never silently dropped.
-    ``METHOD.key`` (``--set lora.rank=4``) or a TOML table ``[options.METHOD]`` goes to that method
-    only and wins over a plain key.
-    """
-    from fedsqueeze.methods import get_method
-
-    base = base or RunConfig()
-    declared = {m: {f.name for f in fields(get_method(m).Options)} for m in methods}
-    plain: dict[str, Any] = {}
-    specific: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    for key, value in options.items():
-        if isinstance(value, dict):  # a TOML table [options.METHOD]
-            prefix, own = key, value
-        elif "." in key:  # --set METHOD.key=value
-            prefix, name = key.split(".", 1)
-            own = {name: value}
-        else:
-            plain[key] = value
-            continue
-        if prefix not in declared:
-            raise ConfigError(f"option {key!r} names {prefix!r}, which is not one of the compared methods: {', '.join(methods)}")
-        specific[prefix].update(own)
-    routed = {m: {k: v for k, v in plain.items() if k in declared[m]} for m in methods}
-    for key, value in plain.items():
-        if any(key in declared[m] for m in methods):
-            continue
-        why = {m: _rejection(base, m, {**routed[m], key: value, **specific[m]}) for m in methods}
-        for m in methods:
-            if why[m] is None:
-                routed[m][key] = value
-        if all(why.values()):
-            raise ConfigError(f"option {key!r} is taken by none of the compared methods: "
-                              + "; ".join(f"{m}: {w}" for m, w in why.items()))
-    return {m: {**routed[m], **specific[m]} for m in methods}
-
-
-def method_configs(base: RunConfig, methods: list[str], out_dir: str | Path) -> list[RunConfig]:
-    """One config per method: the same task, partition and seed; output in ``out_dir/<method>``."""
-    if not methods:
-        raise ConfigError("--methods needs at least one method name")
-    if len(set(methods)) != len(methods):
-        raise ConfigError(f"--methods lists a method twice: {', '.join(methods)}")
-    routed = split_options(base.options, methods, base)
-    return [
-        dataclasses.replace(base, method=m, out=str(Path(out_dir) / m), options=routed[m]).validate()
-        for m in methods
-    ]
-
-
-def run_compare(
-    base: RunConfig, methods: list[str], out_dir: str | Path, target: float | None = None,
-    show_progress: bool = True, command: str | None = None,
-) -> dict[str, Any]:
-    """Run every method on ``base``'s task, one after the other, then write the report and plots."""
-    from rich.console import Console
-
-    from fedsqueeze.methods import get_method
-    from fedsqueeze.runtime import run_local
-
-    configs = method_configs(base, methods, out_dir)
-    for cfg in configs:  # every method's options are checked before the first (long) run starts
-        get_method(cfg.method)(cfg)
-    console = Console(stderr=True)
-    results, failed = [], []
-    for i, cfg in enumerate(configs, 1):
-        if show_progress:
-            console.rule(f"compare: run {i}/{len(configs)}: {cfg.method}")
-        try:
-            # run_local builds a fresh task per run: setup() changes the model (freezing, adapters)
-            res = run_local(cfg, show_progress=show_progress)
-        except Exception as exc:  # one failing method must not throw away the others' (long) runs
-            log.error("compare: method %s failed: %s: %s", cfg.method, type(exc).__name__, exc)
-            failed.append({"method": cfg.method, "error": f"{type(exc).__name__}: {exc}"})
-            continue
-        res["_path"] = str(Path(cfg.out) / "results.json")
-        results.append(res)
-    if not results:
-        raise FedsqueezeError("compare: every method failed: " + "; ".join(f"{f['method']}: {f['error']}" for f in failed))
-    done = write_report(results, out_dir, target=target, command=command, failed=failed)
-    return done
 
 
 # ---- reading ---------------------------------------------------------------------------------------
@@ -420,7 +318,7 @@ def write_report(
     failed: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Write report.md and the plots to ``out_dir``; return the paths, the target and the summaries."""
-    from fedsqueeze.report.results import atomic_write_text
+    from fedsqueeze.results import atomic_write_text
 
     if not results:
         raise ConfigError("nothing to report: no results")

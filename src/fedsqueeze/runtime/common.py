@@ -1,4 +1,4 @@
-"""Pieces every runtime shares: client sampling, fault injection, the link model, round records, the run header."""
+"""Pieces of the round engine: client sampling, the link model, round records, the run header."""
 
 from __future__ import annotations
 
@@ -9,72 +9,15 @@ import numpy as np
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.methods.base import RoundContext
-from fedsqueeze.report import bpp
+from fedsqueeze.results import bpp
+from fedsqueeze.runtime.faults import purpose
 from fedsqueeze.seeding import SERVER, np_rng
-
-
-def purpose(name: str, attempt: int = 0) -> str:
-    """A seed purpose for a round's ``attempt``: a retried round draws afresh, attempt 0 as always."""
-    return name if attempt == 0 else f"{name}/retry{attempt}"
 
 
 def sample_clients(cfg: RunConfig, ctx: RoundContext, attempt: int = 0) -> list[int]:
     """The clients taking part in round ``ctx.round`` (seeded, sorted)."""
     chosen = ctx.rng(SERVER, purpose("sample", attempt)).choice(cfg.clients, size=cfg.clients_per_round, replace=False)
     return sorted(int(c) for c in chosen)
-
-
-def drops_out(cfg: RunConfig, ctx: RoundContext, client: int, attempt: int = 0) -> bool:
-    """Whether a sampled client fails to return this round (``dropout`` probability, seeded)."""
-    return cfg.dropout > 0 and ctx.rng(client, purpose("dropout", attempt)).random() < cfg.dropout
-
-
-def client_fault(cfg: RunConfig, ctx: RoundContext, client: int, attempt: int = 0) -> str | None:
-    """The injected client fault this round, if any: 'raise', 'hang' or 'garbage' (seeded)."""
-    total = cfg.fault_raise + cfg.fault_hang + cfg.fault_garbage
-    if total <= 0:
-        return None
-    u = ctx.rng(client, purpose("client-fault", attempt)).random()
-    if u < cfg.fault_raise:
-        return "raise"
-    if u < cfg.fault_raise + cfg.fault_hang:
-        return "hang"
-    return "garbage" if u < total else None
-
-
-def straggler_delay(cfg: RunConfig, ctx: RoundContext, client: int, attempt: int = 0) -> float:
-    """Simulated extra seconds before this client's reply arrives (``straggler`` probability, seeded)."""
-    if cfg.straggler > 0 and ctx.rng(client, purpose("straggler", attempt)).random() < cfg.straggler:
-        return cfg.straggler_delay
-    return 0.0
-
-
-def garbage_payload(ctx: RoundContext, client: int, payload: bytes, attempt: int = 0) -> bytes:
-    """What a broken client sends instead of ``payload``: noise, a cut frame, or a frame of NaNs."""
-    rng = ctx.rng(client, purpose("garbage", attempt))
-    kind = int(rng.integers(0, 3))
-    if kind == 0:
-        return rng.bytes(len(payload))
-    if kind == 1:
-        return payload[: len(payload) // 2]
-    from fedsqueeze.codecs import encode_tensors, get_codec
-
-    return encode_tensors(get_codec("raw"), {"w": np.full(4, np.nan, dtype=np.float32)}, n=1)
-
-
-def inject_faults(cfg: RunConfig, ctx: RoundContext, client: int, payload: bytes, attempt: int = 0) -> tuple[bytes, str | None]:
-    """Corrupt or truncate a payload in transit with the configured probabilities (seeded)."""
-    rng = ctx.rng(client, purpose("faults", attempt))
-    if cfg.fault_truncate > 0 and rng.random() < cfg.fault_truncate:
-        return payload[: int(rng.integers(0, max(len(payload), 1)))], "truncated"
-    if cfg.fault_corrupt > 0 and rng.random() < cfg.fault_corrupt:
-        buf = bytearray(payload)
-        if buf:
-            pos = rng.integers(0, len(buf), size=min(8, len(buf)))
-            for p in pos:
-                buf[p] ^= 0xFF
-        return bytes(buf), "corrupted"
-    return payload, None
 
 
 def client_link(cfg: RunConfig, client: int) -> tuple[float, float, float]:

@@ -1,7 +1,8 @@
 """Running on Flower: ``--runtime flower-sim`` (simulation engine, Ray) and ``--runtime flower``
 (a real SuperLink with SuperNodes, started with :mod:`fedsqueeze.runtime.flower_deploy` or by hand).
 
-Both run the ServerApp/ClientApp of :mod:`fedsqueeze.runtime.flower_app`, so the bytes, rounds and
+Both run the ServerApp of :mod:`fedsqueeze.runtime.flower_app` and the ClientApp of
+:mod:`fedsqueeze.runtime.flower_client` around the round engine, so the bytes, rounds and
 results.json are those of the local runtime. Every Flower process started from here gets
 ``FLWR_TELEMETRY_ENABLED=0``, ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` and a private
 ``FLWR_HOME`` (see :func:`flower_env`).
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +26,10 @@ import tomli_w
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import FedsqueezeError
+from fedsqueeze.runtime.checkpoint import Checkpoint
 
 CONNECTION = "fedsqueeze"  # name of the SuperLink connection in the private FLWR_HOME
+CLIENT_STATE_DIR = "client-state"  # simulation: OUT/client-state holds the virtual nodes' client states
 
 
 def flower_env(flwr_home: str | Path, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -66,8 +70,14 @@ def _with_absolute_out(cfg: RunConfig) -> RunConfig:
 
 
 # ---- simulation engine ---------------------------------------------------------------------------
-def run_flower_sim(cfg: RunConfig, show_progress: bool = True, client_cpus: float = 1.0) -> dict[str, Any]:
-    """Run ``cfg`` on Flower's simulation engine: one virtual SuperNode per client, Ray actors."""
+def run_flower_sim(
+    cfg: RunConfig, show_progress: bool = True, client_cpus: float = 1.0, resume: Checkpoint | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` on Flower's simulation engine (from ``resume`` if given): one virtual SuperNode per client.
+
+    The virtual nodes share this machine, so they keep their client states in ``OUT/client-state``,
+    which lets a killed simulation resume with every client's state as it was.
+    """
     import importlib.util
 
     if importlib.util.find_spec("ray") is None:
@@ -80,9 +90,8 @@ def run_flower_sim(cfg: RunConfig, show_progress: bool = True, client_cpus: floa
 
     from fedsqueeze.runtime.flower_app import ServerSettings, client_app, make_server_app
 
-    results_path = Path(cfg.out) / "results.json"
-    results_path.unlink(missing_ok=True)
-    settings = ServerSettings(runtime="flower-sim", wait_nodes_s=60.0, show_progress=show_progress)
+    settings = ServerSettings(runtime="flower-sim", wait_nodes_s=60.0, show_progress=show_progress,
+                              state_dir=str(Path(cfg.out) / CLIENT_STATE_DIR), resume=resume, prepare_nodes=True)
     backend = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "error", "log_to_driver": False,
@@ -99,19 +108,22 @@ def run_flower_sim(cfg: RunConfig, show_progress: bool = True, client_cpus: floa
         if ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(home, ignore_errors=True)
-    if not results_path.is_file():
+    if settings.results is None:
         raise FedsqueezeError("the Flower simulation ended without results (see the log above)")
-    return json.loads(results_path.read_text())
+    return settings.results
 
 
 # ---- deployment ----------------------------------------------------------------------------------
-def app_pyproject(cfg: RunConfig, wait_nodes_s: float = 120.0, reply_timeout_s: float = 3600.0) -> dict[str, Any]:
+def app_pyproject(
+    cfg: RunConfig, wait_nodes_s: float = 120.0, reply_timeout_s: float = 3600.0, resume: bool = False,
+) -> dict[str, Any]:
     """The pyproject.toml of the Flower app that ``flwr run`` ships to the SuperLink.
 
     The app's code is fedsqueeze itself (installed where the SuperLink and SuperNodes run); the
     run config travels in ``[tool.flwr.app.config]`` as JSON.
     """
-    from fedsqueeze.runtime.flower_app import RUN_CONFIG_KEY, TIMEOUT_KEY, WAIT_KEY, config_to_json
+    from fedsqueeze.runtime.flower_app import RESUME_KEY, RUN_CONFIG_KEY, TIMEOUT_KEY, WAIT_KEY
+    from fedsqueeze.runtime.flower_wire import config_to_json
 
     return {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
@@ -121,10 +133,10 @@ def app_pyproject(cfg: RunConfig, wait_nodes_s: float = 120.0, reply_timeout_s: 
             "publisher": "fedsqueeze",
             "components": {
                 "serverapp": "fedsqueeze.runtime.flower_app:server_app",
-                "clientapp": "fedsqueeze.runtime.flower_app:client_app",
+                "clientapp": "fedsqueeze.runtime.flower_client:client_app",
             },
             "config": {RUN_CONFIG_KEY: config_to_json(cfg), WAIT_KEY: float(wait_nodes_s),
-                       TIMEOUT_KEY: float(reply_timeout_s)},
+                       TIMEOUT_KEY: float(reply_timeout_s), RESUME_KEY: bool(resume)},
         }}},
     }
 
@@ -142,7 +154,7 @@ def write_flwr_config(home: Path, superlink: str, root_certificates: str | None)
 
 def run_flower(
     cfg: RunConfig, superlink: str = "127.0.0.1:9093", root_certificates: str | None = None,
-    show_progress: bool = True, wait_nodes_s: float = 120.0, timeout_s: float | None = None,
+    show_progress: bool = True, wait_nodes_s: float = 120.0, timeout_s: float | None = None, resume: bool = False,
 ) -> dict[str, Any] | None:
     """Start ``cfg`` on a running SuperLink with ``flwr run`` and wait for it to finish.
 
@@ -151,11 +163,11 @@ def run_flower(
     """
     cfg = _with_absolute_out(cfg)
     results_path = Path(cfg.out) / "results.json"
-    results_path.unlink(missing_ok=True)
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="fsq-flwr-") as tmp:
         home, app_dir = Path(tmp) / "home", Path(tmp) / "app"
         app_dir.mkdir()
-        (app_dir / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(cfg, wait_nodes_s)))
+        (app_dir / "pyproject.toml").write_text(tomli_w.dumps(app_pyproject(cfg, wait_nodes_s, resume=resume)))
         write_flwr_config(home, superlink, root_certificates)
         cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         out = None if show_progress else subprocess.DEVNULL
@@ -173,6 +185,6 @@ def run_flower(
             raise FedsqueezeError(f"the Flower run did not finish within {timeout_s:.0f}s")
         if rc != 0:
             raise FedsqueezeError(f"`flwr run` failed with exit code {rc}")
-    if not results_path.is_file():
-        return None
+    if not results_path.is_file() or results_path.stat().st_mtime < started:
+        return None  # the ServerApp ran elsewhere (or wrote nothing): an older results.json is not this run's
     return json.loads(results_path.read_text())

@@ -65,9 +65,15 @@ def superlink_command(host: str, port: int, tls: TLSFiles | None) -> list[str]:
     return cmd + ["--insecure"]
 
 
-def supernode_command(superlink: str, partition: int, partitions: int, runtime_port: int, tls: TLSFiles | None) -> list[str]:
+def supernode_command(
+    superlink: str, partition: int, partitions: int, runtime_port: int, tls: TLSFiles | None, state_dir: str | None = None,
+) -> list[str]:
+    """A SuperNode holding ``partition``; with ``state_dir`` it keeps its client state there (resumable runs)."""
+    node_config = f"partition-id={partition} num-partitions={partitions}"
+    if state_dir:
+        node_config += f' state-dir="{state_dir}"'
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port),
-           "--node-config", f"partition-id={partition} num-partitions={partitions}"]
+           "--node-config", node_config]
     return cmd + (["--root-certificates", tls.ca] if tls else ["--insecure"])
 
 
@@ -106,7 +112,8 @@ class Federation:
                         flower_env(Path(self.workdir) / "superlink-home"))
             self._wait_listening(ready_timeout_s)
             for i in range(self.nodes):
-                self._spawn(supernode_command(self.address, i, self.nodes, free_port(), self.tls), f"supernode-{i}",
+                self._spawn(supernode_command(self.address, i, self.nodes, free_port(), self.tls,
+                                  str(Path(self.workdir) / f"node-{i}-state")), f"supernode-{i}",
                             flower_env(Path(self.workdir) / f"supernode-{i}-home"))
         except BaseException:
             self.stop()

@@ -1,4 +1,4 @@
-"""results.json and rounds.csv, exactly as the user contract in DESIGN.md fixes them.
+"""results.json and rounds.csv (the run record every runtime writes and report/ reads), as DESIGN.md fixes them.
 
 - ``uplink_bytes`` / ``downlink_bytes``: the summed lengths of the payloads that crossed the wire
   in the round (headers included; a payload later rejected as corrupt still counts: it was sent).

@@ -1,0 +1,185 @@
+"""One round engine under every runtime: the same config gives the same round records locally and on
+Flower (faults included), a killed Flower run resumes to the uninterrupted result, and every run
+setting is honoured by every runtime or rejected up front."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedsqueeze.config import RunConfig
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.results import summarize
+from fedsqueeze.runtime.checkpoint import load_checkpoint
+from fedsqueeze.runtime.support import FIELD_SUPPORT, RUNTIMES, check_runtime
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+# every fault the engine knows, on at once: the seed below makes each of them happen at least once
+FAULTS = dict(seed=6, dropout=0.15, fault_raise=0.1, fault_garbage=0.1, fault_hang=0.1, client_timeout=20.0,
+              fault_corrupt=0.1, straggler=0.2, deadline=30.0, min_clients=2, min_clients_policy="retry")
+TASK = dict(model="tiny", clients=4, clients_per_round=3, rounds=3, train_size=200, test_size=100, local_steps=3,
+            batch_size=8, threads=1)
+SAME = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp", "clients",
+        "clients_uploaded", "clients_aggregated", "dropped", "attempts", "skipped")
+
+
+def _cli_args(values: dict) -> list[str]:
+    return [a for k, v in values.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
+
+
+@pytest.fixture
+def ray_tmp():
+    """A short private TMPDIR (Ray's socket paths must stay short): every Ray process of the run names it."""
+    path = Path(tempfile.mkdtemp(prefix="fsq-", dir="/tmp"))
+    yield path
+    _kill_leftovers(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
+            "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+
+
+def _run_cmd(runtime: str, method: str, out: Path, extra: dict) -> list[str]:
+    return [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", method,
+            "--out", str(out), *_cli_args({**TASK, **extra})]
+
+
+def _kill_leftovers(tmp: Path) -> None:
+    """Stop every process of the run (Ray's own included) that outlived it, by PID."""
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if str(tmp) in " ".join(proc.info["cmdline"] or []) or (proc.info["environ"] or {}).get("TMPDIR") == str(tmp):
+                if proc.pid != os.getpid():
+                    proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def _same_records(a: dict, b: dict) -> None:
+    assert len(a["rounds"]) == len(b["rounds"])
+    for ra, rb in zip(a["rounds"], b["rounds"]):
+        for key in SAME:
+            assert ra[key] == rb[key], (ra["round"], key, ra[key], rb[key])
+
+
+def test_local_and_flower_sim_give_identical_round_records_under_faults(tmp_path, ray_tmp):
+    """Dropout, crash, hang (timeout), garbage, corruption and stragglers, with retries: same records."""
+    env = _env(ray_tmp)
+    try:
+        subprocess.run(_run_cmd("flower-sim", "topk", tmp_path / "sim", FAULTS), check=True, timeout=400, env=env)
+    finally:
+        _kill_leftovers(ray_tmp)
+    subprocess.run(_run_cmd("local", "topk", tmp_path / "local", FAULTS), check=True, timeout=400, env=env)
+    sim, local = _results(tmp_path / "sim"), _results(tmp_path / "local")
+    assert (sim["runtime"], local["runtime"]) == ("flower-sim", "local")
+    _same_records(local, sim)
+    reasons = " | ".join(d["reason"] for r in local["rounds"] for d in r["dropped"])
+    for kind in ("dropout: no reply", "injected fault: the client crashed", "timeout: no reply within client_timeout=20s",
+                 "bad payload", "straggler: reply 60s late"):
+        assert kind in reasons, f"the seeded faults never produced {kind!r}: pick another seed"
+    assert any(r["attempts"] > 1 for r in local["rounds"]), "no round was retried"
+    assert any(r["clients_aggregated"] > 0 for r in local["rounds"]), "no round trained"
+
+
+def test_killed_flower_sim_run_resumes_to_the_uninterrupted_result(tmp_path, ray_tmp):
+    """SIGKILL a Flower simulation after its first checkpoint; --resume ends where an uninterrupted run does.
+
+    topk keeps error-feedback memory on every client, so the resumed nodes must get their states back.
+    """
+    env = _env(ray_tmp)
+    settings = {"rounds": 4, "local_steps": 8}
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_run_cmd("flower-sim", "topk", out, settings), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            ckpt = load_checkpoint(out) if (out / "checkpoint").is_file() else None
+            if ckpt is not None and ckpt.round >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        _kill_leftovers(ray_tmp)
+    killed_at = load_checkpoint(out).round
+    assert 1 <= killed_at < settings["rounds"]
+    try:
+        done = subprocess.run([sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
+                              env=env, timeout=400, capture_output=True, text=True)
+    finally:
+        _kill_leftovers(ray_tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    subprocess.run(_run_cmd("local", "topk", tmp_path / "whole", settings), check=True, timeout=400, env=env)
+    resumed, whole = _results(out), _results(tmp_path / "whole")
+    assert resumed["runtime"] == "flower-sim"
+    _same_records(whole, resumed)
+    assert any(p.name.startswith("client-") for p in (out / "client-state").rglob("*.tree"))
+
+
+def test_every_run_field_is_classified_and_honoured_by_every_runtime_at_its_defaults():
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    assert set(FIELD_SUPPORT) == names
+    for runtime in RUNTIMES:
+        check_runtime(RunConfig(runtime=runtime))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("name", sorted(f.name for f in dataclasses.fields(RunConfig) if f.name != "runtime"))
+def test_a_field_a_runtime_does_not_honour_is_rejected_naming_the_runtime(name, runtime):
+    """Take ``runtime`` away from ``name``'s runtimes: a non-default value is refused, the default is not."""
+    support = {**FIELD_SUPPORT, name: FIELD_SUPPORT[name] - {runtime}}
+    default = getattr(RunConfig(), name)
+    changed = {"options": {"x": 1}, "method": "head", "model": "tiny", "dataset": "fashion-mnist", "out": "elsewhere",
+               "partition": "dirichlet", "min_clients_policy": "retry", "text_column": "t", "label_column": "l",
+               "checkpoint": not default}.get(name)
+    if changed is None:
+        changed = default + 1 if not isinstance(default, float) else default + 0.5
+        if name.startswith(("fault_", "dropout", "straggler")) and name != "straggler_delay":
+            changed = 0.1
+    cfg = dataclasses.replace(RunConfig(runtime=runtime, clients_per_round=5), **{name: changed})
+    check_runtime(dataclasses.replace(RunConfig(runtime=runtime)), support)  # defaults pass
+    with pytest.raises(ConfigError, match=f"--runtime {runtime} does not honour {name}="):
+        check_runtime(cfg, support)
+
+
+def test_unknown_runtime_is_a_config_error_before_anything_loads():
+    with pytest.raises(ConfigError, match="unknown runtime 'ray'.*local, flower-sim, flower"):
+        check_runtime(RunConfig(runtime="ray"))
+
+
+def test_compare_runs_every_method_on_the_configured_runtime(tmp_path, monkeypatch):
+    import fedsqueeze.runners as runners
+
+    seen: list[tuple[str, str]] = []
+
+    def fake_run(cfg, show_progress=True, **kwargs):
+        seen.append((cfg.method, cfg.runtime))
+        rounds = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "uplink_bytes": 10, "downlink_bytes": 10, "uplink_bpp": 1.0,
+                   "downlink_bpp": 1.0, "clients": 1, "clients_uploaded": 1, "clients_aggregated": 1, "wall_s": 1.0,
+                   "train_s": 1.0, "codec_s": 0.0}]
+        return {"method": cfg.method, "config": cfg.to_dict(), "model_params": 100, "trainable_params": 10,
+                "runtime": cfg.runtime, "rounds": rounds, "final": summarize(rounds)}
+
+    monkeypatch.setattr(runners, "run", fake_run)
+    runners.run_compare(RunConfig(model="tiny", runtime="flower-sim"), ["fedavg", "head"], tmp_path, show_progress=False)
+    assert seen == [("fedavg", "flower-sim"), ("head", "flower-sim")]
