@@ -46,15 +46,21 @@ DEFAULT_FILES = [
     "src/fedsqueeze/codecs/topk.py",
     "src/fedsqueeze/codecs/positions.py",
     "src/fedsqueeze/runtime/common.py",
+    "src/fedsqueeze/runtime/checkpoint.py",
 ]
 # fast tests only: no Flower, no `slow` marker, no fuzzing (hypothesis would run for every codec mutant)
 TESTS = [
     "tests/test_pinned_methods.py", "tests/test_pinned_codecs.py", "tests/test_framing.py",
     "tests/test_codecs.py", "tests/test_mask_codecs.py", "tests/test_link.py", "tests/test_treeio.py",
+    "tests/test_pinned_runtime.py",
 ]
 HELPERS = ["tests/conftest.py", "tests/handmade.py", "tests/fuzzing.py"]
 # end-to-end runs rebuild a task (~10 s) inside every mutant's test run: too slow for this loop
-DESELECT = ["tests/test_pinned_methods.py::test_round_record_bytes_and_accuracy_recount"]
+DESELECT = [
+    "tests/test_pinned_methods.py::test_round_record_bytes_and_accuracy_recount",
+    "tests/test_link.py::test_halving_uplink_bandwidth_adds_the_uplink_transfer_time",
+    "tests/test_link.py::test_dropped_clients_are_not_waited_for",
+]
 KILLED = {"killed"}
 TIMEOUT = {"timeout"}
 
@@ -116,14 +122,23 @@ def mutmut(work: Path, *args: str, check: bool = True, env: dict | None = None) 
     return proc
 
 
-def prepare(work: Path, files: list[str]) -> None:
-    """A scratch copy: src/, the test subset, pyproject.toml with the mutmut section."""
+def prepare(work: Path, files: list[str], rev: str) -> None:
+    """A scratch copy of commit ``rev`` (src/, the test subset, pyproject.toml) plus the mutmut section.
+
+    A commit, not the working tree: other work in progress never leaks into the measurement, and the
+    JSON names exactly what was mutated.
+    """
     if work.exists():
         shutil.rmtree(work)
-    (work / "tests").mkdir(parents=True)
-    shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    for t in TESTS + HELPERS:
-        shutil.copy2(ROOT / t, work / t)
+    work.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", rev, "src", "pyproject.toml", *TESTS, *HELPERS], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
+    write_config(work, files)
+
+
+def write_config(work: Path, files: list[str]) -> None:
+    """``pyproject.toml`` of the copy (and of mutmut's own copy, once it exists) with a ``[tool.mutmut]`` section."""
     toml_list = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # noqa: E731
     pytest_args = ["-q", "-x"] + [f"--deselect={d}" for d in DESELECT]
     section = (
@@ -134,15 +149,16 @@ def prepare(work: Path, files: list[str]) -> None:
         f"pytest_add_cli_args = {toml_list(pytest_args)}\n"
         "use_git_change_detection = false\n"
     )
-    (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + section)
+    base = (work / "pyproject.toml").read_text().split("\n[tool.mutmut]\n")[0]
+    for target in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
+        if target.parent.exists():
+            target.write_text(base + section)
 
 
-def snapshot() -> dict[str, object]:
-    """Which source was mutated: the commit, and the files of the three packages that differed from it."""
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
-    dirty = [line[3:] for line in git("status", "--porcelain", "--", *[f"src/fedsqueeze/{p}" for p in PACKAGES]).splitlines()]
-    return {"commit": git("rev-parse", "HEAD"), "uncommitted_source_files": dirty,
-            "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def snapshot(rev: str) -> dict[str, object]:
+    """Which commit was mutated, and when the copy was taken."""
+    commit = subprocess.run(["git", "rev-parse", rev], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    return {"commit": commit, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def results(work: Path, env: dict) -> dict[str, str]:
@@ -189,6 +205,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: a shared 2-core machine)")
     ap.add_argument("--workdir", default="/tmp/fedsqueeze-mutants")
+    ap.add_argument("--rev", default="HEAD", help="the commit whose source and tests are mutated and run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutants.json"))
     ap.add_argument("--recheck", action="store_true",
                     help="reuse --workdir's mutants (same source snapshot), refresh the tests from this tree and "
@@ -212,10 +229,11 @@ def main() -> None:
         for t in TESTS + HELPERS:  # the mutants/ copy is what mutmut runs
             for dest in (work / t, work / "mutants" / t):
                 shutil.copy2(ROOT / t, dest)
+        write_config(work, files)
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # re-map tests to functions
     else:
-        prepare(work, files)
-        (work / "snapshot.json").write_text(json.dumps(snapshot()))
+        prepare(work, files, args.rev)
+        (work / "snapshot.json").write_text(json.dumps(snapshot(args.rev)))
     version = mutmut(work, "--version", env=env).stdout.strip()
     names: list[str] = []
     fractions: dict[str, float] = {}
