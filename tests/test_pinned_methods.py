@@ -382,14 +382,14 @@ def test_kappa_schedule_caps_the_positions_sent(task, schedule):
         np.testing.assert_array_equal(new["theta_sym"], np.rint(theta * 255).astype(np.uint8))
 
 
-def test_stratified_uniforms_follow_contact_order(task):
+def test_stratified_uniforms_follow_the_participants(task):
     m = build("fedpm", task, stratify=True)
     state = m.init_server()
-    ctx = RoundContext(round=2, rounds=3, seed=5)
-    for c in (3, 0):  # contact order gives strata 0 and 1 of K = clients_per_round = 2
+    ctx = RoundContext(round=2, rounds=3, seed=5, participants=(0, 3))
+    for c in (3, 0):  # the call order does not matter: the strata are the indices among the participants
         m.downlink(state, ctx, c)
     v = np_rng(5, 2, SERVER, "mask-draw").random(m.n, dtype=np.float32)
-    for c, k in ((3, 0), (0, 1)):
+    for c, k in ((0, 0), (3, 1)):
         _, _, _, stratum = m.decode_downlink(m.downlink(state, ctx, c))
         assert stratum == (k, 2)
         expected = v + np.float32(k / 2)
