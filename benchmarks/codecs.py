@@ -70,7 +70,7 @@ def load_weights_and_update(cache: str | None) -> tuple[dict, dict]:
         return weights, update
     ctx = RoundContext(round=1, rounds=cfg.rounds, seed=cfg.seed)
     out = method.client_update(method.downlink(state, ctx, 0), 0, None, ctx)
-    update = method.decode_update(out.payload, 0, state, ctx)["delta"]
+    update = method.decode_update(out.payload, 0, state, ctx).delta
     if cache:
         np.savez(cache, **{k.replace(".", "|"): v for k, v in update.items()})
     return weights, update

@@ -58,9 +58,9 @@ def child(mode: str, steps: int, batch: int, perturbations: int) -> dict:
         for p in model.parameters():
             p.requires_grad_(False)
         if mode == "zo-client-lora":
-            from fedsqueeze.methods.decomfl import inject_lora
+            from fedsqueeze.methods.peft import inject_lora
 
-            names = set(inject_lora(model, 8, 16, 0)) | {n for n, _ in model.named_parameters() if n.startswith("head.")}
+            names = set(inject_lora(model, 8, 16, ["query", "value"], "decomfl", seed=0)) | {n for n, _ in model.named_parameters() if n.startswith("head.")}
             params = [p.requires_grad_(False) for n, p in model.named_parameters() if n in names]
         else:
             params = list(model.parameters())

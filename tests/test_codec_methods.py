@@ -9,6 +9,8 @@ from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods import get_method
 from fedsqueeze.methods.base import RoundContext
+from fedsqueeze.methods.updates import TensorUpdate
+from fedsqueeze.methods.weights import read_weights
 from fedsqueeze.runtime import run_local
 from fedsqueeze.task import build_task
 from conftest import tiny_config
@@ -62,7 +64,7 @@ def test_compressed_methods_payload_round_trips(make, tiny_cfg, method):
     state, ctx = m.init_server(), RoundContext(round=1, rounds=1, seed=0)
     out = m.client_update(m.downlink(state, ctx, 0), 0, m.init_client(0), ctx)
     update = m.decode_update(out.payload, 0, state, ctx)
-    assert update["n"] > 0 and set(update["delta"]) == set(m.names)
+    assert update.n > 0 and set(update.delta) == set(m.names)
     # the payload holds far fewer bytes than float32 would
     assert len(out.payload) * 8 / m.trainable_params() < 8
     if method in ("topk", "signsgd"):
@@ -74,8 +76,8 @@ def test_fedsz_compress_weights_sends_weights_and_recovers_the_update(make, tiny
     state, ctx = m.init_server(), RoundContext(round=1, rounds=1, seed=0)
     out = m.client_update(m.downlink(state, ctx, 0), 0, None, ctx)
     sent, _ = decode_tensors(out.payload)
-    trained = m.read_weights()
-    delta = m.decode_update(out.payload, 0, state, ctx)["delta"]
+    trained = read_weights(m.named)
+    delta = m.decode_update(out.payload, 0, state, ctx).delta
     for name in m.names:
         np.testing.assert_allclose(sent[name], trained[name], rtol=0, atol=1.01e-4)  # the weights travel
         np.testing.assert_allclose(delta[name], trained[name] - state["weights"][name], rtol=0, atol=1.1e-4)
@@ -115,7 +117,7 @@ def test_downlink_is_encoded_once_per_round_and_follows_aggregation(make, tiny_c
     first = m.downlink(state, ctx, 0)
     assert m.downlink(state, ctx, 1) is first  # one encoding serves every client of the round
     delta = {n: np.full_like(a, 0.5) for n, a in state["weights"].items()}
-    state, _ = m.aggregate(state, {0: {"delta": delta, "n": 1}}, ctx)
+    state, _ = m.aggregate(state, {0: TensorUpdate(delta, 1)}, ctx)
     after, _ = decode_tensors(m.downlink(state, ctx, 0), CodecContext(max_elements=m.max_elements))
     assert all(np.array_equal(after[n], state["weights"][n]) for n in m.names)
     assert m.downlink(state, RoundContext(round=2, rounds=2, seed=0), 0) != first

@@ -75,7 +75,7 @@ def test_messages_are_seeds_and_scalars(full_method):
     kind, meta, body = unframe(out.payload)
     assert kind == "decomfl-up" and len(body) == m.k * m.p * 4
     assert len(out.payload) <= m.k * m.p * 4 + HEADER
-    assert np.all(np.isfinite(m.decode_update(out.payload, 0, state, ctx)["scalars"]))
+    assert np.all(np.isfinite(m.decode_update(out.payload, 0, state, ctx).scalars))
     # a message for another round, a truncated one, or NaN scalars are refused
     with pytest.raises(PayloadError):
         m.decode_update(out.payload, 0, state, RoundContext(3, 8, 0))

@@ -9,6 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import RoundContext, get_method
+from fedsqueeze.methods.updates import TensorUpdate
 from fedsqueeze.runtime.flower import app_pyproject, flower_env, write_flwr_config
 from fedsqueeze.runtime.engine import prepare
 from fedsqueeze.runtime.flower_app import RUN_CONFIG_KEY
@@ -101,7 +102,7 @@ def test_client_app_matches_the_local_client_function(tiny_cfg, task_identity):
     assert not reply.has_error()
     got = record_bytes(reply.content)
     assert got == expected
-    assert isinstance(method.decode_update(got, 1, state, ctx), dict)
+    assert isinstance(method.decode_update(got, 1, state, ctx), TensorUpdate)
     assert STATE in context.state.config_records  # client state persists in the node's context
 
 

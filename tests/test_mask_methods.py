@@ -72,7 +72,7 @@ def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name, stratify):
         else:
             assert changed.size == stats["keys"] + stats["fp_flips"]
     for n in method.head_names:
-        assert np.abs(update["head_delta"][n]).sum() > 0
+        assert np.abs(update.head_delta[n]).sum() > 0
     new_state, metrics = method.aggregate(state, {1: update}, ctx)
     if name == "fedpm":  # Beta rule: θ = Σm / K, one client ⇒ θ ∈ {0, 1}
         assert new_state["levels"] == 1 and set(np.unique(new_state["theta_sym"])) <= {0, 1}
@@ -92,7 +92,7 @@ def test_fedpm_mask_decodes_exactly(tiny_task):
     rng = np.random.default_rng(0)
     mask = rng.random(method.n) < 0.9
     meta, body, _ = method.encode_mask(rng.random(method.n, dtype=np.float32), mask.astype(np.float32), None, sym, 255, ctx)
-    decoded = method.decode_mask(meta, memoryview(body), state, ctx)["mask"]
+    decoded = method.decode_mask(meta, memoryview(body), state, ctx).bits
     # encode_mask draws u < θ; with θ in {0, 1} the mask is exactly `mask`
     np.testing.assert_array_equal(decoded, mask)
 

@@ -9,6 +9,7 @@ import torch
 from fedsqueeze.codecs import decode_tensors
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods import RoundContext
+from fedsqueeze.methods.weights import read_weights
 from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.local import prepare, run_round
 from handmade import assert_accuracy_is_real
@@ -42,13 +43,13 @@ def test_payload_round_trips_only_the_tuner_moves_and_bpp_is_32_per_trainable(ti
     assert set(down) == set(method.names)  # only the trainable tensors travel down, never the backbone
     out = method.client_update(message, 0, None, ctx)
     update = method.decode_update(out.payload, 0, state, ctx)
-    assert set(update["delta"]) == set(method.names) and update["n"] == len(task.client_indices[0])
+    assert set(update.delta) == set(method.names) and update.n == len(task.client_indices[0])
     # the decoded delta is exactly what the client's training did to its tensors
-    after = method.read_weights()
+    after = read_weights(method.named)
     for n in method.names:
-        np.testing.assert_array_equal(update["delta"][n], after[n] - before[n])
+        np.testing.assert_array_equal(update.delta[n], after[n] - before[n])
     tuner = [n for n in method.names if not n.startswith("head.")]
-    assert tuner and any(np.abs(update["delta"][n]).max() > 0 for n in tuner)
+    assert tuner and any(np.abs(update.delta[n]).max() > 0 for n in tuner)
 
     # a whole simulator round: bytes on the wire = 4 bytes per trainable parameter + a small header
     state, r = run_round(method, task, cfg, {"weights": before}, {}, ctx)

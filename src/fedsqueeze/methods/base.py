@@ -7,9 +7,21 @@
     server:  decode_update(payload, client, state, ctx) -> a decoded update (or PayloadError)
              aggregate(state, {client: update}, ctx) -> (state, metrics)
 
-Everything that travels is ``bytes`` from a codec, so the same method runs in the local simulator
-and on Flower, and the bytes counted are the bytes sent. Server and client states must be trees of
-dicts, lists, numbers, strings and numpy arrays (so checkpoints never need pickle).
+A decoded update is a typed, frozen object (:mod:`fedsqueeze.methods.updates`), made by a method's
+``decode_update`` and read only by the same method's ``aggregate``:
+
+- ``TensorUpdate(delta, n)`` — tensor methods (fedavg, topk/qsgd/signsgd/eden, fedsz, head, the PEFT
+  methods) and DeComFL's warm-start rounds: the change to each trainable tensor and the client's
+  example count (the weight of its update in FedAvg's mean).
+- ``MaskUpdate(n, head_delta, mask)`` — fedpm and deltamask: the example count, the head delta and
+  the decoded mask code: ``SampledMask(bits)`` (fedpm), ``FilterFlips(filter)`` (deltamask) or
+  ``ExactFlips(positions, nbytes)`` (deltamask-exact).
+- ``ZOUpdate(scalars)`` — DeComFL's zeroth-order rounds: the K×P float32 scalars.
+
+The round engine treats them as opaque. Everything that travels is ``bytes`` from a codec, so the
+same method runs in the local simulator and on Flower, and the bytes counted are the bytes sent.
+Server and client states must be trees of dicts, lists, numbers, strings and numpy arrays (so
+checkpoints never need pickle).
 
 Methods register by name with :func:`register_method` and declare their options as a dataclass
 (``Options``) of :func:`fedsqueeze.options.option` fields (help, choices, range; cross-field rules

@@ -6,19 +6,18 @@ it missed, which makes its weights bit-identical to the server's. Then it runs K
 zeroth-order steps with P perturbations each (z regenerated from the seed, never stored; see
 :mod:`fedsqueeze.methods.zo`) and uploads only the K·P directional-derivative scalars. The server
 averages them per (step, perturbation), applies the record to its own weights by the same replay,
-and keeps the records back to its stalest client.
+and keeps the records back to its stalest client. The wire formats are in
+:mod:`fedsqueeze.methods.decomfl_wire`.
 
-Wire formats (each one frame, see :mod:`fedsqueeze.codecs.framing`):
-
-- uplink ``decomfl-up``: body = K·P float32 scalars (row = step); meta ``round, k, p, n``.
-- downlink ``decomfl-down``: body = [warm-start head, if the client lacks it] + R×K uint64 seeds +
-  R×K×P float32 averaged scalars of the R missed rounds + K uint64 seeds of this round;
-  meta ``round, records (their round numbers), k, p, head``.
+What trains (``params``): LoRA on the query/value projections plus the head (the LoRA injection of
+:mod:`fedsqueeze.methods.peft`, seeded by the run so every party builds the same adapters), every
+weight, or the head alone (evaluated like :mod:`fedsqueeze.methods.head`'s linear probe).
 
 Warm start (``warm_start_rounds`` > 0): a random head makes zeroth-order training crawl, so the
-first rounds are federated linear probing on the frozen backbone's cached features: the head goes
-down and its delta comes up, as float16 by default (counted in the same results). A client that
-missed them receives the warm-started head once, inside its first zeroth-order message.
+first rounds are federated linear probing on the frozen backbone's cached features (the head
+method's probe): the head goes down and its delta comes up through the raw codec, as float16 by
+default (counted in the same results). A client that missed them receives the warm-started head
+once, inside its first zeroth-order message.
 
 Simulator note: clients share one model object, so each client's own weights (what it would keep
 in memory) live in its client state as ``{"synced": round, "weights": ...}``; a client loads them,
@@ -29,25 +28,28 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, frame, get_codec, unframe
+from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register_method
-from fedsqueeze.methods.head import head_names
-from fedsqueeze.methods.zo import Perturber, estimate_step
+from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_uplink, encode_downlink, encode_uplink
+from fedsqueeze.methods.head import evaluate_probe, head_names, train_probe
+from fedsqueeze.methods.peft import inject_lora
+from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate
+from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
+from fedsqueeze.methods.zo import Perturber, local_zo
 from fedsqueeze.options import above, at_least, option
 from fedsqueeze.seeding import SERVER
-from fedsqueeze.training import Encoded, batch_inputs, iterate_batches, train_local
+from fedsqueeze.training import batch_inputs, iterate_batches
 
 Tensors = dict[str, np.ndarray]
-UP_KIND = "decomfl-up"
-DOWN_KIND = "decomfl-down"
 # measured on the default task (docs/decomfl.md): full 1e-3 diverged, 1e-4 lowered the loss but
 # not the error; lora 1e-2 diverged (centralised screen), 2e-3 learnt steadily
 DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "head": 1e-3}
@@ -80,21 +82,15 @@ class DeComFLOptions:
     lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' (update scaled by alpha / r)", check=above(0.0))
 
 
-def inject_lora(model: torch.nn.Module, r: int, alpha: float, seed: int) -> list[str]:
-    """Add LoRA adapters on the backbone's query/value projections (peft); return their names.
+U = TypeVar("U")
 
-    The adapters' random A matrices come from ``seed`` so every party builds the same model; B
-    starts at zero, so the model's function is unchanged until training moves it.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
 
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"], lora_dropout=0.0), model.backbone)
-    names = [n for n, _ in model.named_parameters() if ".lora_" in n]
-    if not names:
-        raise ConfigError("params='lora' found no query/value projections in this backbone")
-    return names
+def _of_type(updates: Mapping[int, object], cls: type[U]) -> list[U]:
+    """The updates, each checked to be what this round's decode_update makes."""
+    wrong = [c for c, u in updates.items() if not isinstance(u, cls)]
+    if wrong:
+        raise TypeError(f"clients {wrong} sent no {cls.__name__} (updates of another round?)")
+    return [u for u in updates.values() if isinstance(u, cls)]
 
 
 @register_method
@@ -114,24 +110,29 @@ class DeComFL(Method):
         self.task = task
         model = task.model
         self.head = head_names(model)
-        if o.params == "full":
-            self.names = [n for n, _ in model.named_parameters()]
-        elif o.params == "head":
-            self.names = list(self.head)
-        else:
-            self.names = inject_lora(model, o.rank, o.lora_alpha, self.cfg.seed) + list(self.head)
-        named = dict(model.named_parameters())
-        for n, p in named.items():
+        self.names = self._select(model)
+        for n, p in model.named_parameters():
             p.requires_grad_(n in self.head)  # only the warm start uses autograd (on the head)
-        self.named = {n: named[n] for n in self.names}
-        self.perturber = Perturber([self.named[n] for n in self.names])
+        self.named = named_params(model, self.names)
+        self.perturber = Perturber(list(self.named.values()))
         self.k = self.cfg.local_steps
         self.p = o.perturbations
         self.warm_dtype = WARM_DTYPES[o.warm_start_dtype]
-        self.head_elements = sum(named[n].numel() for n in self.head)
-        self.initial = self._read(self.names)  # the pre-trained weights every party starts from
+        self.head_elements = sum(self.named[n].numel() for n in self.head)
+        self.wire = ZOShape(self.k, self.p, {n: tuple(self.named[n].shape) for n in self.head}, np.dtype(self.warm_dtype))
+        self.initial = read_weights(self.named)  # the pre-trained weights every party starts from
         self.raw = get_codec("raw")
         model.eval()
+
+    def _select(self, model: torch.nn.Module) -> list[str]:
+        """The names of what trains, for the ``params`` option (injecting LoRA if asked)."""
+        if self.opts.params == "full":
+            return [n for n, _ in model.named_parameters()]
+        if self.opts.params == "head":
+            return list(self.head)
+        # the adapters' A matrices come from the run seed so every party builds the same model
+        lora = inject_lora(model, self.opts.rank, self.opts.lora_alpha, ["query", "value"], self.name, seed=self.cfg.seed)
+        return lora + list(self.head)
 
     @property
     def lr(self) -> float:
@@ -153,15 +154,6 @@ class DeComFL(Method):
     def is_warm(self, round_: int) -> bool:
         return round_ <= self.opts.warm_start_rounds
 
-    # ---- weights in and out of the one model ----------------------------------------------------
-    def _read(self, names: list[str]) -> Tensors:
-        return {n: self.named[n].detach().numpy().copy() for n in names}
-
-    @torch.no_grad()
-    def _load(self, weights: Tensors) -> None:
-        for n, a in weights.items():
-            self.named[n].copy_(torch.from_numpy(np.asarray(a, dtype=np.float32)))
-
     def round_seeds(self, ctx: RoundContext) -> np.ndarray:
         """The K step seeds the server draws for this round."""
         return ctx.rng(SERVER, "decomfl-seeds").integers(0, 1 << 63, size=self.k, dtype=np.uint64)
@@ -182,32 +174,19 @@ class DeComFL(Method):
             if synced < ctx.round - 1:  # the head moved since this client last saw it
                 head = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
             return encode_tensors(self.raw, head, round=ctx.round)
-        send_head = synced < self.opts.warm_start_rounds
+        head = state["warm_head"] if synced < self.opts.warm_start_rounds else None
         records = [r for r in state["history"] if r["round"] > synced]
-        parts = [state["warm_head"][n].tobytes() for n in self.head] if send_head else []
-        parts += [r["seeds"].astype("<u8").tobytes() for r in records]
-        parts += [r["scalars"].astype("<f4").tobytes() for r in records]
-        parts.append(self.round_seeds(ctx).astype("<u8").tobytes())
-        meta = {"round": ctx.round, "records": [r["round"] for r in records], "k": self.k, "p": self.p, "head": send_head}
-        return frame(DOWN_KIND, meta, b"".join(parts))
+        return encode_downlink(self.wire, ctx.round, records, self.round_seeds(ctx), head)
 
-    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
-        if self.is_warm(ctx.round):
-            tensors, extra = decode_tensors(payload, CodecContext(max_elements=self.head_elements), allowed={"raw"})
-            self._check_head(tensors, "warm-start update")
-            n = extra.get("n")
-            if not isinstance(n, int) or n < 1:
-                raise PayloadError(f"warm-start update carries no valid example count (n={n!r})")
-            return {"delta": {k: v.astype(np.float32) for k, v in tensors.items()}, "n": n}
-        _, meta, body = unframe(payload, expect_kind=UP_KIND, max_body_bytes=self.k * self.p * 4)
-        if meta.get("round") != ctx.round or meta.get("k") != self.k or meta.get("p") != self.p:
-            raise PayloadError(f"update is for round {meta.get('round')} with K={meta.get('k')}, P={meta.get('p')}")
-        if len(body) != self.k * self.p * 4:
-            raise PayloadError(f"update body is {len(body)} bytes, expected {self.k * self.p * 4}")
-        scalars = np.frombuffer(body, dtype="<f4").reshape(self.k, self.p).astype(np.float32)
-        if not np.all(np.isfinite(scalars)):
-            raise PayloadError("update holds NaN or infinite scalars")
-        return {"scalars": scalars}
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate | ZOUpdate:
+        if not self.is_warm(ctx.round):
+            return ZOUpdate(decode_uplink(payload, self.wire, ctx.round))
+        tensors, extra = decode_tensors(payload, CodecContext(max_elements=self.head_elements), allowed={"raw"})
+        self._check_head(tensors, "warm-start update")
+        n = extra.get("n")
+        if not isinstance(n, int) or n < 1:
+            raise PayloadError(f"warm-start update carries no valid example count (n={n!r})")
+        return TensorUpdate({k: v.astype(np.float32) for k, v in tensors.items()}, n)
 
     def _check_head(self, tensors: Tensors, what: str) -> None:
         if set(tensors) != set(self.head):
@@ -218,97 +197,79 @@ class DeComFL(Method):
             if not np.all(np.isfinite(a)):
                 raise PayloadError(f"{what}: tensor {n!r} holds NaN or infinity")
 
-    def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def aggregate(
+        self, state: dict[str, Any], updates: dict[int, TensorUpdate] | dict[int, ZOUpdate], ctx: RoundContext,
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Warm rounds: average the head deltas. Zeroth-order rounds: combine the scalars into a record."""
         for client in updates:
             state["synced"][client] = ctx.round - 1  # it replied, so it holds the global model of round − 1
         metrics: dict[str, float] = {}
         if self.is_warm(ctx.round):
-            if updates:
-                total = sum(u["n"] for u in updates.values())
-                for n in self.head:
-                    avg = sum(u["delta"][n] * (u["n"] / total) for u in updates.values())
-                    # round to the wire dtype so the server holds exactly what clients will receive
-                    state["weights"][n] = (state["weights"][n] + avg).astype(self.warm_dtype).astype(np.float32)
-            if ctx.round == self.opts.warm_start_rounds:
-                state["warm_head"] = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
+            self._aggregate_warm(state, _of_type(updates, TensorUpdate), ctx)
         elif updates:
-            stacked = np.stack([u["scalars"] for u in updates.values()])
-            combined = np.median(stacked, axis=0) if self.opts.aggregate == "median" else stacked.mean(axis=0)
-            record = {"round": ctx.round, "seeds": self.round_seeds(ctx), "scalars": combined.astype(np.float32)}
-            self._load(state["weights"])
-            self.perturber.apply_record(record["seeds"], record["scalars"], self.lr_at(ctx.round))
-            state["weights"] = self._read(self.names)
-            state["history"].append(record)
-            metrics["zo_scalar_abs_mean"] = float(np.abs(record["scalars"]).mean())
-            metrics["zo_lr"] = self.lr_at(ctx.round)
+            metrics = self._aggregate_zo(state, [u.scalars for u in _of_type(updates, ZOUpdate)], ctx)
         oldest = max(int(state["synced"].min()), self.opts.warm_start_rounds)
         state["history"] = [r for r in state["history"] if r["round"] > oldest]  # nobody needs the rest
         metrics["history_records"] = float(len(state["history"]))
         return state, metrics
 
+    def _aggregate_warm(self, state: dict[str, Any], updates: list[TensorUpdate], ctx: RoundContext) -> None:
+        if updates:
+            total = sum(u.n for u in updates)
+            for n in self.head:
+                avg = sum(u.delta[n] * (u.n / total) for u in updates)
+                # round to the wire dtype so the server holds exactly what clients will receive
+                state["weights"][n] = (state["weights"][n] + avg).astype(self.warm_dtype).astype(np.float32)
+        if ctx.round == self.opts.warm_start_rounds:
+            state["warm_head"] = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
+
+    def _aggregate_zo(self, state: dict[str, Any], scalars: list[np.ndarray], ctx: RoundContext) -> dict[str, float]:
+        stacked = np.stack(scalars)
+        combined = np.median(stacked, axis=0) if self.opts.aggregate == "median" else stacked.mean(axis=0)
+        record = {"round": ctx.round, "seeds": self.round_seeds(ctx), "scalars": combined.astype(np.float32)}
+        load_weights(self.named, state["weights"])
+        self.perturber.apply_record(record["seeds"], record["scalars"], self.lr_at(ctx.round))
+        state["weights"] = read_weights(self.named)
+        state["history"].append(record)
+        return {"zo_scalar_abs_mean": float(np.abs(record["scalars"]).mean()), "zo_lr": self.lr_at(ctx.round)}
+
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
-        self._load(state["weights"])
         if self.opts.params == "head":
-            head = self.task.model.head
-            test = Encoded({"x": self.task.frozen_features("test")}, self.task.test.labels)
-            return _evaluate_head(head, test, self.cfg.eval_batch_size)
-        return self.task.evaluate()
+            load_weights(self.named, state["weights"])
+            return evaluate_probe(self.task, self.cfg.eval_batch_size)
+        return evaluate_weights(self.task, self.named, state["weights"])
 
     # ---- client ---------------------------------------------------------------------------------
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
         synced, weights = (state["synced"], state["weights"]) if isinstance(state, dict) else (0, self.initial)
-        self._load(weights)  # this client's own model (simulator: clients share one model object)
+        load_weights(self.named, weights)  # this client's own model (simulator: clients share one model object)
         if self.is_warm(ctx.round):
             return self._warm_update(message, client, synced, ctx, t0)
         seeds = self.catch_up(message, synced, ctx)
-        view = self._read(self.names)  # == the server's weights after round − 1, bit for bit
+        view = read_weights(self.named)  # == the server's weights after round − 1, bit for bit
         codec_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         scalars, loss = self._local_zo(client, seeds, ctx)
         train_s = time.perf_counter() - t1
-        payload = frame(UP_KIND, {"round": ctx.round, "k": self.k, "p": self.p, "n": len(self.task.client_indices[client])},
-                        scalars.astype("<f4").tobytes())
+        payload = encode_uplink(self.wire, ctx.round, len(self.task.client_indices[client]), scalars)
         new_state = {"synced": ctx.round - 1, "weights": view}
         return ClientOutput(payload, new_state, {"train_s": train_s, "codec_s": codec_s, "train_loss": loss})
 
     def catch_up(self, message: bytes, synced: int, ctx: RoundContext) -> np.ndarray:
         """Bring the loaded model from round ``synced`` to round − 1 by replay; return this round's seeds."""
-        _, meta, body = unframe(message, expect_kind=DOWN_KIND)
-        rounds = meta.get("records")
-        if meta.get("round") != ctx.round or meta.get("k") != self.k or meta.get("p") != self.p:
-            raise PayloadError("server message is for another round or another K/P")
-        if not (isinstance(rounds, list) and all(isinstance(r, int) for r in rounds) and rounds == sorted(set(rounds))):
-            raise PayloadError("server message has a malformed record list")
-        head_bytes = self.head_elements * np.dtype(self.warm_dtype).itemsize if meta.get("head") is True else 0
-        n = len(rounds)
-        need = head_bytes + n * self.k * 8 + n * self.k * self.p * 4 + self.k * 8
-        if len(body) != need:
-            raise PayloadError(f"server message body is {len(body)} bytes, expected {need}")
-        pos = 0
-        if head_bytes:
-            head = {}
-            for name in self.head:
-                shape = tuple(self.named[name].shape)
-                size = math.prod(shape) * np.dtype(self.warm_dtype).itemsize
-                head[name] = np.frombuffer(body[pos : pos + size], dtype=np.dtype(self.warm_dtype).newbyteorder("<")).reshape(shape)
-                pos += size
-            self._check_head(head, "warm-start head")
-            self._load(head)
+        msg = decode_downlink(message, self.wire, ctx.round)
+        if msg.head is not None:
+            self._check_head(msg.head, "warm-start head")
+            load_weights(self.named, msg.head)
             synced = self.opts.warm_start_rounds
-        if rounds and rounds[0] <= self.opts.warm_start_rounds or synced < self.opts.warm_start_rounds:
+        if msg.rounds and msg.rounds[0] <= self.opts.warm_start_rounds or synced < self.opts.warm_start_rounds:
             raise PayloadError("server message lacks the warm-start head this client needs")
-        seeds = np.frombuffer(body[pos : pos + n * self.k * 8], dtype="<u8").reshape(n, self.k)
-        pos += n * self.k * 8
-        scalars = np.frombuffer(body[pos : pos + n * self.k * self.p * 4], dtype="<f4").reshape(n, self.k, self.p)
-        pos += n * self.k * self.p * 4
-        if not np.all(np.isfinite(scalars)):
-            raise PayloadError("server message holds NaN or infinite scalars")
-        for r, s, g in zip(rounds, seeds, scalars):
+        for r, s, g in zip(msg.rounds, msg.seeds, msg.scalars):
             if r > synced:  # records this client already applied are skipped
                 self.perturber.apply_record(s, g, self.lr_at(r))
-        return np.frombuffer(body[pos:], dtype="<u8").copy()
+        return msg.round_seeds
 
     def _loss_fn(self, client: int) -> tuple[Any, int]:
         """``loss(idx) -> float`` on this client's data, and the number of its examples."""
@@ -322,25 +283,14 @@ class DeComFL(Method):
         model = self.task.model
         return (lambda idx: float(F.cross_entropy(model(**batch_inputs(data, idx)), data.labels[idx]))), len(data)
 
-    @torch.no_grad()
     def _local_zo(self, client: int, seeds: np.ndarray, ctx: RoundContext) -> tuple[np.ndarray, float]:
         loss_of, n = self._loss_fn(client)
         bs = self.opts.zo_batch_size
         bs = n if bs < 0 else (bs or self.cfg.batch_size)
-        lr = self.lr_at(ctx.round)
         self.task.model.eval()  # no dropout: both evaluations of a perturbation must see the same function
-        scalars = np.zeros((self.k, self.p), dtype=np.float32)
-        losses = []
-        for k, idx in enumerate(iterate_batches(n, bs, self.k, ctx.torch_gen(client, "batches"))):
-            calls: list[float] = []
-
-            def loss() -> float:
-                calls.append(loss_of(idx))
-                return calls[-1]
-
-            scalars[k] = estimate_step(self.perturber, loss, int(seeds[k]), self.p, self.opts.mu, self.opts.difference, lr)
-            losses.append(sum(calls) / len(calls))
-        return scalars, float(np.mean(losses))
+        batches = iterate_batches(n, bs, self.k, ctx.torch_gen(client, "batches"))
+        o = self.opts
+        return local_zo(self.perturber, loss_of, batches, seeds, self.p, o.mu, o.difference, self.lr_at(ctx.round))
 
     def _warm_update(self, message: bytes, client: int, synced: int, ctx: RoundContext, t0: float) -> ClientOutput:
         """Federated linear probing on cached features: head down, head delta up."""
@@ -349,30 +299,19 @@ class DeComFL(Method):
             raise PayloadError("warm-start message is for another round")
         if tensors:
             self._check_head(tensors, "warm-start head")
-            self._load(tensors)
+            load_weights(self.named, tensors)
         elif synced != ctx.round - 1:
             raise PayloadError("warm-start message lacks the head this client needs")
-        view = self._read(self.names)
+        view = read_weights(self.named)
         before = {n: view[n] for n in self.head}
         codec_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        idx = torch.from_numpy(self.task.client_indices[client])
-        feats = self.task.frozen_features("train")[idx]
-        head = self.task.model.head
-        metrics = train_local(
-            head, list(head.parameters()), Encoded({"x": feats}, self.task.train.labels[idx]),
-            steps=self.opts.warm_start_steps, batch_size=self.cfg.batch_size, lr=self.opts.warm_start_lr,
-            generator=ctx.torch_gen(client, "batches"), forward=lambda inputs: head(inputs["x"]),
+        metrics = train_probe(
+            self.task, client, [self.named[n] for n in self.head], steps=self.opts.warm_start_steps,
+            batch_size=self.cfg.batch_size, lr=self.opts.warm_start_lr, generator=ctx.torch_gen(client, "batches"),
         )
         train_s = time.perf_counter() - t1
-        after = self._read(self.head)
+        after = read_weights(self.named, self.head)
         delta = {n: (after[n] - before[n]).astype(self.warm_dtype) for n in self.head}
-        payload = encode_tensors(self.raw, delta, n=len(idx))
+        payload = encode_tensors(self.raw, delta, n=len(self.task.client_indices[client]))
         return ClientOutput(payload, {"synced": ctx.round - 1, "weights": view}, {**metrics, "train_s": train_s, "codec_s": codec_s})
-
-
-@torch.no_grad()
-def _evaluate_head(head: torch.nn.Module, test: Encoded, batch_size: int) -> tuple[float, float]:
-    from fedsqueeze.training import evaluate
-
-    return evaluate(head, test, batch_size, forward=lambda inputs: head(inputs["x"]))

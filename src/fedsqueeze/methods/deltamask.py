@@ -33,11 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filter, query_universe
+from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filter
 from fedsqueeze.codecs.positions import POSITION_CODERS, decode_positions, encode_positions, entropy_bound_bits
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
 from fedsqueeze.methods.fedpm import AGGREGATES, MaskMethod, MaskOptions
+from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskUpdate
 from fedsqueeze.options import between, option
 
 
@@ -105,37 +106,24 @@ class DeltaMask(MaskMethod):
         return flt.meta(), flt.body()
 
     # ---- server ---------------------------------------------------------------------------------
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> FilterFlips | ExactFlips:
         if not isinstance(meta, dict):
             raise PayloadError("client update has no filter header")
-        return {"filter": parse_filter(meta, body, max_keys=self.n)}
+        return FilterFlips(parse_filter(meta, body, max_keys=self.n))
 
-    def flipped_positions(self, update: dict[str, Any]) -> tuple[np.ndarray, int]:
-        """Boolean (or index) array of the positions to flip, and the number of true keys."""
-        flt = update["filter"]
-        return query_universe(flt, self.n), flt.size
-
-    def rebuild_mask(self, update, theta_start, ref, client, ctx):
+    def rebuild_mask(
+        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        code = update.mask
+        assert isinstance(code, (FilterFlips, ExactFlips))  # decode_mask made it
         mask = (self.server_uniforms(ctx, client) < theta_start) if ref is None else ref.copy()
-        flips, keys = self.flipped_positions(update)
+        flips, keys = code.flips(self.n), code.keys
         mask[flips] ^= True
         hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
-        bits = 8.0 * update["mask_bytes"] if "mask_bytes" in update else 0.0
         return mask.astype(np.int32), {
             "keys": float(keys), "fp_flips": float(hits - keys),
-            "mask_bits_per_key": bits / keys if keys else 0.0,
+            "mask_bits_per_key": 8.0 * code.nbytes / keys if keys else 0.0,
         }
-
-    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
-        update = super().decode_update(payload, client, state, ctx)
-        update["mask_bytes"] = self._mask_bytes(update)
-        return update
-
-    @staticmethod
-    def _mask_bytes(update: dict[str, Any]) -> int:
-        if "filter" in update:
-            return int(update["filter"].fingerprints.nbytes)
-        return int(update.get("positions_bytes", 0))
 
 
 @register_method
@@ -147,19 +135,18 @@ class DeltaMaskExact(DeltaMask):
     def encode_positions(self, keys: np.ndarray) -> tuple[dict[str, Any], bytes]:
         return encode_positions(keys, self.n, self.opts.coder)
 
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> ExactFlips:
         if not isinstance(meta, dict):
             raise PayloadError("client update has no position header")
         positions = decode_positions(meta, body, max_universe=self.n)
         if meta["universe"] != self.n:
             raise PayloadError(f"position set is over {meta['universe']} positions, the mask has {self.n}")
-        return {"positions": positions.astype(np.int64), "positions_bytes": len(body)}
+        return ExactFlips(positions.astype(np.int64), len(body))
 
-    def flipped_positions(self, update: dict[str, Any]) -> tuple[np.ndarray, int]:
-        return update["positions"], int(update["positions"].size)
-
-    def rebuild_mask(self, update, theta_start, ref, client, ctx):
+    def rebuild_mask(
+        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext,
+    ) -> tuple[np.ndarray, dict[str, float]]:
         mask, stats = super().rebuild_mask(update, theta_start, ref, client, ctx)
-        keys = int(update["positions"].size)
+        keys = update.mask.keys
         stats["bound_bits_per_key"] = entropy_bound_bits(keys, self.n) / keys if keys else 0.0
         return mask, stats

@@ -60,6 +60,8 @@ from fedsqueeze.masking import (
 )
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, register_method, state_digest
 from fedsqueeze.methods.head import head_names
+from fedsqueeze.methods.updates import MaskCode, MaskUpdate, SampledMask
+from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.seeding import SERVER, np_rng
 from fedsqueeze.training import num_local_steps
@@ -119,7 +121,8 @@ class MaskMethod(Method):
         named = dict(task.model.named_parameters())
         for n, p in named.items():
             p.requires_grad_(n in self.head_names)
-        self.head_params = [named[n] for n in self.head_names]
+        self.head = named_params(task.model, self.head_names)
+        self.head_params = list(self.head.values())
         self.head_shapes = {n: tuple(named[n].shape) for n in self.head_names}
         self.masked = MaskedModel(task.model, self.layout)
         self.n = self.layout.total
@@ -129,15 +132,7 @@ class MaskMethod(Method):
     def trainable_params(self) -> int:
         return self.n + sum(p.numel() for p in self.head_params)
 
-    # ---- head in and out ------------------------------------------------------------------------
-    def read_head(self) -> dict[str, np.ndarray]:
-        return {n: p.detach().numpy().copy() for n, p in zip(self.head_names, self.head_params)}
-
-    @torch.no_grad()
-    def load_head(self, weights: dict[str, np.ndarray]) -> None:
-        for n, p in zip(self.head_names, self.head_params):
-            p.copy_(torch.from_numpy(np.asarray(weights[n], dtype=np.float32)))
-
+    # ---- head on the wire -----------------------------------------------------------------------
     def _encode_head(self, tensors: dict[str, np.ndarray]) -> tuple[dict[str, Any], bytes]:
         dt = np.dtype(self.opts.head_dtype)
         return RawCodec().encode({n: np.asarray(a).astype(dt) for n, a in tensors.items()}, CodecContext())
@@ -171,7 +166,7 @@ class MaskMethod(Method):
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
         sym = np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
-        state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": self.read_head()}
+        state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": read_weights(self.head)}
         if self.opts.carry_priors:
             state["alpha"] = np.ones(self.n, dtype=np.float32)
             state["beta"] = np.ones(self.n, dtype=np.float32)
@@ -233,17 +228,16 @@ class MaskMethod(Method):
         """Server: the same uniforms, from the stratum it gave ``client`` this round."""
         return self.uniforms(ctx, client, self.stratum(ctx, client) if self.opts.stratify else None)
 
-    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> MaskUpdate:
         _, meta, body = unframe(payload, expect_kind=self.uplink_kind)
         n = meta.get("n")
         if not isinstance(n, int) or n < 1:
             raise PayloadError(f"client update carries no valid example count (n={n!r})")
         mask_body, head_body = _split_sections(body, meta.get("sections"), 2)
-        update = {"n": n, "head_delta": self._decode_head(meta.get("head"), head_body, "client update")}
-        update.update(self.decode_mask(meta.get("mask"), mask_body, state, ctx))
-        return update
+        head_delta = self._decode_head(meta.get("head"), head_body, "client update")
+        return MaskUpdate(n, head_delta, self.decode_mask(meta.get("mask"), mask_body, state, ctx))
 
-    def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def aggregate(self, state: dict[str, Any], updates: dict[int, MaskUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
         if not updates:
             return state, {}
         t0 = time.perf_counter()
@@ -273,9 +267,9 @@ class MaskMethod(Method):
         else:  # α = 1 + Σm, β = 1 + K − Σm  ⇒  θ = Σm / K exactly, sent as K + 1 levels
             state["theta_sym"] = counts.astype(np.uint8 if k <= 255 else np.uint16)
             state["levels"] = k
-        total = sum(u["n"] for u in updates.values())
+        total = sum(u.n for u in updates.values())
         for name in self.head_names:
-            avg = sum(u["head_delta"][name] * (u["n"] / total) for u in updates.values())
+            avg = sum(u.head_delta[name] * (u.n / total) for u in updates.values())
             state["head"][name] = (state["head"][name] + avg).astype(np.float32)
         theta = self.theta_of(state["theta_sym"], state["levels"])
         metrics = {key: float(np.mean(v)) for key, v in extra.items()}
@@ -297,16 +291,15 @@ class MaskMethod(Method):
         return torch.from_numpy((theta > 0.5).astype(np.float32))
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
-        self.load_head(state["head"])
         mask = self.eval_mask(state)
-        return self.task.evaluate(lambda inputs: self.masked.forward(mask, inputs))
+        return evaluate_weights(self.task, self.head, state["head"], lambda inputs: self.masked.forward(mask, inputs))
 
     # ---- client ---------------------------------------------------------------------------------
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
         sym, levels, head, stratum = self.decode_downlink(message)
         theta_start = self.start_theta(self.theta_of(sym, levels))
-        self.load_head(head)
+        load_weights(self.head, head)
         codec_s = time.perf_counter() - t0
 
         data = self.task.client_data(client)
@@ -325,7 +318,7 @@ class MaskMethod(Method):
         theta_client = torch.sigmoid(scores.detach()).numpy()
         u = self.uniforms(ctx, client, stratum)
         mask_meta, mask_body, stats = self.encode_mask(u, theta_client, theta_start, sym, levels, ctx)
-        after = self.read_head()
+        after = read_weights(self.head)
         head_meta, head_body = self._encode_head({n: after[n] - head[n] for n in self.head_names})
         meta = {"n": len(data), "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
         payload = frame(self.uplink_kind, meta, mask_body + head_body)
@@ -342,15 +335,15 @@ class MaskMethod(Method):
         meta, body = encode_grouped_bits(mask, sym.astype(np.int64), levels + 1)
         return meta, body, {"mask_ones": float(mask.mean())}
 
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
-        """Server: validate and decode what can be decoded without the client id."""
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> MaskCode:
+        """Server: validate and decode the mask section, as far as it can be without the client id."""
         if not isinstance(meta, dict):
             raise PayloadError("client update has no mask header")
         levels = int(state["levels"])
-        return {"mask": decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1)}
+        return SampledMask(decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1))
 
     def rebuild_mask(
-        self, update: dict[str, Any], theta_start: np.ndarray, ref: np.ndarray | None, client: int,
+        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int,
         ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Server: the client's binary mask (int32 0/1) and per-client statistics for the round record.
@@ -358,7 +351,8 @@ class MaskMethod(Method):
         ``ref`` is the client's reference mask ``u < θ_start`` (None unless ``needs_reference`` or
         ``aggregate=delta``).
         """
-        return update["mask"].astype(np.int32), {}
+        assert isinstance(update.mask, SampledMask)  # decode_mask made it
+        return update.mask.bits.astype(np.int32), {}
 
 
 @register_method

@@ -99,13 +99,28 @@ class Lora(PeftMethod):
     default_lr = 2e-3
 
     def inject(self, model: nn.Module) -> list[str]:
-        from peft import LoraConfig
+        o = self.opts
+        return inject_lora(model, o.rank, o.lora_alpha, split_modules(o.target_modules), self.name, dropout=o.lora_dropout)
 
-        config = LoraConfig(
-            r=self.opts.rank, lora_alpha=self.opts.lora_alpha, lora_dropout=self.opts.lora_dropout,
-            target_modules=split_modules(self.opts.target_modules), bias="none",
-        )
-        return _inject_peft(model, config, self.name)
+
+def inject_lora(
+    model: nn.Module, rank: int, alpha: float, target_modules: list[str], method: str, *,
+    dropout: float = 0.0, seed: int | None = None,
+) -> list[str]:
+    """Inject HF peft LoRA into ``model.backbone``'s ``target_modules``; the names of the new parameters.
+
+    B starts at zero, so the model's function is unchanged until training moves it. The random A
+    matrices draw from torch's global RNG, or, given ``seed``, from a fork of it seeded with it
+    (so every party of a run builds the same model); ConfigError if no module matched.
+    """
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    if seed is None:
+        return _inject_peft(model, config, method)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return _inject_peft(model, config, method)
 
 
 def _inject_peft(model: nn.Module, config, method: str) -> list[str]:

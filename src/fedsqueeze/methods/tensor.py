@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import abstractmethod
-import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +25,8 @@ from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tenso
 from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
+from fedsqueeze.methods.updates import TensorUpdate
+from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
@@ -100,23 +101,13 @@ class TensorMethod(Method):
         chosen = set(self.names)
         for n, p in named.items():
             p.requires_grad_(n in chosen)
-        self.params = [named[n] for n in self.names]
-        self.shapes = {n: tuple(named[n].shape) for n in self.names}
+        self.named = named_params(task.model, self.names)  # what trains and travels, by name
+        self.params = list(self.named.values())
+        self.shapes = {n: tuple(p.shape) for n, p in self.named.items()}
         self.max_elements = sum(p.numel() for p in self.params)
 
     def trainable_params(self) -> int:
         return self.max_elements
-
-    # ---- moving weights in and out of the one model ----------------------------------------------
-    def read_weights(self) -> Tensors:
-        return {n: p.detach().cpu().numpy().copy() for n, p in zip(self.names, self.params)}
-
-    @torch.no_grad()
-    def load_weights(self, weights: Tensors) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffers are copied, not written
-            for n, p in zip(self.names, self.params):
-                p.copy_(torch.from_numpy(np.asarray(weights[n])).view(p.shape))
 
     def _check_tensors(self, tensors: Tensors, what: str) -> None:
         if set(tensors) != set(self.names):
@@ -134,7 +125,7 @@ class TensorMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
-        return {"weights": self.read_weights()}
+        return {"weights": read_weights(self.named)}
 
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
         # every client of a round gets the same bytes: encode once per round, as a real server would
@@ -143,7 +134,7 @@ class TensorMethod(Method):
 
         return self._downlink.get((ctx.round, ctx.seed, state_digest(state["weights"])), encode)
 
-    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate:
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
         self._check_tensors(tensors, "client update")
         if self.uplink_sends_weights:
@@ -151,23 +142,23 @@ class TensorMethod(Method):
         n = extra.get("n")
         if not isinstance(n, int) or n < 1:
             raise PayloadError(f"client update carries no valid example count (n={n!r})")
-        return {"delta": tensors, "n": n}
+        return TensorUpdate(tensors, n)
 
-    def aggregate(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def aggregate(self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
         if self.opts.dp_clip > 0:
             return self._aggregate_private(state, updates, ctx)
         if not updates:
             return state, {}
-        total = sum(u["n"] for u in updates.values())
+        total = sum(u.n for u in updates.values())
         for name in self.names:
-            avg = sum(u["delta"][name].astype(np.float32) * (u["n"] / total) for u in updates.values())
+            avg = sum(u.delta[name].astype(np.float32) * (u.n / total) for u in updates.values())
             state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg).astype(np.float32)
         return state, {}
 
-    def _aggregate_private(self, state: dict[str, Any], updates: dict[int, Any], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def _aggregate_private(self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
         """DP-FedAvg (see :mod:`fedsqueeze.privacy`): clip, sum, add noise, divide by clients_per_round."""
         rng = ctx.rng(SERVER, "dp-noise")
-        deltas = [u["delta"] for u in updates.values()]
+        deltas = [u.delta for u in updates.values()]
         avg, metrics = private_mean(deltas, state["weights"], self.opts.dp_clip, self.opts.dp_noise, self.cfg.clients_per_round, rng)
         for name in self.names:
             state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg[name]).astype(np.float32)
@@ -177,8 +168,7 @@ class TensorMethod(Method):
         return state, metrics
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
-        self.load_weights(state["weights"])
-        return self.task.evaluate()
+        return evaluate_weights(self.task, self.named, state["weights"])
 
     # ---- client ---------------------------------------------------------------------------------
     def param_groups(self) -> list[dict]:
@@ -206,7 +196,7 @@ class TensorMethod(Method):
         t0 = time.perf_counter()
         weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")))
         self._check_tensors(weights, "server message")
-        self.load_weights(weights)
+        load_weights(self.named, weights)
         codec_s = time.perf_counter() - t0
 
         data = self.task.client_data(client)
@@ -217,7 +207,7 @@ class TensorMethod(Method):
         train_s = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        after = self.read_weights()
+        after = read_weights(self.named)
         delta = after if self.uplink_sends_weights else {
             n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names
         }

@@ -1,4 +1,4 @@
-"""Zeroth-order primitives shared by every seed-and-scalar method (DeComFL).
+"""Zeroth-order primitives shared by every seed-and-scalar method (DeComFL): the estimator and the replay.
 
 A perturbation ``z ~ N(0, I)`` over the trainable tensors is never stored: it is a pure function of
 ``(step seed, perturbation index)`` and regenerated, tensor by tensor and chunk by chunk, each time
@@ -9,7 +9,7 @@ records compute bit-identical models: the same float32 operations run in the sam
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -91,3 +91,32 @@ def estimate_step(
     for i in range(perturbations - 1):
         perturber.add(seed, i, -lr * float(grads[i]) / perturbations)
     return grads
+
+
+@torch.no_grad()
+def local_zo(
+    perturber: Perturber,
+    loss_of: Callable[[torch.Tensor], float],
+    batches: Iterable[torch.Tensor],
+    seeds: np.ndarray,
+    perturbations: int,
+    mu: float,
+    difference: str,
+    lr: float,
+) -> tuple[np.ndarray, float]:
+    """A client's local zeroth-order steps, one per seed, on ``batches`` (example indices).
+
+    Returns the K×P scalars to upload and the mean of every loss evaluated on the way.
+    """
+    scalars = np.zeros((len(seeds), perturbations), dtype=np.float32)
+    losses = []
+    for k, idx in enumerate(batches):
+        calls: list[float] = []
+
+        def loss() -> float:
+            calls.append(loss_of(idx))
+            return calls[-1]
+
+        scalars[k] = estimate_step(perturber, loss, int(seeds[k]), perturbations, mu, difference, lr)
+        losses.append(sum(calls) / len(calls))
+    return scalars, float(np.mean(losses))

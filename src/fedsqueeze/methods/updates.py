@@ -1,0 +1,97 @@
+"""The typed results of ``Method.decode_update``: what a server holds of one client's upload.
+
+Each is a frozen dataclass, built only by a method's ``decode_update`` after the payload was
+validated, and consumed only by the same method's ``aggregate``:
+
+- :class:`TensorUpdate` — the tensor methods (fedavg, the compressors, fedsz, head, the PEFT
+  methods) and DeComFL's warm-start rounds: the client's change to the trainable tensors and its
+  number of examples.
+- :class:`MaskUpdate` — the mask methods (fedpm, deltamask, deltamask-exact): the example count,
+  the head delta and the decoded mask code, one of :class:`SampledMask` (FedPM's whole mask),
+  :class:`FilterFlips` (DeltaMask's filter of flipped positions) or :class:`ExactFlips`
+  (deltamask-exact's exact positions).
+- :class:`ZOUpdate` — DeComFL's zeroth-order rounds: the K×P directional-derivative scalars.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+
+from fedsqueeze.codecs.fusefilter import Filter, query_universe
+
+Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorUpdate:
+    """A client's change to the named trainable tensors, weighted by ``n`` at the server."""
+
+    delta: Tensors
+    n: int  # the client's number of training examples (>= 1)
+
+
+@dataclass(frozen=True)
+class SampledMask:
+    """FedPM: the client's whole sampled binary mask, one bool per masked weight."""
+
+    bits: np.ndarray
+
+
+@dataclass(frozen=True)
+class FilterFlips:
+    """DeltaMask: the positions where the client's mask differs from the reference, in a filter."""
+
+    filter: Filter
+
+    @property
+    def keys(self) -> int:
+        """How many positions the client inserted (the filter's hits minus these are false positives)."""
+        return self.filter.size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the fingerprints on the wire."""
+        return int(self.filter.fingerprints.nbytes)
+
+    def flips(self, universe: int) -> np.ndarray:
+        """Boolean membership of every position ``0..universe-1`` (false positives included)."""
+        return query_universe(self.filter, universe)
+
+
+@dataclass(frozen=True)
+class ExactFlips:
+    """deltamask-exact: the sorted flipped positions, decoded exactly."""
+
+    positions: np.ndarray  # int64
+    nbytes: int  # bytes of the position code on the wire
+
+    @property
+    def keys(self) -> int:
+        """How many positions the client sent."""
+        return int(self.positions.size)
+
+    def flips(self, universe: int) -> np.ndarray:
+        """The positions to flip (an index array: no false positives)."""
+        return self.positions
+
+
+MaskCode = Union[SampledMask, FilterFlips, ExactFlips]
+
+
+@dataclass(frozen=True)
+class MaskUpdate:
+    """A mask method's upload: example count, head delta and the decoded mask code."""
+
+    n: int
+    head_delta: Tensors
+    mask: MaskCode
+
+
+@dataclass(frozen=True)
+class ZOUpdate:
+    """DeComFL: one client's K×P float32 scalars (row = local step, column = perturbation)."""
+
+    scalars: np.ndarray
