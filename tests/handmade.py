@@ -65,7 +65,7 @@ def mask_payload(m, state, ctx, client, keep, head_delta, n):
     theta_start = m.start_theta(m.theta_of(sym, levels))
     u = m.uniforms(ctx, client, None)
     mask_meta, mask_body, _ = m.encode_mask(u, keep.astype(np.float32), theta_start, sym, levels, ctx)
-    head_meta, head_body = m._encode_head(head_delta)
+    head_meta, head_body = m.wire.encode_head(head_delta)
     meta = {"n": n, "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
     return frame(m.uplink_kind, meta, mask_body + head_body)
 

@@ -37,7 +37,7 @@ from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filte
 from fedsqueeze.codecs.positions import POSITION_CODERS, decode_positions, encode_positions, entropy_bound_bits
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
-from fedsqueeze.methods.fedpm import AGGREGATES, MaskMethod, MaskOptions
+from fedsqueeze.methods.mask_method import AGGREGATES, MaskMethod, MaskOptions
 from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskUpdate
 from fedsqueeze.options import between, option
 

@@ -1,0 +1,262 @@
+"""MaskMethod: the shared machinery of the mask methods (fedpm, deltamask, deltamask-exact).
+
+A frozen pre-trained backbone whose Linear weights each get a mask score (see
+:mod:`fedsqueeze.masking`); clients train the scores and the head, then upload a coded mask and
+the head delta. This module holds what every mask method shares: options, model set-up, the
+server state (θ as integer symbols), the coded downlink (:mod:`fedsqueeze.methods.mask_wire`),
+the strata and uniforms of the mask draw, the Beta and delta aggregation rules, evaluation and the
+client's round. How a client's mask is coded is each method's own: :meth:`MaskMethod.encode_mask`,
+:meth:`~MaskMethod.decode_mask` and :meth:`~MaskMethod.rebuild_mask` (FedPM in
+:mod:`fedsqueeze.methods.fedpm`, DeltaMask in :mod:`fedsqueeze.methods.deltamask`). The rules
+themselves are described in :mod:`fedsqueeze.methods.fedpm`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedsqueeze.errors import ConfigError, PayloadError
+from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked
+from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
+from fedsqueeze.methods.head import head_names
+from fedsqueeze.methods.mask_wire import MaskWire
+from fedsqueeze.methods.updates import MaskCode, MaskUpdate
+from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
+from fedsqueeze.options import above, at_least, between, option
+from fedsqueeze.seeding import SERVER, np_rng
+from fedsqueeze.training import num_local_steps
+
+EVAL_MASKS = ("expected", "threshold", "sample")
+AGGREGATES = ("beta", "delta")
+INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a uint8 level
+
+
+@dataclass
+class MaskOptions:
+    theta_init: float = option(0.95, "initial keep probability of every masked weight", check=between(0.0, 1.0, lo_open=True))
+    clip_eps: float = option(0.02, "clients start from θ_global clipped to [eps, 1-eps] (finite scores)",
+                             check=between(0.0, 0.5, lo_open=True, hi_open=True))
+    score_lr: float = option(0.1, "learning rate of the mask scores", check=above(0.0))
+    head_lr: float = option(1e-2, "learning rate of the classification head", check=at_least(0.0))
+    optimizer: str = option("adam", "local optimizer", choices=OPTIMIZERS)
+    mask_embeddings: bool = option(False, "mask the embedding tables too (not only Linear weights)")
+    carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them (aggregate=beta only)")
+    eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)",
+                            choices=EVAL_MASKS)
+    head_dtype: str = option("float32", "head weights and deltas on the wire", choices=("float32", "float16"))
+    stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
+    aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)",
+                            choices=AGGREGATES)
+
+    def validate(self) -> None:
+        if self.aggregate == "delta" and self.carry_priors:
+            raise ConfigError("option 'carry_priors' applies to aggregate=beta only, not aggregate=delta")
+
+
+class MaskMethod(Method):
+    """Shared machinery of the mask methods: model, training, server state, downlink, aggregation.
+
+    Subclasses code the client's mask: :meth:`encode_mask` (client) and :meth:`decode_mask`
+    (server, validation only) and :meth:`rebuild_mask` (server, inside aggregation, where the
+    client id is known).
+    """
+
+    Options = MaskOptions
+    uplink_kind: str = "fedpm-up"
+    needs_reference: bool = False  # rebuild_mask needs the reference mask u < θ_start
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def setup(self, task) -> None:
+        self.task = task
+        self.layout = select_masked(task.model, self.opts.mask_embeddings)
+        self.head_names = head_names(task.model)
+        for n, p in task.model.named_parameters():
+            p.requires_grad_(n in self.head_names)
+        self.head_named = named_params(task.model, self.head_names)
+        self.head_params = list(self.head_named.values())
+        self.head_shapes = {n: tuple(p.shape) for n, p in self.head_named.items()}
+        self.masked = MaskedModel(task.model, self.layout)
+        self.n = self.layout.total
+        self.wire = MaskWire(self.n, self.head_shapes, self.opts.head_dtype)
+        # the round's downlink (meta, body), keyed by the θ and head it encodes
+        self._downlink = RoundMemo()
+
+    def trainable_params(self) -> int:
+        return self.n + sum(p.numel() for p in self.head_params)
+
+    # ---- θ on both sides ------------------------------------------------------------------------
+    @staticmethod
+    def theta_of(sym: np.ndarray, levels: int) -> np.ndarray:
+        """θ from its integer symbols; computed identically by server and clients."""
+        return sym.astype(np.float32) / np.float32(levels)
+
+    def start_theta(self, theta: np.ndarray) -> np.ndarray:
+        """The probabilities a client starts from (and the reference mask is drawn from)."""
+        return clip_probs(theta, self.opts.clip_eps)
+
+    # ---- server ---------------------------------------------------------------------------------
+    def init_server(self) -> dict[str, Any]:
+        sym = np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
+        state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": read_weights(self.head_named)}
+        if self.opts.carry_priors:
+            state["alpha"] = np.ones(self.n, dtype=np.float32)
+            state["beta"] = np.ones(self.n, dtype=np.float32)
+        return state
+
+    def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
+        shared = {k: state[k] for k in ("theta_sym", "levels", "head")}
+
+        def encode() -> tuple[dict[str, Any], bytes]:
+            return self.wire.encode_downlink_body(state["theta_sym"], int(state["levels"]), state["head"])
+
+        meta, body = self._downlink.get((ctx.round, state_digest(shared)), encode)
+        return self.wire.frame_downlink(meta, body, self.stratum(ctx, client) if self.opts.stratify else None)
+
+    def stratum(self, ctx: RoundContext, client: int) -> tuple[int, int]:
+        """``client``'s stratum ``(k, K)`` this round: a pure function of the round, never of call order.
+
+        ``k`` is the client's index among ``ctx.participants`` (sorted) and ``K`` their number.
+        Without participants (a caller that does not set them) ``K`` = clients_per_round and
+        ``k = client mod K``: still the same on both sides, but two clients may share a stratum.
+        """
+        if not ctx.participants:
+            k = self.cfg.clients_per_round
+            return client % k, k
+        if client not in ctx.participants:
+            raise PayloadError(f"client {client} is not among this round's participants, so it has no stratum")
+        return ctx.participants.index(client), len(ctx.participants)
+
+    def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray], tuple[int, int] | None]:
+        """``(θ symbols, levels, head weights, stratum)`` from the server's message."""
+        msg = self.wire.decode_downlink(message)
+        return msg.sym, msg.levels, msg.head, msg.stratum
+
+    def uniforms(self, ctx: RoundContext, client: int, stratum: tuple[int, int] | None) -> np.ndarray:
+        """The uniforms of ``client``'s mask draw this round, rebuildable by the server."""
+        if stratum is None:
+            return shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
+        return stratified_uniforms(ctx.rng(SERVER, "mask-draw"), self.n, *stratum)
+
+    def server_uniforms(self, ctx: RoundContext, client: int) -> np.ndarray:
+        """Server: the same uniforms, from the stratum it gave ``client`` this round."""
+        return self.uniforms(ctx, client, self.stratum(ctx, client) if self.opts.stratify else None)
+
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> MaskUpdate:
+        up = self.wire.decode_uplink(self.uplink_kind, payload)
+        return MaskUpdate(up.n, up.head_delta, self.decode_mask(up.mask_meta, up.mask_body, state, ctx))
+
+    def aggregate(self, state: dict[str, Any], updates: dict[int, MaskUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+        if not updates:
+            return state, {}
+        t0 = time.perf_counter()
+        theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
+        delta = self.opts.aggregate == "delta"
+        counts = np.zeros(self.n, dtype=np.int32)  # Σm (beta) or Σ(m − ref) (delta)
+        extra: dict[str, list[float]] = {}
+        for client, upd in updates.items():
+            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference) else None
+            mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
+            counts += mask
+            if delta:
+                counts -= ref
+            for k, v in stats.items():
+                extra.setdefault(k, []).append(v)
+        k = len(updates)
+        if delta:  # θ += mean(m − ref): E[m − ref] = θ_client − θ_start, noise only where clients moved
+            theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(k), 0.0, 1.0)
+            state["theta_sym"] = np.rint(theta * INIT_LEVELS).astype(np.uint8)
+            state["levels"] = INIT_LEVELS
+        elif self.opts.carry_priors:
+            state["alpha"] += counts
+            state["beta"] += k - counts
+            theta = (state["alpha"] - 1) / np.maximum(state["alpha"] + state["beta"] - 2, 1e-9)
+            state["theta_sym"] = np.rint(np.clip(theta, 0, 1) * INIT_LEVELS).astype(np.uint8)
+            state["levels"] = INIT_LEVELS
+        else:  # α = 1 + Σm, β = 1 + K − Σm  ⇒  θ = Σm / K exactly, sent as K + 1 levels
+            state["theta_sym"] = counts.astype(np.uint8 if k <= 255 else np.uint16)
+            state["levels"] = k
+        total = sum(u.n for u in updates.values())
+        for name in self.head_names:
+            avg = sum(u.head_delta[name] * (u.n / total) for u in updates.values())
+            state["head"][name] = (state["head"][name] + avg).astype(np.float32)
+        theta = self.theta_of(state["theta_sym"], state["levels"])
+        metrics = {key: float(np.mean(v)) for key, v in extra.items()}
+        metrics.update({
+            "mask_keep_frac": float((theta > 0.5).mean()),
+            "theta_mean": float(theta.mean()),
+            "aggregate_s": time.perf_counter() - t0,
+        })
+        return state, metrics
+
+    def eval_mask(self, state: dict[str, Any]) -> torch.Tensor:
+        theta = self.theta_of(state["theta_sym"], state["levels"])
+        if self.opts.eval_mask == "sample":
+            theta_s = self.start_theta(theta)
+            u = shared_uniforms(np_rng(self.cfg.seed, 0, SERVER, "eval-mask"), self.n)
+            return torch.from_numpy((u < theta_s).astype(np.float32))
+        if self.opts.eval_mask == "expected":  # the mean of the masked model's weights, E[W ⊙ m] = W ⊙ θ
+            return torch.from_numpy(theta.astype(np.float32))
+        return torch.from_numpy((theta > 0.5).astype(np.float32))
+
+    def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
+        mask = self.eval_mask(state)
+        return evaluate_weights(self.task, self.head_named, state["head"], lambda inputs: self.masked.forward(mask, inputs))
+
+    # ---- client ---------------------------------------------------------------------------------
+    def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
+        t0 = time.perf_counter()
+        sym, levels, head, stratum = self.decode_downlink(message)
+        theta_start = self.start_theta(self.theta_of(sym, levels))
+        load_weights(self.head_named, head)
+        codec_s = time.perf_counter() - t0
+
+        data = self.task.client_data(client)
+        steps = num_local_steps(len(data), self.cfg.batch_size, self.cfg.local_steps, self.cfg.local_epochs)
+        scores = torch.from_numpy(logit(theta_start)).requires_grad_(True)
+        t1 = time.perf_counter()
+        torch.manual_seed(ctx.seed_for(client, "dropout-layers"))
+        metrics = train_masked(
+            self.masked, scores, self.head_params, data, steps=steps, batch_size=self.cfg.batch_size,
+            score_lr=self.opts.score_lr, head_lr=self.opts.head_lr, generator=ctx.torch_gen(client, "batches"),
+            mask_generator=ctx.torch_gen(client, "mask-train"), optimizer=self.opts.optimizer,
+        )
+        train_s = time.perf_counter() - t1
+
+        t2 = time.perf_counter()
+        theta_client = torch.sigmoid(scores.detach()).numpy()
+        u = self.uniforms(ctx, client, stratum)
+        mask_meta, mask_body, stats = self.encode_mask(u, theta_client, theta_start, sym, levels, ctx)
+        after = read_weights(self.head_named)
+        head_delta = {n: after[n] - head[n] for n in self.head_names}
+        payload = self.wire.encode_uplink(self.uplink_kind, len(data), mask_meta, mask_body, head_delta)
+        codec_s += time.perf_counter() - t2
+        return ClientOutput(payload, None, {**metrics, **stats, "train_s": train_s, "codec_s": codec_s})
+
+    # ---- mask coding: each method's own ----------------------------------------------------------
+    @abstractmethod
+    def encode_mask(
+        self, u: np.ndarray, theta_client: np.ndarray, theta_start: np.ndarray, sym: np.ndarray, levels: int,
+        ctx: RoundContext,
+    ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
+        """Client: code its mask (drawn as ``u < θ_client``); returns ``(meta, body, stats)``."""
+
+    @abstractmethod
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> MaskCode:
+        """Server: validate and decode the mask section, as far as it can be without the client id."""
+
+    @abstractmethod
+    def rebuild_mask(
+        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int,
+        ctx: RoundContext,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Server: the client's binary mask (int32 0/1) and per-client statistics for the round record.
+
+        ``ref`` is the client's reference mask ``u < θ_start`` (None unless ``needs_reference`` or
+        ``aggregate=delta``).
+        """
