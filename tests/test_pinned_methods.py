@@ -376,7 +376,7 @@ def test_kappa_schedule_caps_the_positions_sent(task, schedule):
         assert stats["flips_total"] == flips.size > cap
         moved = theta_start[flips].astype(np.float64) - np.where(np.isin(flips, strong), 0.0, u[flips] / 2)
         expected = np.sort(flips[np.argsort(-moved, kind="stable")[:cap]])
-        head_meta, head_body = m._encode_head(hand_head(m, 0))
+        head_meta, head_body = m.wire.encode_head(hand_head(m, 0))
         payload = frame(m.uplink_kind, {"n": 2, "mask": meta, "head": head_meta, "sections": [len(body), len(head_body)]},
                         body + head_body)
         new, metrics = m.aggregate(copy.deepcopy(state), {1: m.decode_update(payload, 1, state, ctx)}, ctx)
