@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -162,3 +164,73 @@ def test_partitions_map_to_nodes_and_gaps_or_clashes_are_errors(task_identity):
     assert discover_partitions(FakeGrid({11: "one", 22: 0, 33: 1.0, 44: 1}), clients=2, wait_s=1) == {0: 22, 1: 44}
     with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
         discover_partitions(FakeGrid({11: 0, 22: 0}), clients=2, wait_s=0.5)
+
+
+class ScriptedGrid(FakeGrid):
+    """Train messages are answered by ``answer(message) -> reply or None`` (None: never answers)."""
+
+    def __init__(self, answer) -> None:
+        super().__init__({})
+        self.answer = answer
+
+    def pull_messages(self, ids):
+        return [r for r in (self.answer(self.sent[mid]) for mid in ids) if r is not None]
+
+
+def _hostile_replies():
+    """Replies a broken or hostile node could send, and the drop reason each must give."""
+    from flwr.app import MetricRecord
+
+    from fedsqueeze.runtime.flower_wire import METRICS
+
+    def payload(msg, **records):
+        return Message(RecordDict({PAYLOAD: bytes_record(b"\x00" * 8), **records}), reply_to=msg)
+
+    bad_npy = ArrayRecord({"bytes": Array(dtype="uint8", shape=(4,), stype="numpy.ndarray", data=b"not npy")})
+    return {
+        0: (lambda m: Message(RecordDict({CONFIG: ConfigRecord({"error": "ValueError: boom"})}), reply_to=m),
+            "client error: ValueError: boom"),
+        1: (lambda m: Message(RecordDict(), reply_to=m), "bad reply: message carries no payload record"),
+        2: (lambda m: Message(RecordDict({PAYLOAD: bad_npy}), reply_to=m), "bad reply: payload array is malformed"),
+        3: (lambda m: payload(m, **{METRICS: MetricRecord({"train_s": [1.0, 2.0], "codec_s": 1e300})}), None),
+        4: (lambda m: None, "no reply within 1s"),
+    }
+
+
+def test_flower_transport_turns_every_hostile_reply_into_a_drop_reason(tiny_cfg, task_identity):
+    from fedsqueeze.runtime.engine import ClientCall
+    from fedsqueeze.runtime.flower_app import FlowerTransport, ServerSettings
+
+    cases = _hostile_replies()
+    grid = ScriptedGrid(lambda msg: cases[msg.content.config_records[CONFIG]["client"]][0](msg))
+    cfg = tiny_cfg(method="head", clients=5, clients_per_round=5)
+    transport = FlowerTransport(grid, {c: 100 + c for c in cases}, cfg, ServerSettings(reply_timeout_s=1.0))
+    ctx = RoundContext(round=1, rounds=1, seed=0, participants=tuple(cases))
+    replies = transport.exchange([ClientCall(c, b"msg", ctx, None) for c in cases])
+    for client, (_, reason) in cases.items():
+        if reason is None:
+            continue
+        assert replies[client].payload is None and replies[client].error.startswith(reason), (client, replies[client])
+    # list-valued or absurd metrics are not numbers the engine may use: dropped from the metrics, time bounded
+    good = replies[3]
+    assert good.error is None and good.payload == b"\x00" * 8
+    assert "train_s" not in good.metrics and good.compute_s <= 1.5 and good.metrics["codec_s"] <= 1.5
+
+
+def test_deployment_resume_reads_the_checkpoint_of_the_same_config_only(tiny_cfg, tmp_path):
+    import dataclasses
+
+    from fedsqueeze.runtime.checkpoint import encode_checkpoint, save_checkpoint
+    from fedsqueeze.runtime.flower_app import RESUME_KEY, ServerSettings, _resume_checkpoint
+
+    cfg = tiny_cfg(method="head")
+    Path(cfg.out).mkdir(parents=True)
+    record = {"round": 1}
+    save_checkpoint(cfg.out, encode_checkpoint(config=cfg.to_dict(), round_=1, server_state={"w": 1},
+                                               client_states={}, rounds=[record], state_versions={0: (1, 0)}))
+    assert _resume_checkpoint(cfg, ServerSettings()) is None  # a fresh run never reads one
+    ckpt = _resume_checkpoint(cfg, ServerSettings(resume_from_out=True))
+    assert (ckpt.round, ckpt.server_state, ckpt.state_versions) == (1, {"w": 1}, {0: (1, 0)})
+    with pytest.raises(ConfigError, match="another config"):
+        _resume_checkpoint(dataclasses.replace(cfg, seed=5), ServerSettings(resume_from_out=True))
+    assert app_pyproject(cfg, resume=True)["tool"]["flwr"]["app"]["config"][RESUME_KEY] is True

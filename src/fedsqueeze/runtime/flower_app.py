@@ -162,6 +162,9 @@ class FlowerTransport(Transport):
                 out[call.client] = ClientReply(error=f"client error: {error}")
                 continue
             # the client's own account of its time, bounded by what the server saw
+            for key in ("train_s", "codec_s"):
+                if key in metrics:
+                    metrics[key] = min(max(metrics[key], 0.0), waited)
             compute_s = min(metrics.get("train_s", 0.0) + metrics.get("codec_s", 0.0), waited)
             out[call.client] = ClientReply(payload=payload, metrics=metrics, compute_s=compute_s)
         return out
