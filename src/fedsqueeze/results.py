@@ -28,14 +28,20 @@ def bpp(nbytes: int, clients: int, model_params: int) -> float:
     return nbytes * 8 / (clients * model_params) if clients else 0.0
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so a reader never sees a half-written file."""
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so a reader (or a kill) never sees a half-written file:
+    a temporary file, flushed to disk, then renamed over the old one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
+    with tmp.open("wb") as f:
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode())
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:

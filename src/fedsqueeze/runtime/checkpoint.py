@@ -13,7 +13,6 @@ start of each round. ``OUT/config.toml`` (written when the run starts) is what `
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.errors import ConfigError, FedsqueezeError, PayloadError
+from fedsqueeze.results import atomic_write_bytes
 from fedsqueeze.treeio import pack_tree, unpack_tree
 
 CHECKPOINT_FILE = "checkpoint"
@@ -95,12 +95,7 @@ def decode_checkpoint(data: bytes | bytearray | memoryview) -> Checkpoint:
 def save_checkpoint(out_dir: str | Path, data: bytes) -> Path:
     """Write checkpoint bytes to ``out_dir/checkpoint`` atomically (temporary file, fsync, rename)."""
     path = Path(out_dir) / CHECKPOINT_FILE
-    tmp = path.with_name(f".{CHECKPOINT_FILE}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return path
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import traceback
 from dataclasses import dataclass
@@ -81,6 +80,7 @@ def load_client_state(context: Context, method: Method, req: TrainRequest, state
 
 def save_client_state(context: Context, req: TrainRequest, state: Any, state_dir: str | None) -> None:
     """Keep ``state`` as version (round, attempt) in the context and, with a state directory, on disk."""
+    from fedsqueeze.results import atomic_write_bytes
     from fedsqueeze.treeio import pack_tree
 
     version = (req.round, req.attempt)
@@ -90,9 +90,7 @@ def save_client_state(context: Context, req: TrainRequest, state: Any, state_dir
         return
     path = _state_path(state_dir, req, version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     # versions older than the one the server knows of are never asked for again
     if req.state_version is not None:
         for old in path.parent.glob(f"client-{req.client}-r*.tree"):
