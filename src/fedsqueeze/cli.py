@@ -39,7 +39,7 @@ def run_flags(exclude: tuple[str, ...] = (), help: dict[str, str] | None = None)
     def add(fn: Callable) -> Callable:
         own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         generated = [_flag(f, (help or {}).get(f.name)) for f in option_fields(RunConfig) if f.name not in exclude]
-        fn.__signature__ = inspect.Signature(own + generated)  # typer reads the command's flags from this
+        fn.__signature__ = inspect.Signature(own + generated)  # type: ignore[attr-defined]  # typer reads the flags from this
         return fn
 
     return add
@@ -180,7 +180,7 @@ def _print_summary(done: dict) -> None:
 def _report(paths: list[str], out: str, target: Optional[float]) -> None:
     from fedsqueeze.report.compare import load_results, write_report
 
-    done = write_report(load_results(paths), out, target=target, command=_command_line())
+    done = write_report(load_results(list(paths)), out, target=target, command=_command_line())
     _print_summary(done)
 
 

@@ -52,8 +52,10 @@ def select_masked(model: nn.Module, include_embeddings: bool = False) -> MaskLay
     """Layout of the masked weights: every Linear weight of ``model.backbone`` (plus embeddings)."""
     kinds: tuple[type, ...] = (nn.Linear, nn.Embedding) if include_embeddings else (nn.Linear,)
     names, shapes, offsets, total = [], [], [], 0
-    for mod_name, mod in model.backbone.named_modules():
-        if isinstance(mod, kinds):
+    backbone = model.backbone
+    assert isinstance(backbone, nn.Module)
+    for mod_name, mod in backbone.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)) and isinstance(mod, kinds):
             names.append(f"backbone.{mod_name}.weight")
             shapes.append(tuple(mod.weight.shape))
             offsets.append(total)

@@ -27,6 +27,8 @@ def encode_split(split: RawSplit, tokenizer, max_length: int) -> Encoded:
     if split.texts is not None:
         enc = tokenizer(split.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
         return Encoded({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels)
+    if split.images is None:
+        raise ValueError("a split holds either texts or images")
     pixels = torch.from_numpy(split.images.astype(np.float32) / 255.0)
     pixels = ((pixels - _PIXEL_MEAN) / _PIXEL_STD).unsqueeze(1)
     return Encoded({"pixel_values": pixels}, labels)

@@ -134,6 +134,7 @@ def parse_filter(meta: dict, body: memoryview | bytes, max_keys: int) -> Filter:
     for name, v, hi in (("size", size, max_keys), ("seed", seed, (1 << 64) - 1), ("array_length", length, 1 << 34)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
             raise PayloadError(f"filter {name} {v!r} is not an integer in [0, {hi}]")
+    assert isinstance(size, int) and isinstance(seed, int) and isinstance(length, int)  # just checked
     geom = filter_geometry(kind, size)
     if geom["array_length"] != length:
         raise PayloadError(f"{kind} with {size} keys needs {geom['array_length']} fingerprints, header says {length}")

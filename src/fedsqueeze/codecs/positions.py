@@ -71,7 +71,7 @@ def rice_encode(positions: np.ndarray, universe: int) -> tuple[dict[str, Any], b
     gaps[1:] -= np.uint64(1)
     centre = max(0, int(math.log2(max((universe - n) / n, 1.0))))
     costs = {k: int((gaps >> np.uint64(k)).sum()) + n * (1 + k) for k in range(max(0, centre - 2), centre + 3)}
-    k = min(costs, key=costs.get)
+    k = min(costs, key=lambda j: costs[j])
     q = (gaps >> np.uint64(k)).astype(np.int64)
     unary_bits = int(q.sum()) + n
     unary = np.ones(unary_bits, dtype=np.uint8)
@@ -82,6 +82,7 @@ def rice_encode(positions: np.ndarray, universe: int) -> tuple[dict[str, Any], b
 
 def rice_decode(meta: dict[str, Any], body: memoryview | bytes) -> np.ndarray:
     n, universe, k, unary_bits = (meta.get(x) for x in ("n", "universe", "k", "unary_bits"))
+    assert isinstance(n, int) and isinstance(universe, int)  # checked by decode_positions, the only caller
     if not (isinstance(k, int) and 0 <= k <= 62 and isinstance(unary_bits, int) and n <= unary_bits <= 8 * len(body)):
         raise PayloadError(f"bad rice header (k={k!r}, unary_bits={unary_bits!r})")
     need = (unary_bits + 7) // 8 + (n * k + 7) // 8
@@ -118,6 +119,7 @@ def elias_fano_encode(positions: np.ndarray, universe: int) -> tuple[dict[str, A
 
 def elias_fano_decode(meta: dict[str, Any], body: memoryview | bytes) -> np.ndarray:
     n, universe, low_bits = meta.get("n"), meta.get("universe"), meta.get("l")
+    assert isinstance(n, int) and isinstance(universe, int)  # checked by decode_positions, the only caller
     if not (isinstance(low_bits, int) and 0 <= low_bits <= 62):
         raise PayloadError(f"bad elias-fano low-bit count {low_bits!r}")
     upper_bits = n + (universe >> low_bits) + 1
@@ -151,6 +153,7 @@ def decode_positions(meta: dict[str, Any], body: memoryview | bytes, max_univers
     for name, v in (("n", n), ("universe", universe)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= max_universe:
             raise PayloadError(f"position set {name} {v!r} is not an integer in [0, {max_universe}]")
+    assert isinstance(n, int) and isinstance(universe, int)  # for the type checker: just checked
     if n > universe:
         raise PayloadError(f"{n} positions cannot fit a universe of {universe}")
     coder = meta.get("coder")

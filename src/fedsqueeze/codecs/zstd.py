@@ -56,7 +56,7 @@ def shuffle_bytes(a: np.ndarray) -> bytes:
     return a.reshape(-1).view(np.uint8).reshape(-1, a.dtype.itemsize).T.tobytes()
 
 
-def unshuffle_bytes(buf: bytes | memoryview, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def unshuffle_bytes(buf: bytes | memoryview, dtype: np.typing.DTypeLike, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of :func:`shuffle_bytes`."""
     dtype = np.dtype(dtype).newbyteorder("<")
     raw = np.frombuffer(buf, dtype=np.uint8)

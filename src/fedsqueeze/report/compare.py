@@ -85,7 +85,8 @@ def baseline_index(results: list[dict[str, Any]]) -> int | None:
              and r.get("config", {}).get("options", {}).get("uplink_codec", "raw") == "raw"
              and r.get("config", {}).get("options", {}).get("downlink_codec", "raw") == "raw"]
     anyf = [i for i, r in enumerate(results) if r["method"] == "fedavg"]
-    return (plain or anyf or [None])[0]
+    found = plain or anyf
+    return found[0] if found else None
 
 
 def default_target(results: list[dict[str, Any]]) -> float:
@@ -257,13 +258,14 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     labels = labels_for(results)
     target = default_target(results) if target is None else target
     markers = "osD^v<>ph*"
-    styles = [dict(marker=markers[i % len(markers)], color=f"C{i % 10}") for i in range(len(results))]
+    styles: list[dict[str, Any]] = [dict(marker=markers[i % len(markers)], color=f"C{i % 10}") for i in range(len(results))]
 
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     for lab, r, st in zip(labels, results, styles):
@@ -288,7 +290,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title("Accuracy per round")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     _legend_outside(ax)
     fig.tight_layout()
@@ -303,7 +305,7 @@ def write_plots(results: list[dict[str, Any]], out_dir: str | Path, target: floa
         ax.set_yscale("log")
         ax.set_xlabel("round")
         ax.set_title(f"{title} bits per parameter per client")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("bpp (log)")
     _legend_outside(axes[1])

@@ -92,7 +92,7 @@ def run_flower_sim(
 
     settings = ServerSettings(runtime="flower-sim", wait_nodes_s=60.0, show_progress=show_progress,
                               state_dir=str(Path(cfg.out) / CLIENT_STATE_DIR), resume=resume, prepare_nodes=True)
-    backend = {
+    backend: dict[str, Any] = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "error", "log_to_driver": False,
                       "_temp_dir": tempfile.mkdtemp(prefix="fsq-ray-")},

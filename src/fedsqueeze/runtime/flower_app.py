@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedsqueeze.config import RunConfig
@@ -99,7 +99,8 @@ def discover_partitions(grid: Grid, clients: int, wait_s: float, prepare_config:
     while True:
         nodes = [n for n in grid.get_node_ids() if n not in asked]
         if nodes:
-            content = {CONFIG: ConfigRecord({"config": prepare_config})} if prepare_config else {}
+            content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = (
+                {CONFIG: ConfigRecord({"config": prepare_config})} if prepare_config else {})
             msgs = [Message(RecordDict(content), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
             for node, reply in zip(nodes, _exchange(grid, msgs, max(end - time.monotonic(), 5.0))):
                 pid = _partition_of(reply)

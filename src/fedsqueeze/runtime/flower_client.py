@@ -68,8 +68,10 @@ def load_client_state(context: Context, method: Method, req: TrainRequest, state
     if req.state_version is None:
         return method.init_client(req.client)
     record = context.state.config_records.get(STATE)
-    if record is not None and record.get("client") == req.client and list(record.get("version", [])) == list(req.state_version):
-        return unpack_tree(record["tree"])
+    if record is not None and record.get("client") == req.client and record.get("version") == list(req.state_version):
+        tree = record["tree"]
+        if isinstance(tree, bytes):
+            return unpack_tree(tree)
     if state_dir:
         path = _state_path(state_dir, req, req.state_version)
         if path.is_file():

@@ -93,6 +93,7 @@ class Federation:
         return f"{self.host}:{self.port}"
 
     def _spawn(self, cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
+        assert self.workdir is not None  # set by start()
         log = open(Path(self.workdir) / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         try:
             proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

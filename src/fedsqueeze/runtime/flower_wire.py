@@ -144,7 +144,7 @@ def reply_error(msg: Message, error: str) -> Message:
 
 def reply_update(msg: Message, payload: bytes, metrics: dict[str, Any]) -> Message:
     """The reply of a client that trained: its payload bytes and its numeric metrics."""
-    numeric = {k: float(v) for k, v in metrics.items()
+    numeric: dict[str, int | float | list[int] | list[float]] = {k: float(v) for k, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
     return Message(RecordDict({PAYLOAD: bytes_record(payload), METRICS: MetricRecord(numeric)}), reply_to=msg)
 
