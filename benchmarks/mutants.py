@@ -91,6 +91,16 @@ EQUIVALENT = [
     (r"counts = np\.zeros\(self\.n, dtype=np\.int32\)", r"counts = np\.zeros\(self\.n, \)",
      "the counts are small integers: exact in float64 too, and cast to uint8 on the way out"),
 ]
+EQUIVALENT += [
+    (r"reshape\(-1", r"reshape\(-2", "numpy reads any negative dimension as 'infer this one'"),
+    (r'einsum\("ij,ij->i"', r'einsum\("IJ,IJ->I"', "einsum subscripts are any letters, upper case too"),
+    (r"sorted=False\)", r"sorted=True\)|count, \)", "the indices are sorted right after"),
+    (r"np\.arange\(p\.size, dtype=np\.int64\)", r"np\.arange\(p\.size, (dtype=None)?\)", "numpy's default integer is int64 here"),
+    (r"all_gaps = np\.concatenate\(gaps\) if gaps else np\.zeros\(0, np\.uint32\)", r".",
+     "the empty-branch array is never used: with no gaps nothing is compressed"),
+    (r"if total else np\.zeros\(0, np\.uint32\)", r"if total else np\.zeros\((None|1), np\.uint32\)|np\.uint32, None\) if total",
+     "with no positions the gaps are never read; a shape of None keeps the 1-D shape"),
+]
 MESSAGE_ONLY = [  # arguments that only label an error message
     (r'"client update"\)|"server message"\)', r"None\)"),
 ]
@@ -230,7 +240,7 @@ def main() -> None:
     ap.add_argument("--rev", default="HEAD", help="the commit whose source and tests are mutated and run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutants.json"))
     ap.add_argument("--recheck", action="store_true",
-                    help="reuse --workdir's mutants (same source snapshot), refresh the tests from this tree and "
+                    help="reuse --workdir's mutants (same source snapshot), take the tests of commit --rev and "
                          "re-run only the mutants not yet killed (after adding tests for survivors)")
     args = ap.parse_args()
 
@@ -242,15 +252,19 @@ def main() -> None:
            "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
     t0 = time.time()
     history: list[dict] = []
+    tests_commit = None
     previous_fractions: dict[str, float] = {}
     if args.recheck:
         previous = json.loads((work / "report.json").read_text())
         previous_fractions = previous.get("sample_by_file", {})
         files, history = previous["files"], previous.get("history", []) + [
             {k: previous[k] for k in ("command", "snapshot", "mutants_run", "seconds")}]
-        for t in TESTS + HELPERS:  # the mutants/ copy is what mutmut runs
+        tests_commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, capture_output=True, text=True,
+                                      check=True).stdout.strip()
+        for t in TESTS + HELPERS:  # the tests of commit --rev; the mutants/ copy is what mutmut runs
+            text = subprocess.run(["git", "show", f"{tests_commit}:{t}"], cwd=ROOT, capture_output=True, check=True).stdout
             for dest in (work / t, work / "mutants" / t):
-                shutil.copy2(ROOT / t, dest)
+                dest.write_bytes(text)
         write_config(work, files)
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # re-map tests to functions
     else:
@@ -296,6 +310,7 @@ def main() -> None:
         "tool": version, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "snapshot": json.loads((work / "snapshot.json").read_text()), "history": history,
         "rechecked": len(names) if args.recheck else 0,
+        "tests_commit": tests_commit or json.loads((work / "snapshot.json").read_text())["commit"],
         "files": files, "files_with_mutants": sorted(by_file), "tests": TESTS, "deselected": DESELECT,
         "sample": args.sample, "sample_by_file": fractions or previous_fractions, "seed": args.seed, "mutants_run": len(rows), "seconds": round(time.time() - t0, 1),
         "packages": by_pkg, "by_file": by_file,

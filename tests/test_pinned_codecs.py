@@ -514,3 +514,60 @@ def test_filter_has_no_false_negatives_and_agrees_with_c(kind, bits):
 def test_empty_filter():
     flt = build_filter(np.zeros(0, np.uint64))
     assert flt.meta()["size"] == 0 and flt.body() == b"" and not query_universe(flt, 100).any()
+
+
+# ---- edge cases of the lossy codecs: empty, single-value and integer-only payloads, option ranges ----
+
+
+@pytest.mark.parametrize("codec_id", ["qsgd", "topk", "sign", "eden"])
+def test_lossy_codecs_on_edge_tensors(codec_id):
+    codec = get_codec(codec_id)
+    only_ints = {"i": np.array([3, -4], np.int32)}
+    data = encode_tensors(codec, only_ints)
+    _, meta, body = parse(data)
+    out, _ = decode_tensors(data)
+    assert np.array_equal(out["i"], only_ints["i"]) and meta["lengths"][:-1] == [0] * (len(meta["lengths"]) - 1)
+    edge = {"e": np.zeros((0, 2), np.float32), "one": np.array([0.5], np.float32), "i": only_ints["i"]}
+    data = encode_tensors(codec, edge, CodecContext(seed=3))
+    _, meta, _ = parse(data)
+    lossy = next(v for k, v in meta.items() if k not in ("exact", "lengths", "counts", "levels", "bucket", "chunk", "seed"))
+    assert [r[0] for r in lossy] == ["one"] and [r[0] for r in meta["exact"]] == ["e", "i"]
+    out, _ = decode_tensors(data)
+    assert out["e"].shape == (0, 2) and np.array_equal(out["i"], edge["i"])
+    # the element cap covers the exact part too
+    with pytest.raises(PayloadError, match="cap"):
+        decode_tensors(data, CodecContext(max_elements=1 + 0 + 1))
+    assert decode_tensors(data, CodecContext(max_elements=1 + 0 + 2))[0]["one"].shape == (1,)
+
+
+def test_qsgd_option_ranges_and_level_width():
+    from fedsqueeze.errors import ConfigError
+
+    for ok in ({"levels": 1}, {"levels": 32767}, {"bucket": 1}, {"bucket": 1 << 20}):
+        get_codec("qsgd", **ok)
+    for bad in ({"levels": 0}, {"levels": 32768}, {"bucket": 0}, {"bucket": (1 << 20) + 1}):
+        with pytest.raises(ConfigError):
+            get_codec("qsgd", **bad)
+    x = {"v": np.linspace(-1, 1, 16).astype(np.float32)}
+    for levels, width in ((127, 1), (128, 2)):
+        _, meta, body = parse(encode_tensors(get_codec("qsgd", levels=levels, bucket=16), x))
+        assert len(zstandard.ZstdDecompressor().decompress(body[: meta["lengths"][0]])) == 4 + width * 16
+
+
+def test_topk_rejects_repeated_or_outside_positions():
+    from fedsqueeze.codecs.zstd import shuffle_bytes, zstd_compress
+
+    def payload(gaps, numel=8):
+        i_blob = zstd_compress(shuffle_bytes(np.array(gaps, np.uint32)))
+        v = np.ones(len(gaps), "<f4").tobytes()
+        meta = {"sparse": [["w", "float32", [numel]]], "counts": [len(gaps)], "exact": [], "lengths": [len(i_blob), len(v), 0]}
+        return frame("topk", meta, i_blob + v)
+
+    assert np.array_equal(decode_tensors(payload([1, 2]))[0]["w"], np.float32([0, 1, 0, 1, 0, 0, 0, 0]))
+    for gaps in ([1, 0], [3, 5], [8]):
+        with pytest.raises(PayloadError, match="not increasing positions inside the tensor"):
+            decode_tensors(payload(gaps))
+    _, meta, body = parse(payload([1, 2]))
+    for counts in ([0], [9], [1, 1], ["2"], 2):
+        with pytest.raises(PayloadError, match="counts"):
+            decode_tensors(frame("topk", {**meta, "counts": counts}, body))
