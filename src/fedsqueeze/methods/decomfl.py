@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register
 from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_uplink, encode_downlink, encode_uplink
 from fedsqueeze.methods.head import evaluate_probe, head_names, train_probe
 from fedsqueeze.methods.peft import inject_lora
-from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate
+from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, of_type
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.methods.zo import Perturber, local_zo
 from fedsqueeze.options import above, at_least, option
@@ -80,17 +79,6 @@ class DeComFLOptions:
     warm_start_dtype: str = option("float16", "wire dtype of the warm-start head and its deltas", choices=tuple(WARM_DTYPES))
     rank: int = option(8, "LoRA rank r for params='lora'", check=at_least(1))
     lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' (update scaled by alpha / r)", check=above(0.0))
-
-
-U = TypeVar("U")
-
-
-def _of_type(updates: Mapping[int, object], cls: type[U]) -> list[U]:
-    """The updates, each checked to be what this round's decode_update makes."""
-    wrong = [c for c, u in updates.items() if not isinstance(u, cls)]
-    if wrong:
-        raise TypeError(f"clients {wrong} sent no {cls.__name__} (updates of another round?)")
-    return [u for u in updates.values() if isinstance(u, cls)]
 
 
 @register_method
@@ -205,9 +193,9 @@ class DeComFL(Method):
             state["synced"][client] = ctx.round - 1  # it replied, so it holds the global model of round − 1
         metrics: dict[str, float] = {}
         if self.is_warm(ctx.round):
-            self._aggregate_warm(state, _of_type(updates, TensorUpdate), ctx)
+            self._aggregate_warm(state, of_type(updates, TensorUpdate), ctx)
         elif updates:
-            metrics = self._aggregate_zo(state, [u.scalars for u in _of_type(updates, ZOUpdate)], ctx)
+            metrics = self._aggregate_zo(state, [u.scalars for u in of_type(updates, ZOUpdate)], ctx)
         oldest = max(int(state["synced"].min()), self.opts.warm_start_rounds)
         state["history"] = [r for r in state["history"] if r["round"] > oldest]  # nobody needs the rest
         metrics["history_records"] = float(len(state["history"]))
@@ -314,4 +302,5 @@ class DeComFL(Method):
         after = read_weights(self.named, self.head)
         delta = {n: (after[n] - before[n]).astype(self.warm_dtype) for n in self.head}
         payload = encode_tensors(self.raw, delta, n=len(self.task.client_indices[client]))
-        return ClientOutput(payload, {"synced": ctx.round - 1, "weights": view}, {**metrics, "train_s": train_s, "codec_s": codec_s})
+        new_state = {"synced": ctx.round - 1, "weights": view}
+        return ClientOutput(payload, new_state, {**metrics, "train_s": train_s, "codec_s": codec_s})

@@ -167,20 +167,7 @@ class MaskMethod(Method):
                 counts -= ref
             for k, v in stats.items():
                 extra.setdefault(k, []).append(v)
-        k = len(updates)
-        if delta:  # θ += mean(m − ref): E[m − ref] = θ_client − θ_start, noise only where clients moved
-            theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(k), 0.0, 1.0)
-            state["theta_sym"] = np.rint(theta * INIT_LEVELS).astype(np.uint8)
-            state["levels"] = INIT_LEVELS
-        elif self.opts.carry_priors:
-            state["alpha"] += counts
-            state["beta"] += k - counts
-            theta = (state["alpha"] - 1) / np.maximum(state["alpha"] + state["beta"] - 2, 1e-9)
-            state["theta_sym"] = np.rint(np.clip(theta, 0, 1) * INIT_LEVELS).astype(np.uint8)
-            state["levels"] = INIT_LEVELS
-        else:  # α = 1 + Σm, β = 1 + K − Σm  ⇒  θ = Σm / K exactly, sent as K + 1 levels
-            state["theta_sym"] = counts.astype(np.uint8 if k <= 255 else np.uint16)
-            state["levels"] = k
+        self._update_theta(state, counts, theta_start, len(updates))
         total = sum(u.n for u in updates.values())
         for name in self.head_names:
             avg = sum(u.head_delta[name] * (u.n / total) for u in updates.values())
@@ -193,6 +180,23 @@ class MaskMethod(Method):
             "aggregate_s": time.perf_counter() - t0,
         })
         return state, metrics
+
+    def _update_theta(self, state: dict[str, Any], counts: np.ndarray, theta_start: np.ndarray, k: int) -> None:
+        """The new θ symbols and levels from ``k`` clients' ``counts`` (Σm, or Σ(m − ref) for aggregate=delta)."""
+        if self.opts.aggregate == "delta":
+            # θ += mean(m − ref): E[m − ref] = θ_client − θ_start, noise only where clients moved
+            theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(k), 0.0, 1.0)
+            state["theta_sym"] = np.rint(theta * INIT_LEVELS).astype(np.uint8)
+            state["levels"] = INIT_LEVELS
+        elif self.opts.carry_priors:
+            state["alpha"] += counts
+            state["beta"] += k - counts
+            theta = (state["alpha"] - 1) / np.maximum(state["alpha"] + state["beta"] - 2, 1e-9)
+            state["theta_sym"] = np.rint(np.clip(theta, 0, 1) * INIT_LEVELS).astype(np.uint8)
+            state["levels"] = INIT_LEVELS
+        else:  # α = 1 + Σm, β = 1 + K − Σm  ⇒  θ = Σm / K exactly, sent as K + 1 levels
+            state["theta_sym"] = counts.astype(np.uint8 if k <= 255 else np.uint16)
+            state["levels"] = k
 
     def eval_mask(self, state: dict[str, Any]) -> torch.Tensor:
         theta = self.theta_of(state["theta_sym"], state["levels"])

@@ -15,8 +15,9 @@ validated, and consumed only by the same method's ``aggregate``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Union
+from typing import TypeVar, Union
 
 import numpy as np
 
@@ -95,3 +96,14 @@ class ZOUpdate:
     """DeComFL: one client's K×P float32 scalars (row = local step, column = perturbation)."""
 
     scalars: np.ndarray
+
+
+U = TypeVar("U")
+
+
+def of_type(updates: Mapping[int, object], cls: type[U]) -> list[U]:
+    """The updates' values, each checked to be a ``cls`` (what this round's decode_update makes)."""
+    wrong = [c for c, u in updates.items() if not isinstance(u, cls)]
+    if wrong:
+        raise TypeError(f"clients {wrong} sent no {cls.__name__} (updates decoded for another round?)")
+    return [u for u in updates.values() if isinstance(u, cls)]
