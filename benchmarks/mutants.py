@@ -203,11 +203,29 @@ def results(work: Path, env: dict) -> dict[str, str]:
     return status
 
 
-def diff_of(work: Path, name: str, env: dict) -> tuple[str, str, str]:
-    text = mutmut(work, "show", name, check=False, env=env).stdout
-    removed = [line[1:] for line in text.splitlines() if line.startswith("-") and not line.startswith("---")]
-    added = [line[1:] for line in text.splitlines() if line.startswith("+") and not line.startswith("+++")]
-    return "\n".join(removed), "\n".join(added), text
+DIFFS = """
+import json, sys
+from mutmut.mutation.diff_apply import get_diff_for_mutant
+out = {}
+for name in json.load(sys.stdin):
+    try:
+        out[name] = get_diff_for_mutant(name)
+    except Exception as exc:  # noqa: BLE001
+        out[name] = f"? {exc}"
+print(json.dumps(out))
+"""
+
+
+def diffs_of(work: Path, names: list[str], env: dict) -> dict[str, tuple[str, str]]:
+    """``name: (removed lines, added lines)`` of each mutant, from one in-process mutmut call (``mutmut show`` each costs ~1 s)."""
+    proc = subprocess.run([sys.executable, "-c", DIFFS], cwd=work, env=env, input=json.dumps(names),
+                          capture_output=True, text=True, check=True)
+    out = {}
+    for name, text in json.loads(proc.stdout.strip().splitlines()[-1]).items():
+        removed = [line[1:] for line in text.splitlines() if line.startswith("-") and not line.startswith("---")]
+        added = [line[1:] for line in text.splitlines() if line.startswith("+") and not line.startswith("+++")]
+        out[name] = ("\n".join(removed), "\n".join(added))
+    return out
 
 
 def summarize(rows: list[dict]) -> dict[str, float | int]:
@@ -258,7 +276,7 @@ def main() -> None:
         previous = json.loads((work / "report.json").read_text())
         previous_fractions = previous.get("sample_by_file", {})
         files, history = previous["files"], previous.get("history", []) + [
-            {k: previous[k] for k in ("command", "snapshot", "mutants_run", "seconds")}]
+            {k: previous.get(k) for k in ("command", "snapshot", "tests_commit", "mutants_run", "seconds", "counts")}]
         tests_commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, capture_output=True, text=True,
                                       check=True).stdout.strip()
         for t in TESTS + HELPERS:  # the tests of commit --rev; the mutants/ copy is what mutmut runs
@@ -295,11 +313,12 @@ def main() -> None:
 
     modules = source_modules(work)
     rows = []
+    diffs = diffs_of(work, sorted(n for n, st in status.items() if st == "survived"), env)
     for name, st in sorted(status.items()):
         path = module_of(name, modules) or "?"
         row = {"mutant": name, "file": path, "package": package_of(path), "status": st}
         if st == "survived":
-            removed, added, _ = diff_of(work, name, env)
+            removed, added = diffs[name]
             row["class"], row["reason"] = classify(removed, added)
             row["removed"], row["added"] = removed, added
         rows.append(row)
@@ -313,6 +332,7 @@ def main() -> None:
         "tests_commit": tests_commit or json.loads((work / "snapshot.json").read_text())["commit"],
         "files": files, "files_with_mutants": sorted(by_file), "tests": TESTS, "deselected": DESELECT,
         "sample": args.sample, "sample_by_file": fractions or previous_fractions, "seed": args.seed, "mutants_run": len(rows), "seconds": round(time.time() - t0, 1),
+        "counts": {st: sum(1 for r in rows if r["status"] == st) for st in sorted({r["status"] for r in rows})},
         "packages": by_pkg, "by_file": by_file,
         "survivors": [r for r in rows if r["status"] == "survived"],
         "not_killed_other": [r for r in rows if r["status"] not in KILLED | {"survived"}],
