@@ -31,7 +31,14 @@ def tiny_config(**overrides):
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    return lambda **kw: tiny_config(out=str(tmp_path / "run"), **kw)
+    """Configs of tiny runs; each call gets an output directory of its own (runs never share an OUT)."""
+    made = iter(range(1, 10_000))
+
+    def make(**kw):
+        n = next(made)
+        return tiny_config(out=str(tmp_path / ("run" if n == 1 else f"run{n}")), **kw)
+
+    return make
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -183,3 +183,18 @@ def test_compare_runs_every_method_on_the_configured_runtime(tmp_path, monkeypat
     monkeypatch.setattr(runners, "run", fake_run)
     runners.run_compare(RunConfig(model="tiny", runtime="flower-sim"), ["fedavg", "head"], tmp_path, show_progress=False)
     assert seen == [("fedavg", "flower-sim"), ("head", "flower-sim")]
+
+
+def test_a_fresh_run_never_overwrites_an_earlier_runs_results(tmp_path):
+    from fedsqueeze.runners import run
+
+    cfg = RunConfig(model="tiny", method="head", clients=2, clients_per_round=2, rounds=1, train_size=40, test_size=20,
+                    local_steps=1, batch_size=8, out=str(tmp_path / "run"))
+    first = run(cfg, show_progress=False)
+    before = (tmp_path / "run" / "results.json").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a run \(results.json, checkpoint\).*--resume.*--overwrite"):
+        run(dataclasses.replace(cfg, seed=1), show_progress=False)
+    assert (tmp_path / "run" / "results.json").read_bytes() == before  # untouched
+    again = run(dataclasses.replace(cfg, seed=1, overwrite=True), show_progress=False)
+    assert again["config"]["seed"] == 1 and first["config"]["seed"] == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["seed"] == 1

@@ -70,6 +70,7 @@ class RunConfig:
                                      choices=("retry", "skip"))
     max_retries: int = option(3, "re-samples of a round with too few survivors before it is skipped (policy 'retry')", check=at_least(0))
     checkpoint: bool = option(True, "write OUT/checkpoint after every round so `fedsqueeze run --resume OUT` can continue")
+    overwrite: bool = option(False, "replace an earlier run's results in OUT (without it, a run refuses an OUT that holds one)")
     threads: int = option(0, "torch CPU threads; 0 = all cores", check=at_least(0))
     uplink_mbps: float = option(10.0, "link model: each client's uplink bandwidth in Mbit/s (median if link_spread > 0)", check=above(0.0))
     downlink_mbps: float = option(50.0, "link model: each client's downlink bandwidth in Mbit/s (median if link_spread > 0)",

@@ -33,8 +33,12 @@ def run(
     """
     from fedsqueeze.methods import get_method
 
+    from fedsqueeze.runtime.engine import check_out_free
+
     get_method(cfg.method)(cfg)  # the method and its options, checked before anything loads
     check_runtime(cfg)
+    if resume is None:
+        check_out_free(cfg)  # here too: a Flower run would find out only once its ServerApp starts
     if cfg.runtime == "flower-sim":
         from fedsqueeze.runtime.flower import run_flower_sim
 

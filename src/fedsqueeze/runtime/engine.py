@@ -236,6 +236,7 @@ class Engine:
             self.transport.restore(dict(resume.client_states))
             self.state_versions = {int(c): (int(v[0]), int(v[1])) for c, v in resume.state_versions.items()}
         else:
+            check_out_free(cfg)
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             atomic_write_text(Path(cfg.out) / CONFIG_FILE, to_toml(cfg))
         header = {**run_header(cfg, self.task.model_params, method.trainable_params(), self.runtime), **self.extra_header}
@@ -254,6 +255,22 @@ class Engine:
                 writer.add_round(record)
                 progress.round_done(record)
         return writer.write_json()
+
+
+RUN_FILES = ("results.json", "checkpoint")  # what a run leaves once a round has ended
+
+
+def check_out_free(cfg: RunConfig) -> None:
+    """Refuse to start a fresh run in an OUT that holds an earlier run's results, unless ``overwrite`` is set.
+
+    A run killed before its first round ended left no results, so starting it again there is fine.
+    """
+    held = [name for name in RUN_FILES if (Path(cfg.out) / name).exists()]
+    if held and not cfg.overwrite:
+        raise ConfigError(
+            f"{cfg.out} already holds a run ({', '.join(held)}); pass another --out, continue it with "
+            f"--resume {cfg.out}, or replace it with --overwrite"
+        )
 
 
 def load_resume(out_dir: str | Path) -> tuple[RunConfig, Checkpoint | None]:

@@ -30,7 +30,7 @@ FIELD_SUPPORT: dict[str, frozenset[str]] = {
     # the round engine's own: sampling, faults, deadlines, retries (server side) ...
     **{name: EVERY for name in (
         "dropout", "fault_corrupt", "fault_truncate", "straggler", "straggler_delay", "deadline",
-        "min_clients", "min_clients_policy", "max_retries", "checkpoint",
+        "min_clients", "min_clients_policy", "max_retries", "checkpoint", "overwrite",
     )},
     # ... and the client-side fault wrapper (the local transport and the ClientApp alike)
     **{name: EVERY for name in ("fault_raise", "fault_hang", "fault_garbage")},
