@@ -1,4 +1,4 @@
-# fedsqueeze: `make run` (default job), `make test` (test suite), `make setup` (set-up alone).
+# fedsqueeze: `make run` (default job), `make test` (static checks + test suite), `make setup` (set-up alone).
 # Each target does whatever set-up is missing; re-running is quick when everything is there.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test bench data clean mutants
+.PHONY: setup run test lint bench data clean mutants
 
 setup: $(STAMP) data
 
@@ -26,11 +26,16 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 data:
 	@bash scripts/ensure_data.sh
 
-run: setup
-	$(VENV)/bin/fedsqueeze run --config examples/default.toml
+run: setup  ## the default job; it replaces the previous default job's results in runs/default
+	$(VENV)/bin/fedsqueeze run --config examples/default.toml --overwrite
 
 test: setup
 	$(PY) -m pytest -q
+
+lint: setup  ## static checks (part of `make test`): ruff lint, ruff format check, mypy
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup  ## speed/size benchmarks; JSON lands in benchmarks/results/
 	PYTHONPATH=src $(PY) benchmarks/fusefilter.py
