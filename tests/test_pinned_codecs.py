@@ -571,3 +571,13 @@ def test_topk_rejects_repeated_or_outside_positions():
     for counts in ([0], [9], [1, 1], ["2"], 2):
         with pytest.raises(PayloadError, match="counts"):
             decode_tensors(frame("topk", {**meta, "counts": counts}, body))
+
+
+@pytest.mark.parametrize("codec_id", ["qsgd", "topk", "sign", "eden", "fp16"])
+def test_a_wrong_number_of_body_parts_is_a_payload_error(codec_id):
+    """Found by the fuzz harness: a 'lengths' list of the wrong size escaped as ValueError from the codec's own decode."""
+    codec = get_codec(codec_id)
+    _, meta, body = parse(encode_tensors(codec, hand(), CodecContext(seed=1)))
+    for lengths in ([len(body)], meta["lengths"] + [0]):
+        with pytest.raises(PayloadError, match="parts"):
+            codec.decode({**meta, "lengths": lengths}, memoryview(body), CodecContext())

@@ -228,10 +228,13 @@ class RawCodec(Codec):
         return out
 
 
-def split_body(body: memoryview, lengths: Any) -> list[memoryview]:
-    """Cut ``body`` into consecutive parts of the given lengths, which must cover it exactly."""
+def split_body(body: memoryview, lengths: Any, count: int | None = None) -> list[memoryview]:
+    """Cut ``body`` into consecutive parts of the given lengths, which must cover it exactly
+    (and, given ``count``, be exactly that many)."""
     if not (isinstance(lengths, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths)):
         raise PayloadError("payload part lengths are malformed")
+    if count is not None and len(lengths) != count:
+        raise PayloadError(f"payload has {len(lengths)} parts, expected {count}")
     if sum(lengths) != len(body):
         raise PayloadError(f"payload parts add up to {sum(lengths)} bytes, the body has {len(body)}")
     parts, pos = [], 0

@@ -120,7 +120,7 @@ class EdenCodec(Codec):
             raise PayloadError("eden payload declares an empty or non-float tensor")
         sizes = [chunk_size(numel, chunk) for *_, numel in rows]
         n_blocks = [-(-numel // c) for (*_, numel), c in zip(rows, sizes)]
-        s_bytes, b_bytes, e_blob = split_body(body, meta.get("lengths"))
+        s_bytes, b_bytes, e_blob = split_body(body, meta.get("lengths"), 3)
         if len(s_bytes) != 4 * sum(n_blocks) or len(b_bytes) != sum(nb * c // 8 for nb, c in zip(n_blocks, sizes)):
             raise PayloadError("eden payload parts have the wrong lengths")
         scales = np.frombuffer(s_bytes, "<f4")

@@ -39,7 +39,7 @@ class FP16Codec(Codec):
         half_rows = check_table(meta.get("half"), ctx)
         budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in half_rows)
         exact_rows = check_table(meta.get("exact"), CodecContext(max_elements=budget))
-        h_part, e_part = split_body(body, meta.get("lengths"))
+        h_part, e_part = split_body(body, meta.get("lengths"), 2)
         if len(h_part) != 2 * sum(r[3] for r in half_rows):
             raise PayloadError("fp16 part has the wrong length for its table")
         if len(e_part) != sum(r[3] * r[1].itemsize for r in exact_rows):

@@ -86,7 +86,7 @@ class QSGDCodec(Codec):
         s, bucket = meta.get("levels"), meta.get("bucket")
         if not (isinstance(s, int) and 1 <= s <= 32767 and isinstance(bucket, int) and 1 <= bucket <= 1 << 20):
             raise PayloadError("qsgd payload has bad levels or bucket")
-        q_part, e_part = split_body(body, meta.get("lengths"))
+        q_part, e_part = split_body(body, meta.get("lengths"), 2)
         budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in rows)
         out = unpack_lossless(meta.get("exact"), e_part, CodecContext(max_elements=budget))
         n_buckets = [-(-numel // bucket) for *_, numel in rows]

@@ -66,7 +66,7 @@ class SignCodec(Codec):
         rows = check_table(meta.get("signs"), ctx)
         if any(numel == 0 or not np.issubdtype(dt, np.floating) for _, dt, _, numel in rows):
             raise PayloadError("sign payload declares an empty or non-float tensor")
-        s_bytes, b_bytes, e_blob = split_body(body, meta.get("lengths"))
+        s_bytes, b_bytes, e_blob = split_body(body, meta.get("lengths"), 3)
         nbytes = [-(-numel // 8) for *_, numel in rows]
         if len(s_bytes) != 4 * len(rows) or len(b_bytes) != sum(nbytes):
             raise PayloadError("sign payload parts have the wrong lengths")

@@ -84,7 +84,7 @@ class TopKCodec(Codec):
             raise PayloadError("topk payload has bad per-tensor counts")
         if any(not np.issubdtype(dt, np.floating) for _, dt, _, _ in rows):
             raise PayloadError("topk payload declares a non-float sparse tensor")
-        i_blob, v_bytes, e_blob = split_body(body, meta.get("lengths"))
+        i_blob, v_bytes, e_blob = split_body(body, meta.get("lengths"), 3)
         total = sum(counts)
         if len(v_bytes) != 4 * total:
             raise PayloadError("topk values have the wrong length")
