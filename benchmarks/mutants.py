@@ -256,6 +256,9 @@ def main() -> None:
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: a shared 2-core machine)")
     ap.add_argument("--workdir", default="/tmp/fedsqueeze-mutants")
     ap.add_argument("--rev", default="HEAD", help="the commit whose source and tests are mutated and run")
+    ap.add_argument("--test-rev", nargs=2, action="append", default=[], metavar=("PATH", "REV"),
+                    help="with --recheck: take this test file from another commit, or from a local file, "
+                         "when the tests of --rev no longer fit the mutated source")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutants.json"))
     ap.add_argument("--recheck", action="store_true",
                     help="reuse --workdir's mutants (same source snapshot), take the tests of commit --rev and "
@@ -271,6 +274,7 @@ def main() -> None:
     t0 = time.time()
     history: list[dict] = []
     tests_commit = None
+    test_commits: dict[str, str] = {}
     previous_fractions: dict[str, float] = {}
     if args.recheck:
         previous = json.loads((work / "report.json").read_text())
@@ -279,8 +283,16 @@ def main() -> None:
             {k: previous.get(k) for k in ("command", "snapshot", "tests_commit", "mutants_run", "seconds", "counts")}]
         tests_commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, capture_output=True, text=True,
                                       check=True).stdout.strip()
+        overrides = dict(args.test_rev)
+        test_commits = {t: overrides.get(t, tests_commit) for t in TESTS + HELPERS}
         for t in TESTS + HELPERS:  # the tests of commit --rev; the mutants/ copy is what mutmut runs
-            text = subprocess.run(["git", "show", f"{tests_commit}:{t}"], cwd=ROOT, capture_output=True, check=True).stdout
+            rev = test_commits[t]
+            text = (Path(rev).read_bytes() if Path(rev).is_file() else
+                    subprocess.run(["git", "show", f"{rev}:{t}"], cwd=ROOT, capture_output=True, check=True).stdout)
+            if Path(rev).is_file():
+                import hashlib
+
+                test_commits[t] = f"{rev} (a local file, sha256 {hashlib.sha256(text).hexdigest()[:16]})"
             for dest in (work / t, work / "mutants" / t):
                 dest.write_bytes(text)
         write_config(work, files)
@@ -292,7 +304,7 @@ def main() -> None:
     names: list[str] = []
     fractions: dict[str, float] = {}
     if args.recheck:
-        names = sorted(n for n, st in results(work, env).items() if st not in KILLED)
+        names = sorted(n for n, st in results(work, env).items() if st not in KILLED | {"not checked"})
         if not names:
             raise SystemExit("nothing to re-check: every mutant is killed")
     elif args.sample < 1.0 or args.sample_file:
@@ -330,6 +342,7 @@ def main() -> None:
         "snapshot": json.loads((work / "snapshot.json").read_text()), "history": history,
         "rechecked": len(names) if args.recheck else 0,
         "tests_commit": tests_commit or json.loads((work / "snapshot.json").read_text())["commit"],
+        "test_file_commits": {t: c for t, c in test_commits.items() if c != tests_commit},
         "files": files, "files_with_mutants": sorted(by_file), "tests": TESTS, "deselected": DESELECT,
         "sample": args.sample, "sample_by_file": fractions or previous_fractions, "seed": args.seed, "mutants_run": len(rows), "seconds": round(time.time() - t0, 1),
         "counts": {st: sum(1 for r in rows if r["status"] == st) for st in sorted({r["status"] for r in rows})},
