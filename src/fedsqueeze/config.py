@@ -16,7 +16,6 @@ from typing import Any
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.options import above, at_least, between, check_fields, coerce, kind_of, option, option_fields
 
-
 OWNER = "the run"  # how errors name the run options' owner
 RUNTIMES = ("local", "flower-sim", "flower")
 PROBABILITY = between(0.0, 1.0, hi_open=True)  # a seeded per-client draw; 1 would fail every client
@@ -90,7 +89,7 @@ class RunConfig:
         """The run options' names (every field but ``options``)."""
         return [f.name for f in option_fields(cls)]
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Raise :class:`ConfigError` for values no run can use: each field's range, then the rules across fields."""
         check_fields(self, OWNER)
         if self.clients_per_round > self.clients:

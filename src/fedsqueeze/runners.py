@@ -32,7 +32,6 @@ def run(
     ServerApp wrote its results elsewhere is a FedsqueezeError saying where they are.
     """
     from fedsqueeze.methods import get_method
-
     from fedsqueeze.runtime.engine import check_out_free
 
     get_method(cfg.method)(cfg)  # the method and its options, checked before anything loads

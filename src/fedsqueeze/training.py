@@ -21,7 +21,7 @@ class Encoded:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, idx: torch.Tensor | list[int]) -> "Encoded":
+    def subset(self, idx: torch.Tensor | list[int]) -> Encoded:
         idx = torch.as_tensor(idx, dtype=torch.long)
         return Encoded({k: v[idx] for k, v in self.inputs.items()}, self.labels[idx])
 

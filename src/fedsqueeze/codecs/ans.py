@@ -24,11 +24,11 @@ from fedsqueeze.errors import PayloadError
 _MAX_ALPHABET = 1 << 16
 
 
-def _words(coder: "constriction.stream.stack.AnsCoder") -> bytes:
+def _words(coder: constriction.stream.stack.AnsCoder) -> bytes:
     return coder.get_compressed().astype("<u4").tobytes()
 
 
-def _coder_from(body: memoryview | bytes) -> "constriction.stream.stack.AnsCoder":
+def _coder_from(body: memoryview | bytes) -> constriction.stream.stack.AnsCoder:
     if len(body) % 4:
         raise PayloadError(f"ANS stream of {len(body)} bytes is not a whole number of 32-bit words")
     words = np.frombuffer(body, dtype="<u4").astype(np.uint32)
@@ -38,7 +38,7 @@ def _coder_from(body: memoryview | bytes) -> "constriction.stream.stack.AnsCoder
         raise PayloadError(f"invalid ANS stream: {exc}") from exc
 
 
-def _bernoulli(ones: int, n: int) -> "constriction.stream.model.Categorical":
+def _bernoulli(ones: int, n: int) -> constriction.stream.model.Categorical:
     p = ones / n
     return constriction.stream.model.Categorical(np.array([1.0 - p, p]), perfect=False)
 

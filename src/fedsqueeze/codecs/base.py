@@ -53,7 +53,7 @@ class NoCodecOptions:
     """A codec without options."""
 
 
-def parse_codec_options(codec_cls: type["Codec"], given: dict[str, Any]) -> Any:
+def parse_codec_options(codec_cls: type[Codec], given: dict[str, Any]) -> Any:
     """Build ``codec_cls.Options`` from ``given``; unknown names or bad values are a ConfigError."""
     return parse_options(codec_cls.Options, given, f"codec {codec_cls.codec_id!r}")
 
@@ -82,7 +82,7 @@ class Codec(ABC):
         return {"id": self.codec_id, **self.config}
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "Codec":
+    def from_config(cls, config: dict[str, Any]) -> Codec:
         cfg = {k: v for k, v in config.items() if k != "id"}
         return cls(**cfg)
 

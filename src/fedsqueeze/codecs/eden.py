@@ -15,14 +15,22 @@ sender), so the receiver needs no side channel. Transforms run in torch (vectori
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedsqueeze.codecs.base import (
-    Codec, CodecContext, Tensors, check_table, codec_option, is_float, register_codec, split_body, tensor_table,
+    Codec,
+    CodecContext,
+    Tensors,
+    check_table,
+    codec_option,
+    is_float,
+    register_codec,
+    split_body,
+    tensor_table,
 )
 from fedsqueeze.codecs.sign import unpack_signs
 from fedsqueeze.codecs.zstd import pack_lossless, unpack_lossless
@@ -45,7 +53,7 @@ def chunk_size(numel: int, chunk: int) -> int:
     return min(chunk, 1 << max(3, (numel - 1).bit_length()))  # >= 8: whole bytes of sign bits
 
 
-@lru_cache(maxsize=None)
+@cache
 def hadamard_matrix(n: int) -> torch.Tensor:
     """The orthonormal Sylvester–Hadamard matrix of order ``n`` (a power of two), float32."""
     h = np.ones((1, 1), dtype=np.float32)

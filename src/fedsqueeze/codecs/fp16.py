@@ -12,7 +12,14 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.codecs.base import (
-    Codec, CodecContext, Tensors, check_table, is_float, register_codec, split_body, tensor_table,
+    Codec,
+    CodecContext,
+    Tensors,
+    check_table,
+    is_float,
+    register_codec,
+    split_body,
+    tensor_table,
 )
 from fedsqueeze.codecs.zstd import little_endian
 from fedsqueeze.errors import PayloadError

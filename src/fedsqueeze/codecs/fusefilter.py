@@ -76,7 +76,7 @@ class _CFilter:
         if not getattr(lib, f"{_PREFIX[kind]}_allocate")(size, self.ptr):
             raise MemoryError(f"{kind}: allocation for {size} keys failed")
 
-    def __enter__(self) -> "_CFilter":
+    def __enter__(self) -> _CFilter:
         return self
 
     def __exit__(self, *exc) -> None:

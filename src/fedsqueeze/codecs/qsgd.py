@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.codecs.base import (
-    Codec, CodecContext, Tensors, check_table, codec_option, is_float, register_codec, split_body, tensor_table,
+    Codec,
+    CodecContext,
+    Tensors,
+    check_table,
+    codec_option,
+    is_float,
+    register_codec,
+    split_body,
+    tensor_table,
 )
 from fedsqueeze.codecs.zstd import pack_lossless, unpack_lossless, zstd_compress, zstd_decompress
 from fedsqueeze.errors import ConfigError, PayloadError

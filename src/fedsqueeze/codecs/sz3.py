@@ -31,7 +31,15 @@ import numpy as np
 import pysz
 
 from fedsqueeze.codecs.base import (
-    Codec, CodecContext, Tensors, check_table, codec_option, is_float, register_codec, split_body, tensor_table,
+    Codec,
+    CodecContext,
+    Tensors,
+    check_table,
+    codec_option,
+    is_float,
+    register_codec,
+    split_body,
+    tensor_table,
 )
 from fedsqueeze.codecs.zstd import pack_lossless, unpack_lossless
 from fedsqueeze.errors import ConfigError, PayloadError

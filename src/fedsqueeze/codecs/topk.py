@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from fedsqueeze.codecs.base import (
-    Codec, CodecContext, Tensors, check_table, codec_option, is_float, register_codec, split_body, tensor_table,
+    Codec,
+    CodecContext,
+    Tensors,
+    check_table,
+    codec_option,
+    is_float,
+    register_codec,
+    split_body,
+    tensor_table,
 )
 from fedsqueeze.codecs.feedback import remember, with_residual
 from fedsqueeze.codecs.zstd import pack_lossless, shuffle_bytes, unpack_lossless, unshuffle_bytes, zstd_compress, zstd_decompress

@@ -15,7 +15,13 @@ import numpy as np
 import zstandard
 
 from fedsqueeze.codecs.base import (
-    Codec, CodecContext, Tensors, check_table, codec_option, register_codec, tensor_table,
+    Codec,
+    CodecContext,
+    Tensors,
+    check_table,
+    codec_option,
+    register_codec,
+    tensor_table,
 )
 from fedsqueeze.errors import ConfigError, PayloadError
 

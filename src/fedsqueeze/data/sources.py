@@ -48,7 +48,7 @@ class RawSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: np.ndarray) -> "RawSplit":
+    def take(self, idx: np.ndarray) -> RawSplit:
         return RawSplit(
             labels=self.labels[idx],
             texts=[self.texts[i] for i in idx] if self.texts is not None else None,

@@ -1,7 +1,14 @@
 """Federated methods. Importing this package registers every method by name."""
 
 from fedsqueeze.methods import (  # noqa: F401  (registration)
-    compressors, decomfl, deltamask, fedavg, fedpm, fedsz, head, peft,
+    compressors,
+    decomfl,
+    deltamask,
+    fedavg,
+    fedpm,
+    fedsz,
+    head,
+    peft,
 )
 from fedsqueeze.methods.base import METHODS, ClientOutput, Method, RoundContext, get_method, register_method
 

@@ -149,7 +149,18 @@ class Method(ABC):
         # every option is coerced and checked here, before any data or model loads
         self.opts = parse_options(self.Options, cfg.options, f"method {self.name!r}", suggest=RunConfig.field_names())
         self.check_run(cfg)
-        self.task: Task | None = None
+        self._task: Task | None = None
+
+    @property
+    def task(self) -> Task:
+        """The task this method was set up on (``setup`` sets it)."""
+        if self._task is None:
+            raise RuntimeError(f"method {self.name!r} is not set up: call setup(task) first")
+        return self._task
+
+    @task.setter
+    def task(self, task: Task) -> None:
+        self._task = task
 
     def check_run(self, cfg: RunConfig) -> None:
         """Raise ConfigError if this method cannot run with ``cfg``'s run options. Default: it can."""
@@ -160,7 +171,7 @@ class Method(ABC):
 
     # ---- shared by server and clients -----------------------------------------------------------
     @abstractmethod
-    def setup(self, task: "Task") -> None:
+    def setup(self, task: Task) -> None:
         """Prepare the model for this method (freeze, inject adapters...). Called once per process."""
 
     @abstractmethod

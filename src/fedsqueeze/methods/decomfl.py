@@ -44,8 +44,10 @@ from fedsqueeze.methods.peft import inject_lora
 from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, of_type
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.methods.zo import Perturber, local_zo
+from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, option
 from fedsqueeze.seeding import SERVER
+from fedsqueeze.task import Task
 from fedsqueeze.training import batch_inputs, iterate_batches
 
 Tensors = dict[str, np.ndarray]
@@ -93,7 +95,7 @@ class DeComFL(Method):
         if cfg.local_steps < 1:
             raise ConfigError(f"method 'decomfl' needs local_steps >= 1 (one zeroth-order step each); got {cfg.local_steps}")
 
-    def setup(self, task) -> None:
+    def setup(self, task: Task) -> None:
         o = self.opts
         self.task = task
         model = task.model
@@ -112,7 +114,7 @@ class DeComFL(Method):
         self.raw = get_codec("raw")
         model.eval()
 
-    def _select(self, model: torch.nn.Module) -> list[str]:
+    def _select(self, model: Classifier) -> list[str]:
         """The names of what trains, for the ``params`` option (injecting LoRA if asked)."""
         if self.opts.params == "full":
             return [n for n, _ in model.named_parameters()]
@@ -162,9 +164,9 @@ class DeComFL(Method):
             if synced < ctx.round - 1:  # the head moved since this client last saw it
                 head = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
             return encode_tensors(self.raw, head, round=ctx.round)
-        head = state["warm_head"] if synced < self.opts.warm_start_rounds else None
+        warm_head = state["warm_head"] if synced < self.opts.warm_start_rounds else None
         records = [r for r in state["history"] if r["round"] > synced]
-        return encode_downlink(self.wire, ctx.round, records, self.round_seeds(ctx), head)
+        return encode_downlink(self.wire, ctx.round, records, self.round_seeds(ctx), warm_head)
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate | ZOUpdate:
         if not self.is_warm(ctx.round):

@@ -41,7 +41,6 @@ from fedsqueeze.methods.mask_method import AGGREGATES, MaskMethod, MaskOptions
 from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskUpdate
 from fedsqueeze.options import between, option
 
-
 KAPPA_SCHEDULES = ("linear", "geometric")
 
 
@@ -147,6 +146,7 @@ class DeltaMaskExact(DeltaMask):
         self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         mask, stats = super().rebuild_mask(update, theta_start, ref, client, ctx)
+        assert isinstance(update.mask, (FilterFlips, ExactFlips))  # decode_mask makes nothing else
         keys = update.mask.keys
         stats["bound_bits_per_key"] = entropy_bound_bits(keys, self.n) / keys if keys else 0.0
         return mask, stats

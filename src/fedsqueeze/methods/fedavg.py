@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fedsqueeze.methods.base import register_method
 from fedsqueeze.methods.tensor import TensorMethod
+from fedsqueeze.models import Classifier
 
 
 @register_method
@@ -12,5 +13,5 @@ class FedAvg(TensorMethod):
     summary = "full fine-tuning; all weights down, all deltas up (float32 by default: 32 bpp)"
     default_lr = 5e-5
 
-    def select_trainable(self, model) -> list[str]:
+    def select_trainable(self, model: Classifier) -> list[str]:
         return [n for n, _ in model.named_parameters()]

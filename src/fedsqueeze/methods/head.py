@@ -19,6 +19,7 @@ from fedsqueeze.methods.weights import load_weights
 from fedsqueeze.training import Encoded, evaluate, train_local
 
 if TYPE_CHECKING:
+    from fedsqueeze.models import Classifier
     from fedsqueeze.task import Task
 
 
@@ -33,7 +34,7 @@ def probe_forward(head: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], 
 
 
 def train_probe(
-    task: "Task", client: int, params: Sequence[torch.Tensor], *, steps: int, batch_size: int, lr: float,
+    task: Task, client: int, params: Sequence[torch.Tensor], *, steps: int, batch_size: int, lr: float,
     generator: torch.Generator, optimizer: str = "adamw",
 ) -> dict[str, float]:
     """Train the head's ``params`` on ``client``'s cached backbone features; the training metrics."""
@@ -45,7 +46,7 @@ def train_probe(
     )
 
 
-def evaluate_probe(task: "Task", batch_size: int) -> tuple[float, float]:
+def evaluate_probe(task: Task, batch_size: int) -> tuple[float, float]:
     """Test accuracy and loss of the model's current head on the cached test features."""
     head = task.model.head
     test = Encoded({"x": task.frozen_features("test")}, task.test.labels)
@@ -58,7 +59,7 @@ class Head(TensorMethod):
     summary = "linear probing: only the head trains and travels (backbone features cached)"
     default_lr = 1e-2
 
-    def select_trainable(self, model: torch.nn.Module) -> list[str]:
+    def select_trainable(self, model: Classifier) -> list[str]:
         return head_names(model)
 
     def local_train(self, client: int, data: Encoded, steps: int, generator: torch.Generator) -> dict[str, float]:

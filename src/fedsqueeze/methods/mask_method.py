@@ -164,6 +164,7 @@ class MaskMethod(Method):
             mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
             counts += mask
             if delta:
+                assert ref is not None  # drawn above whenever the rule is delta
                 counts -= ref
             for k, v in stats.items():
                 extra.setdefault(k, []).append(v)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,10 +35,11 @@ from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods.base import register_method
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
+from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, names_list, option
 
 
-def added_parameters(model: nn.Module, inject: Callable[[], None]) -> list[str]:
+def added_parameters(model: nn.Module, inject: Callable[[], object]) -> list[str]:
     """Run ``inject`` (which changes ``model`` in place) and return the names of the parameters it added.
 
     Parameters are matched by identity, so a tuner that renames the frozen weights it wraps still
@@ -56,14 +58,14 @@ def split_modules(text: str) -> list[str]:
 class PeftMethod(TensorMethod):
     """A frozen backbone plus a few trainable tensors (chosen by :meth:`inject`) and the head."""
 
-    def inject(self, model: nn.Module) -> list[str]:
+    def inject(self, model: Classifier) -> list[str]:
         """Change the model (add tuner modules) and return the names of the new trainable parameters."""
         return []
 
-    def prepare_model(self, model: nn.Module) -> None:
+    def prepare_model(self, model: Classifier) -> None:
         self.added = self.inject(model)
 
-    def select_trainable(self, model: nn.Module) -> list[str]:
+    def select_trainable(self, model: Classifier) -> list[str]:
         return list(self.added) + head_names(model)
 
 
@@ -76,7 +78,7 @@ class BitFit(PeftMethod):
     summary = "BitFit: only the backbone's biases and the head train and travel"
     default_lr = 5e-3
 
-    def inject(self, model: nn.Module) -> list[str]:
+    def inject(self, model: Classifier) -> list[str]:
         return [n for n, _ in model.backbone.named_parameters(prefix="backbone") if n.endswith(".bias")]
 
 
@@ -98,13 +100,13 @@ class Lora(PeftMethod):
     Options = LoraOptions
     default_lr = 2e-3
 
-    def inject(self, model: nn.Module) -> list[str]:
+    def inject(self, model: Classifier) -> list[str]:
         o = self.opts
         return inject_lora(model, o.rank, o.lora_alpha, split_modules(o.target_modules), self.name, dropout=o.lora_dropout)
 
 
 def inject_lora(
-    model: nn.Module, rank: int, alpha: float, target_modules: list[str], method: str, *,
+    model: Classifier, rank: int, alpha: float, target_modules: list[str], method: str, *,
     dropout: float = 0.0, seed: int | None = None,
 ) -> list[str]:
     """Inject HF peft LoRA into ``model.backbone``'s ``target_modules``; the names of the new parameters.
@@ -115,7 +117,9 @@ def inject_lora(
     """
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, bias="none")
+    # peft annotates lora_alpha as int but scales by alpha / r in floats; a float alpha is meant
+    config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
+                        lora_dropout=dropout, target_modules=target_modules, bias="none")
     if seed is None:
         return _inject_peft(model, config, method)
     with torch.random.fork_rng():
@@ -123,7 +127,7 @@ def inject_lora(
         return _inject_peft(model, config, method)
 
 
-def _inject_peft(model: nn.Module, config, method: str) -> list[str]:
+def _inject_peft(model: Classifier, config: Any, method: str) -> list[str]:
     """Inject a peft tuner into ``model.backbone`` in place; ConfigError if it matched nothing."""
     from peft import inject_adapter_in_model
 
@@ -184,7 +188,7 @@ class Adapter(PeftMethod):
     Options = AdapterOptions
     default_lr = 2e-3
 
-    def inject(self, model: nn.Module) -> list[str]:
+    def inject(self, model: Classifier) -> list[str]:
         suffixes = tuple(split_modules(self.opts.after))
         # one pass to find, then replace: never mutate a module tree while iterating it
         targets = [
@@ -242,12 +246,13 @@ class Prompt(PeftMethod):
         if cfg.dataset == "fashion-mnist":  # known to be images before loading; other datasets are checked in inject
             raise ConfigError("method 'prompt' needs a text dataset: prompt and prefix tuning need a text model; got dataset 'fashion-mnist'")
 
-    def inject(self, model: nn.Module) -> list[str]:
+    def inject(self, model: Classifier) -> list[str]:
         from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
         if model.kind != "text":
             raise ConfigError("prompt: prompt and prefix tuning need a text model")
         n = self.opts.virtual_tokens
+        config: PromptTuningConfig | PrefixTuningConfig
         if self.opts.mode == "prompt":
             init = PromptTuningInit.SAMPLE_VOCAB if self.opts.init == "vocab" else PromptTuningInit.RANDOM
             config = PromptTuningConfig(task_type=TaskType.FEATURE_EXTRACTION, num_virtual_tokens=n, prompt_tuning_init=init)
@@ -285,7 +290,7 @@ class Ia3(PeftMethod):
     Options = Ia3Options
     default_lr = 1e-2
 
-    def inject(self, model: nn.Module) -> list[str]:
+    def inject(self, model: Classifier) -> list[str]:
         from peft import IA3Config
 
         config = IA3Config(

@@ -27,6 +27,7 @@ from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
 from fedsqueeze.methods.updates import TensorUpdate
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
+from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
@@ -84,11 +85,11 @@ class TensorMethod(Method):
         )
 
     # ---- what trains ----------------------------------------------------------------------------
-    def prepare_model(self, model: torch.nn.Module) -> None:
+    def prepare_model(self, model: Classifier) -> None:
         """Change the model once before training (inject adapters...). Default: nothing."""
 
     @abstractmethod
-    def select_trainable(self, model: torch.nn.Module) -> list[str]:
+    def select_trainable(self, model: Classifier) -> list[str]:
         """Names of the parameters that train and travel."""
 
     def setup(self, task) -> None:
@@ -159,9 +160,10 @@ class TensorMethod(Method):
         """DP-FedAvg (see :mod:`fedsqueeze.privacy`): clip, sum, add noise, divide by clients_per_round."""
         rng = ctx.rng(SERVER, "dp-noise")
         deltas = [u.delta for u in updates.values()]
-        avg, metrics = private_mean(deltas, state["weights"], self.opts.dp_clip, self.opts.dp_noise, self.cfg.clients_per_round, rng)
+        avg, dp_metrics = private_mean(deltas, state["weights"], self.opts.dp_clip, self.opts.dp_noise, self.cfg.clients_per_round, rng)
         for name in self.names:
             state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg[name]).astype(np.float32)
+        metrics: dict[str, Any] = dict(dp_metrics)
         eps = dp_epsilon(self.cfg.clients_per_round / self.cfg.clients, self.opts.dp_noise, ctx.round, self.opts.dp_delta)
         metrics["dp_epsilon"] = eps if np.isfinite(eps) else None  # None: no noise, no guarantee
         metrics["dp_delta"] = self.opts.dp_delta

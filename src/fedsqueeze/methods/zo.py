@@ -113,7 +113,7 @@ def local_zo(
     for k, idx in enumerate(batches):
         calls: list[float] = []
 
-        def loss() -> float:
+        def loss(idx: torch.Tensor = idx, calls: list[float] = calls) -> float:  # this step's batch and log
             calls.append(loss_of(idx))
             return calls[-1]
 

@@ -13,7 +13,8 @@ purpose carries the retry attempt), so the same client fails in the same way in 
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

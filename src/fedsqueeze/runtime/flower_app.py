@@ -26,7 +26,13 @@ from fedsqueeze.runtime.engine import ClientCall, ClientReply, Engine, Transport
 from fedsqueeze.runtime.faults import timeout_reason
 from fedsqueeze.runtime.flower_client import client_app
 from fedsqueeze.runtime.flower_wire import (
-    CONFIG, PARTITION_KEY, TrainRequest, config_from_json, config_to_json, read_reply, train_message,
+    CONFIG,
+    PARTITION_KEY,
+    TrainRequest,
+    config_from_json,
+    config_to_json,
+    read_reply,
+    train_message,
 )
 
 if TYPE_CHECKING:

@@ -25,7 +25,15 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsqueeze.runtime.flower_wire import (
-    CONFIG, PARTITION_KEY, STATE, STATE_DIR_KEY, TrainRequest, config_from_json, read_train, reply_error, reply_update,
+    CONFIG,
+    PARTITION_KEY,
+    STATE,
+    STATE_DIR_KEY,
+    TrainRequest,
+    config_from_json,
+    read_train,
+    reply_error,
+    reply_update,
 )
 
 if TYPE_CHECKING:

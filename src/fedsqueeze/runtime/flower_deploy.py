@@ -48,7 +48,7 @@ class TLSFiles:
     key: str
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "TLSFiles":
+    def from_dir(cls, directory: str | Path) -> TLSFiles:
         d = Path(directory).expanduser().resolve()
         files = cls(str(d / "ca.crt"), str(d / "server.pem"), str(d / "server.key"))
         for f in (files.ca, files.cert, files.key):
@@ -103,7 +103,7 @@ class Federation:
         self.procs.append(proc)
         return proc
 
-    def start(self, ready_timeout_s: float = 60.0) -> "Federation":
+    def start(self, ready_timeout_s: float = 60.0) -> Federation:
         """Start the SuperLink, wait until it listens, then start the SuperNodes."""
         self.workdir = self.workdir or tempfile.mkdtemp(prefix="fsq-federation-")
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
@@ -182,7 +182,7 @@ class Federation:
             proc.wait()
         self.procs.clear()
 
-    def __enter__(self) -> "Federation":
+    def __enter__(self) -> Federation:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

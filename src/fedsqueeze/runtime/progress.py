@@ -51,7 +51,7 @@ class RunProgress:
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not enabled,
         )
 
-    def __enter__(self) -> "RunProgress":
+    def __enter__(self) -> RunProgress:
         if self.enabled:
             self.console.print(self.header)
         self.progress.__enter__()
