@@ -29,7 +29,7 @@ data:
 run: setup  ## the default job; it replaces the previous default job's results in runs/default
 	$(VENV)/bin/fedsqueeze run --config examples/default.toml --overwrite
 
-test: setup
+test: setup lint
 	$(PY) -m pytest -q
 
 lint: setup  ## static checks (part of `make test`): ruff lint, ruff format check, mypy
