@@ -33,12 +33,17 @@ from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_
 from fedsqueeze.codecs.sz3 import sz3_config  # noqa: E402
 
 SETTINGS = [
-    ("raw", {}), ("zstd", {}), ("fp16", {}),
+    ("raw", {}),
+    ("zstd", {}),
+    ("fp16", {}),
     ("sz3", {"mode": "rel", "bound": 1e-2}),
     ("sz3", {"mode": "rel", "bound": 2e-2, "name_filter": "weight"}),  # fedsz with SZ3's default predictor
     ("sz3", {"mode": "rel", "bound": 2e-2, "name_filter": "weight", "algo": "nopred"}),  # the fedsz method's default
     ("sz3", {"mode": "rel", "bound": 1e-3}),
-    ("qsgd", {}), ("topk", {}), ("sign", {}), ("eden", {}),
+    ("qsgd", {}),
+    ("topk", {}),
+    ("sign", {}),
+    ("eden", {}),
 ]
 
 
@@ -87,9 +92,17 @@ def measure(codec_id: str, options: dict, tensors: dict, repeats: int) -> dict:
     ref2 = sum(float(np.sum(a.astype(np.float64) ** 2)) for a in tensors.values())
     max_abs = max(float(np.abs(decoded[n].astype(np.float64) - a).max()) for n, a in tensors.items())
     return {
-        "codec": codec_id, "options": options, "bytes": len(payload), "ratio": 4 * numel / len(payload),
-        "bpp": len(payload) * 8 / numel, "encode_MBps": mb / enc_s, "decode_MBps": mb / dec_s,
-        "encode_s": enc_s, "decode_s": dec_s, "rel_l2_error": (err2 / ref2) ** 0.5, "max_abs_error": max_abs,
+        "codec": codec_id,
+        "options": options,
+        "bytes": len(payload),
+        "ratio": 4 * numel / len(payload),
+        "bpp": len(payload) * 8 / numel,
+        "encode_MBps": mb / enc_s,
+        "decode_MBps": mb / dec_s,
+        "encode_s": enc_s,
+        "decode_s": dec_s,
+        "rel_l2_error": (err2 / ref2) ** 0.5,
+        "max_abs_error": max_abs,
     }
 
 
@@ -118,10 +131,18 @@ def sz3_vs_raw_pysz(tensors: dict, bound: float, repeats: int, algo: str = "inte
             best[k] = min(best[k], best_time(fn, 1)[0])
     raw_enc_s, enc_s, raw_dec_s, dec_s = best["raw_enc"], best["enc"], best["raw_dec"], best["dec"]
     return {
-        "bound": bound, "algo": algo, "tensors": len(lossy), "MB": mb,
-        "pysz_encode_MBps": mb / raw_enc_s, "codec_encode_MBps": mb / enc_s, "encode_fraction_of_pysz": raw_enc_s / enc_s,
-        "pysz_decode_MBps": mb / raw_dec_s, "codec_decode_MBps": mb / dec_s, "decode_fraction_of_pysz": raw_dec_s / dec_s,
-        "pysz_bytes": sum(s.nbytes for s in streams), "codec_bytes": len(payload),
+        "bound": bound,
+        "algo": algo,
+        "tensors": len(lossy),
+        "MB": mb,
+        "pysz_encode_MBps": mb / raw_enc_s,
+        "codec_encode_MBps": mb / enc_s,
+        "encode_fraction_of_pysz": raw_enc_s / enc_s,
+        "pysz_decode_MBps": mb / raw_dec_s,
+        "codec_decode_MBps": mb / dec_s,
+        "decode_fraction_of_pysz": raw_dec_s / dec_s,
+        "pysz_bytes": sum(s.nbytes for s in streams),
+        "codec_bytes": len(payload),
     }
 
 
@@ -134,18 +155,26 @@ def main() -> None:
     weights, update = load_weights_and_update(args.update_cache)
     result = {
         "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "note": "shared 2-core machine; best of repeats"},
-        "params": sum(a.size for a in weights.values()), "repeats": args.repeats, "data": {},
+        "params": sum(a.size for a in weights.values()),
+        "repeats": args.repeats,
+        "data": {},
     }
     for label, tensors in (("minilm_weights", weights), ("finetune_update", update)):
         rows = []
         for cid, opts in SETTINGS:
             row = measure(cid, opts, tensors, args.repeats)
             rows.append(row)
-            print(f"{label:16s} {cid:5s} {json.dumps(opts):50s} ratio {row['ratio']:7.2f}  bpp {row['bpp']:6.3f}  "
-                  f"enc {row['encode_MBps']:7.1f} MB/s  dec {row['decode_MBps']:7.1f} MB/s  relL2 {row['rel_l2_error']:.4f}", flush=True)
-        result["data"][label] = {"codecs": rows, "sz3_vs_pysz": [
-            sz3_vs_raw_pysz(tensors, b, max(5, args.repeats), algo) for b in (1e-2, 2e-2) for algo in ("interp_lorenzo", "nopred")
-        ]}
+            print(
+                f"{label:16s} {cid:5s} {json.dumps(opts):50s} ratio {row['ratio']:7.2f}  bpp {row['bpp']:6.3f}  "
+                f"enc {row['encode_MBps']:7.1f} MB/s  dec {row['decode_MBps']:7.1f} MB/s  relL2 {row['rel_l2_error']:.4f}",
+                flush=True,
+            )
+        result["data"][label] = {
+            "codecs": rows,
+            "sz3_vs_pysz": [
+                sz3_vs_raw_pysz(tensors, b, max(5, args.repeats), algo) for b in (1e-2, 2e-2) for algo in ("interp_lorenzo", "nopred")
+            ],
+        }
         for row in result["data"][label]["sz3_vs_pysz"]:
             print(f"{label:16s} sz3 vs pysz {json.dumps(row)}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

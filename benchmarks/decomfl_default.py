@@ -29,7 +29,10 @@ VARIANTS: dict[str, dict] = {
     "head-zo": {"run": {"local_steps": 20}, "options": {"params": "head", "zo_batch_size": -1}},
     "head-zo-lr1e-2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1}},
     "head-zo-lr1e-1": {"run": {"local_steps": 20, "lr": 1e-1}, "options": {"params": "head", "zo_batch_size": -1}},
-    "head-zo-warm300": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300}},
+    "head-zo-warm300": {
+        "run": {"local_steps": 20, "lr": 1e-2},
+        "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300},
+    },
     "head-zo-warm2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_rounds": 2}},
     "full-zo": {"run": {"local_steps": 10, "rounds": 3}, "options": {"params": "full"}},
     "warm-only": {"run": {"local_steps": 1, "lr": 1e-12}, "options": {"params": "head"}},
@@ -66,14 +69,22 @@ def play(cfg: RunConfig, task, pristine: dict, out_dir: Path | None) -> dict:
         state, record = run_round(method, task, cfg, state, client_states, ctx)
         writer.add_round(record)
         rounds.append({k: record[k] for k in ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "wall_s")})
-        print(f"  round {r:2d} acc {record['accuracy']:.4f} up {record['uplink_bytes']} down {record['downlink_bytes']} {record['wall_s']:.1f}s", flush=True)
+        print(
+            f"  round {r:2d} acc {record['accuracy']:.4f} up {record['uplink_bytes']} down {record['downlink_bytes']} {record['wall_s']:.1f}s",
+            flush=True,
+        )
     if out_dir:
         writer.write_json()
     totals = [per_client.get(c, 0) for c in range(cfg.clients)]
     return {
-        "options": cfg.options, "local_steps": cfg.local_steps, "lr": method.lr, "rounds": rounds,
+        "options": cfg.options,
+        "local_steps": cfg.local_steps,
+        "lr": method.lr,
+        "rounds": rounds,
         "final_accuracy": rounds[-1]["accuracy"],
-        "bytes_per_client": totals, "max_bytes_per_client": max(totals), "mean_bytes_per_client": sum(totals) / len(totals),
+        "bytes_per_client": totals,
+        "max_bytes_per_client": max(totals),
+        "mean_bytes_per_client": sum(totals) / len(totals),
     }
 
 
@@ -101,7 +112,9 @@ def main() -> None:
         t = time.perf_counter()
         run_dir = Path(args.runs_dir) / name if args.runs_dir else None
         results[name] = {**play(cfg, task, pristine, run_dir), "wall_s": time.perf_counter() - t}
-        print(f"  bytes per client: max {results[name]['max_bytes_per_client']} mean {results[name]['mean_bytes_per_client']:.0f}", flush=True)
+        print(
+            f"  bytes per client: max {results[name]['max_bytes_per_client']} mean {results[name]['mean_bytes_per_client']:.0f}", flush=True
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1))
 

@@ -60,7 +60,9 @@ def child(mode: str, steps: int, batch: int, perturbations: int) -> dict:
         if mode == "zo-client-lora":
             from fedsqueeze.methods.peft import inject_lora
 
-            names = set(inject_lora(model, 8, 16, ["query", "value"], "decomfl", seed=0)) | {n for n, _ in model.named_parameters() if n.startswith("head.")}
+            names = set(inject_lora(model, 8, 16, ["query", "value"], "decomfl", seed=0)) | {
+                n for n, _ in model.named_parameters() if n.startswith("head.")
+            }
             params = [p.requires_grad_(False) for n, p in model.named_parameters() if n in names]
         else:
             params = list(model.parameters())
@@ -81,8 +83,13 @@ def child(mode: str, steps: int, batch: int, perturbations: int) -> dict:
             opt.step()
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"mode": mode, "peak_rss_mb": peak, "loaded_rss_mb": loaded_rss, "work_mb": peak - loaded_rss,
-            "seconds_per_step": seconds / steps}
+    return {
+        "mode": mode,
+        "peak_rss_mb": peak,
+        "loaded_rss_mb": loaded_rss,
+        "work_mb": peak - loaded_rss,
+        "seconds_per_step": seconds / steps,
+    }
 
 
 def main() -> None:
@@ -97,8 +104,16 @@ def main() -> None:
         print(rows[mode], flush=True)
     base = rows["inference"]["peak_rss_mb"]
     summary = {m: round(r["peak_rss_mb"] / base, 3) for m, r in rows.items()}
-    result = {"model": "minilm (22.7M params, float32)", "batch": batch, "max_length": 32, "steps": steps,
-              "perturbations": perts, "threads": 1, "modes": rows, "peak_rss_vs_inference": summary}
+    result = {
+        "model": "minilm (22.7M params, float32)",
+        "batch": batch,
+        "max_length": 32,
+        "steps": steps,
+        "perturbations": perts,
+        "threads": 1,
+        "modes": rows,
+        "peak_rss_vs_inference": summary,
+    }
     path = Path(__file__).parent / "results" / "decomfl_memory.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))

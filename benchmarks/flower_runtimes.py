@@ -66,7 +66,7 @@ class TreeSampler:
             self._sample()
             time.sleep(0.1)
 
-    def __enter__(self) -> "TreeSampler":
+    def __enter__(self) -> TreeSampler:
         self._thread.start()
         return self
 
@@ -75,14 +75,36 @@ class TreeSampler:
         self._thread.join()
 
     def report(self) -> dict[str, float]:
-        return {"peak_tree_rss_mb": round(self.peak_tree / 2**20, 1),
-                "peak_process_rss_mb": round(self.peak_proc / 2**20, 1), "max_processes": self.max_procs}
+        return {
+            "peak_tree_rss_mb": round(self.peak_tree / 2**20, 1),
+            "peak_process_rss_mb": round(self.peak_proc / 2**20, 1),
+            "max_processes": self.max_procs,
+        }
 
 
 def cli(args: argparse.Namespace, runtime: str, out: Path, extra: list[str] | None = None) -> list[str]:
-    return [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", "head",
-            "--model", "tiny", "--rounds", str(args.rounds), "--clients", str(args.clients),
-            "--clients-per-round", str(args.clients), "--out", str(out), *(extra or [])]
+    return [
+        sys.executable,
+        "-m",
+        "fedsqueeze",
+        "run",
+        "--quiet",
+        "--runtime",
+        runtime,
+        "--method",
+        "head",
+        "--model",
+        "tiny",
+        "--rounds",
+        str(args.rounds),
+        "--clients",
+        str(args.clients),
+        "--clients-per-round",
+        str(args.clients),
+        "--out",
+        str(out),
+        *(extra or []),
+    ]
 
 
 def timed_run(cmd: list[str], env: dict[str, str], extra_roots: list[int] | None = None) -> dict:
@@ -98,9 +120,12 @@ def timed_run(cmd: list[str], env: dict[str, str], extra_roots: list[int] | None
 
 def summary(out: Path) -> dict:
     res = json.loads((out / "results.json").read_text())
-    return {"final_accuracy": res["final"]["accuracy"], "total_uplink_bytes": res["final"]["total_uplink_bytes"],
-            "total_downlink_bytes": res["final"]["total_downlink_bytes"],
-            "round_wall_s": [round(r["wall_s"], 2) for r in res["rounds"]]}
+    return {
+        "final_accuracy": res["final"]["accuracy"],
+        "total_uplink_bytes": res["final"]["total_uplink_bytes"],
+        "total_downlink_bytes": res["final"]["total_downlink_bytes"],
+        "round_wall_s": [round(r["wall_s"], 2) for r in res["rounds"]],
+    }
 
 
 def main() -> None:
@@ -132,12 +157,16 @@ def main() -> None:
     results["flower"] = {**run, "federation_start_s": round(startup, 2), **summary(out)}
     print("flower", results["flower"], flush=True)
 
-    results.update({
-        "run": f"fedsqueeze run --method head --model tiny --rounds {args.rounds} --clients {args.clients} "
-               f"--clients-per-round {args.clients} (other options default)",
-        "load_after": os.getloadavg(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "note": "wall_s is the CLI process from start to exit; the machine was shared (see load averages)",
-    })
+    results.update(
+        {
+            "run": f"fedsqueeze run --method head --model tiny --rounds {args.rounds} --clients {args.clients} "
+            f"--clients-per-round {args.clients} (other options default)",
+            "load_after": os.getloadavg(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "note": "wall_s is the CLI process from start to exit; the machine was shared (see load averages)",
+        }
+    )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {OUT}")

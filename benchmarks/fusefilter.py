@@ -51,9 +51,13 @@ def main() -> None:
             assert hits[keys.astype(np.int64)].all()
             fp = int(hits.sum()) - n
             row["filters"][kind] = {
-                "bytes": int(flt.fingerprints.nbytes), "bits_per_key": flt.bits_per_key,
-                "build_s": build_s, "query_all_s": query_s, "query_positions_per_s": D / query_s,
-                "c_contain_positions_per_s": C_SAMPLE / c_s, "false_positives": fp,
+                "bytes": int(flt.fingerprints.nbytes),
+                "bits_per_key": flt.bits_per_key,
+                "build_s": build_s,
+                "query_all_s": query_s,
+                "query_positions_per_s": D / query_s,
+                "c_contain_positions_per_s": C_SAMPLE / c_s,
+                "false_positives": fp,
                 "false_positive_rate": fp / (D - n),
             }
         for coder in POSITION_CODERS:
@@ -61,15 +65,24 @@ def main() -> None:
             dec_s, back = best_of(lambda: decode_positions(meta, body, D))
             assert np.array_equal(back, keys)
             row["exact"][coder] = {
-                "bytes": len(body), "bits_per_key": 8 * len(body) / n,
-                "over_bound_bits_per_key": 8 * len(body) / n - bound / n, "encode_s": enc_s, "decode_s": dec_s,
+                "bytes": len(body),
+                "bits_per_key": 8 * len(body) / n,
+                "over_bound_bits_per_key": 8 * len(body) / n - bound / n,
+                "encode_s": enc_s,
+                "decode_s": dec_s,
             }
         rows.append(row)
         print(json.dumps(row))
     out = {
-        "universe": D, "rows": rows,
-        "machine": {"cpu_count": os.cpu_count(), "load_avg_at_end": os.getloadavg(), "python": platform.python_version(),
-                    "numpy": np.__version__, "note": "single-threaded numpy; shared 2-core machine, other jobs running"},
+        "universe": D,
+        "rows": rows,
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_avg_at_end": os.getloadavg(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "note": "single-threaded numpy; shared 2-core machine, other jobs running",
+        },
     }
     path = Path(__file__).parent / "results" / "fusefilter.json"
     path.write_text(json.dumps(out, indent=2))

@@ -14,7 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -73,12 +72,14 @@ def main() -> None:
         feats = features(masked, mask, task.test, n_test)
         with torch.no_grad():
             acc = float((head(feats).argmax(-1) == task.test.labels).float().mean())
-        rows.append({
-            "theta0": theta,
-            "cosine": float(F.cosine_similarity(feats, base_test).mean()),
-            "rel_l2": float((feats - base_test).norm() / base_test.norm()),
-            "probe_accuracy": acc,
-        })
+        rows.append(
+            {
+                "theta0": theta,
+                "cosine": float(F.cosine_similarity(feats, base_test).mean()),
+                "rel_l2": float((feats - base_test).norm() / base_test.norm()),
+                "probe_accuracy": acc,
+            }
+        )
         print(rows[-1])
     path = Path(__file__).parent / "results" / "mask_init.json"
     path.write_text(json.dumps({"masked_weights": layout.total, "test_examples": n_test, "rows": rows}, indent=2))

@@ -50,8 +50,13 @@ DEFAULT_FILES = [
 ]
 # fast tests only: no Flower, no `slow` marker, no fuzzing (hypothesis would run for every codec mutant)
 TESTS = [
-    "tests/test_pinned_methods.py", "tests/test_pinned_codecs.py", "tests/test_framing.py",
-    "tests/test_codecs.py", "tests/test_mask_codecs.py", "tests/test_link.py", "tests/test_treeio.py",
+    "tests/test_pinned_methods.py",
+    "tests/test_pinned_codecs.py",
+    "tests/test_framing.py",
+    "tests/test_codecs.py",
+    "tests/test_mask_codecs.py",
+    "tests/test_link.py",
+    "tests/test_treeio.py",
     "tests/test_pinned_runtime.py",
 ]
 HELPERS = ["tests/conftest.py", "tests/handmade.py", "tests/fuzzing.py"]
@@ -70,36 +75,58 @@ EQUIVALENT = [
     (r'\.cast\("B"\)', r'\.cast\("b"\)', "signed or unsigned bytes: slicing, bytes() and crc32 see the same bytes"),
     (r"allow_nan=False", r"allow_nan=None", "None is falsy: json.dumps treats it as False"),
     (r"unpack_from\(view, 0\)", r"unpack_from\(view, \)", "0 is unpack_from's default offset"),
-    (r'struct\.pack\("<I", len\(meta_b\)\)', r'struct\.pack\("<i", len\(meta_b\)\)',
-     "the meta is at most 1 MiB: signed and unsigned 32-bit packs give the same bytes"),
-    (r'struct\.pack\("<Q", len\(body\)\)', r'struct\.pack\("<q", len\(body\)\)',
-     "a body is shorter than 2**63 bytes: signed and unsigned 64-bit packs give the same bytes"),
+    (
+        r'struct\.pack\("<I", len\(meta_b\)\)',
+        r'struct\.pack\("<i", len\(meta_b\)\)',
+        "the meta is at most 1 MiB: signed and unsigned 32-bit packs give the same bytes",
+    ),
+    (
+        r'struct\.pack\("<Q", len\(body\)\)',
+        r'struct\.pack\("<q", len\(body\)\)',
+        "a body is shorter than 2**63 bytes: signed and unsigned 64-bit packs give the same bytes",
+    ),
     (r"str\(exc\)\[:200\]", r"str\(exc\)\[:201\]", "one more character of a quoted library message"),
     (r"replace=False\)", r"replace=None\)", "None is falsy: numpy's choice treats it as False"),
-    (r'seed_for\(SERVER, "downlink"\)|encode_tensors\(self\.down_codec, state\["weights"\], CodecContext',
-     r".", "no weight codec (raw, zstd, fp16, sz3) draws from the seed, and decoders read theirs from the header"),
-    (r"decode_mask\(meta\.get\(\"mask\"\), mask_body, state, ctx\)", r"state, None\)",
-     "no decode_mask reads the round context"),
-    (r"sym\.astype\(np\.float32\) / np\.float32\(levels\)", r"sym\.astype\(None\)",
-     "an unsigned integer array divided by a float32 is float32 anyway"),
+    (
+        r'seed_for\(SERVER, "downlink"\)|encode_tensors\(self\.down_codec, state\["weights"\], CodecContext',
+        r".",
+        "no weight codec (raw, zstd, fp16, sz3) draws from the seed, and decoders read theirs from the header",
+    ),
+    (r"decode_mask\(meta\.get\(\"mask\"\), mask_body, state, ctx\)", r"state, None\)", "no decode_mask reads the round context"),
+    (
+        r"sym\.astype\(np\.float32\) / np\.float32\(levels\)",
+        r"sym\.astype\(None\)",
+        "an unsigned integer array divided by a float32 is float32 anyway",
+    ),
     (r"if k == 0 or n == 0:", r"if k == 0 and n == 0:", "with k = 0 or n = 0 the general path also returns n zeros"),
     (r"if n <= 0 or n >= universe:", r"n > universe", "C(u, u) = 1: the formula gives 0 bits too"),
-    (r"if self\.opts\.error_feedback else a\.reshape\(-1\)\.astype\(np\.float32\)",
-     r"or True else|astype\(None\)|reshape\(None\)|reshape\(-2\)",
-     "without error feedback the residual is empty: the same values, flattened, in any float dtype"),
+    (
+        r"if self\.opts\.error_feedback else a\.reshape\(-1\)\.astype\(np\.float32\)",
+        r"or True else|astype\(None\)|reshape\(None\)|reshape\(-2\)",
+        "without error feedback the residual is empty: the same values, flattened, in any float dtype",
+    ),
     (r"np\.clip\(theta, 0, 1\)", r"np\.clip\(theta, 0, None\)", "(α − 1)/(α + β − 2) never exceeds 1"),
-    (r"counts = np\.zeros\(self\.n, dtype=np\.int32\)", r"counts = np\.zeros\(self\.n, \)",
-     "the counts are small integers: exact in float64 too, and cast to uint8 on the way out"),
+    (
+        r"counts = np\.zeros\(self\.n, dtype=np\.int32\)",
+        r"counts = np\.zeros\(self\.n, \)",
+        "the counts are small integers: exact in float64 too, and cast to uint8 on the way out",
+    ),
 ]
 EQUIVALENT += [
     (r"reshape\(-1", r"reshape\(-2", "numpy reads any negative dimension as 'infer this one'"),
     (r'einsum\("ij,ij->i"', r'einsum\("IJ,IJ->I"', "einsum subscripts are any letters, upper case too"),
     (r"sorted=False\)", r"sorted=True\)|count, \)", "the indices are sorted right after"),
     (r"np\.arange\(p\.size, dtype=np\.int64\)", r"np\.arange\(p\.size, (dtype=None)?\)", "numpy's default integer is int64 here"),
-    (r"all_gaps = np\.concatenate\(gaps\) if gaps else np\.zeros\(0, np\.uint32\)", r".",
-     "the empty-branch array is never used: with no gaps nothing is compressed"),
-    (r"if total else np\.zeros\(0, np\.uint32\)", r"if total else np\.zeros\((None|1), np\.uint32\)|np\.uint32, None\) if total",
-     "with no positions the gaps are never read; a shape of None keeps the 1-D shape"),
+    (
+        r"all_gaps = np\.concatenate\(gaps\) if gaps else np\.zeros\(0, np\.uint32\)",
+        r".",
+        "the empty-branch array is never used: with no gaps nothing is compressed",
+    ),
+    (
+        r"if total else np\.zeros\(0, np\.uint32\)",
+        r"if total else np\.zeros\((None|1), np\.uint32\)|np\.uint32, None\) if total",
+        "with no positions the gaps are never read; a shape of None keeps the 1-D shape",
+    ),
 ]
 MESSAGE_ONLY = [  # arguments that only label an error message
     (r'"client update"\)|"server message"\)', r"None\)"),
@@ -127,7 +154,7 @@ def classify(removed: str, added: str) -> tuple[str, str]:
 def source_modules(work: Path) -> dict[str, str]:
     """Module name → source path of every file of the copy."""
     sources = sorted(str(p.relative_to(work)) for p in (work / "src").rglob("*.py"))
-    return {p[len("src/"):-len(".py")].replace("/", ".").removesuffix(".__init__"): p for p in sources}
+    return {p[len("src/") : -len(".py")].replace("/", ".").removesuffix(".__init__"): p for p in sources}
 
 
 def package_of(path: str) -> str:
@@ -138,7 +165,7 @@ def package_of(path: str) -> str:
 def module_of(name: str, modules: dict[str, str]) -> str | None:
     """The source file of a mutant name such as ``fedsqueeze.codecs.qsgd.xǁQSGDCodecǁencode__mutmut_3``."""
     best = None
-    for mod, path in modules.items():
+    for mod in modules:
         if name.startswith(mod + ".") and (best is None or len(mod) > len(best)):
             best = mod
     return modules.get(best) if best else None
@@ -163,8 +190,9 @@ def prepare(work: Path, files: list[str], rev: str) -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", rev, "src", "pyproject.toml", *TESTS, *HELPERS], cwd=ROOT,
-                             capture_output=True, check=True).stdout
+    archive = subprocess.run(
+        ["git", "archive", rev, "src", "pyproject.toml", *TESTS, *HELPERS], cwd=ROOT, capture_output=True, check=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
     write_config(work, files)
 
@@ -218,8 +246,9 @@ print(json.dumps(out))
 
 def diffs_of(work: Path, names: list[str], env: dict) -> dict[str, tuple[str, str]]:
     """``name: (removed lines, added lines)`` of each mutant, from one in-process mutmut call (``mutmut show`` each costs ~1 s)."""
-    proc = subprocess.run([sys.executable, "-c", DIFFS], cwd=work, env=env, input=json.dumps(names),
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", DIFFS], cwd=work, env=env, input=json.dumps(names), capture_output=True, text=True, check=True
+    )
     out = {}
     for name, text in json.loads(proc.stdout.strip().splitlines()[-1]).items():
         removed = [line[1:] for line in text.splitlines() if line.startswith("-") and not line.startswith("---")]
@@ -234,10 +263,14 @@ def summarize(rows: list[dict]) -> dict[str, float | int]:
     equivalent = count(lambda r: r.get("class") == "equivalent")
     message = count(lambda r: r.get("class") == "message")
     out = {
-        "total": len(rows), "killed": killed, "survived": count(lambda r: r["status"] == "survived"),
-        "timeout": count(lambda r: r["status"] in TIMEOUT), "no_tests": count(lambda r: r["status"] == "no tests"),
+        "total": len(rows),
+        "killed": killed,
+        "survived": count(lambda r: r["status"] == "survived"),
+        "timeout": count(lambda r: r["status"] in TIMEOUT),
+        "no_tests": count(lambda r: r["status"] == "no tests"),
         "other": count(lambda r: r["status"] not in KILLED | TIMEOUT | {"survived", "no tests"}),
-        "equivalent": equivalent, "message_only": message,
+        "equivalent": equivalent,
+        "message_only": message,
     }
     live = len(rows) - equivalent - message
     # a timeout is a caught mutant (the tests noticed an endless loop), as mutmut itself counts it
@@ -250,27 +283,48 @@ def main() -> None:
     ap.add_argument("--files", nargs="+", help="globs of source files to mutate (default: a fixed list that fits 2 cores)")
     ap.add_argument("--all", action="store_true", help="every .py file of methods/, codecs/ and runtime/")
     ap.add_argument("--sample", type=float, default=1.0, help="fraction of the mutants to run (deterministic by --seed)")
-    ap.add_argument("--sample-file", nargs=2, action="append", default=[], metavar=("GLOB", "FRACTION"),
-                    help="a different fraction for the files matching GLOB (repeatable)")
+    ap.add_argument(
+        "--sample-file",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("GLOB", "FRACTION"),
+        help="a different fraction for the files matching GLOB (repeatable)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutant runs (default 1: a shared 2-core machine)")
     ap.add_argument("--workdir", default="/tmp/fedsqueeze-mutants")
     ap.add_argument("--rev", default="HEAD", help="the commit whose source and tests are mutated and run")
-    ap.add_argument("--test-rev", nargs=2, action="append", default=[], metavar=("PATH", "REV"),
-                    help="with --recheck: take this test file from another commit, or from a local file, "
-                         "when the tests of --rev no longer fit the mutated source")
+    ap.add_argument(
+        "--test-rev",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("PATH", "REV"),
+        help="with --recheck: take this test file from another commit, or from a local file, "
+        "when the tests of --rev no longer fit the mutated source",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutants.json"))
-    ap.add_argument("--recheck", action="store_true",
-                    help="reuse --workdir's mutants (same source snapshot), take the tests of commit --rev and "
-                         "re-run only the mutants not yet killed (after adding tests for survivors)")
+    ap.add_argument(
+        "--recheck",
+        action="store_true",
+        help="reuse --workdir's mutants (same source snapshot), take the tests of commit --rev and "
+        "re-run only the mutants not yet killed (after adding tests for survivors)",
+    )
     args = ap.parse_args()
 
     files = args.files or DEFAULT_FILES
     if args.all:
         files = [f"src/fedsqueeze/{p}/*.py" for p in PACKAGES]
     work = Path(args.workdir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+    }
     t0 = time.time()
     history: list[dict] = []
     tests_commit = None
@@ -279,16 +333,21 @@ def main() -> None:
     if args.recheck:
         previous = json.loads((work / "report.json").read_text())
         previous_fractions = previous.get("sample_by_file", {})
-        files, history = previous["files"], previous.get("history", []) + [
-            {k: previous.get(k) for k in ("command", "snapshot", "tests_commit", "mutants_run", "seconds", "counts")}]
-        tests_commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, capture_output=True, text=True,
-                                      check=True).stdout.strip()
+        files, history = (
+            previous["files"],
+            previous.get("history", [])
+            + [{k: previous.get(k) for k in ("command", "snapshot", "tests_commit", "mutants_run", "seconds", "counts")}],
+        )
+        tests_commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         overrides = dict(args.test_rev)
         test_commits = {t: overrides.get(t, tests_commit) for t in TESTS + HELPERS}
         for t in TESTS + HELPERS:  # the tests of commit --rev; the mutants/ copy is what mutmut runs
             rev = test_commits[t]
-            text = (Path(rev).read_bytes() if Path(rev).is_file() else
-                    subprocess.run(["git", "show", f"{rev}:{t}"], cwd=ROOT, capture_output=True, check=True).stdout)
+            text = (
+                Path(rev).read_bytes()
+                if Path(rev).is_file()
+                else subprocess.run(["git", "show", f"{rev}:{t}"], cwd=ROOT, capture_output=True, check=True).stdout
+            )
             if Path(rev).is_file():
                 import hashlib
 
@@ -338,15 +397,25 @@ def main() -> None:
     by_file = {f: summarize([r for r in rows if r["file"] == f]) for f in sorted({r["file"] for r in rows})}
     by_pkg = {p: summarize([r for r in rows if r["package"] == p]) for p in PACKAGES if any(r["package"] == p for r in rows)}
     report = {
-        "tool": version, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "snapshot": json.loads((work / "snapshot.json").read_text()), "history": history,
+        "tool": version,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "snapshot": json.loads((work / "snapshot.json").read_text()),
+        "history": history,
         "rechecked": len(names) if args.recheck else 0,
         "tests_commit": tests_commit or json.loads((work / "snapshot.json").read_text())["commit"],
         "test_file_commits": {t: c for t, c in test_commits.items() if c != tests_commit},
-        "files": files, "files_with_mutants": sorted(by_file), "tests": TESTS, "deselected": DESELECT,
-        "sample": args.sample, "sample_by_file": fractions or previous_fractions, "seed": args.seed, "mutants_run": len(rows), "seconds": round(time.time() - t0, 1),
+        "files": files,
+        "files_with_mutants": sorted(by_file),
+        "tests": TESTS,
+        "deselected": DESELECT,
+        "sample": args.sample,
+        "sample_by_file": fractions or previous_fractions,
+        "seed": args.seed,
+        "mutants_run": len(rows),
+        "seconds": round(time.time() - t0, 1),
         "counts": {st: sum(1 for r in rows if r["status"] == st) for st in sorted({r["status"] for r in rows})},
-        "packages": by_pkg, "by_file": by_file,
+        "packages": by_pkg,
+        "by_file": by_file,
         "survivors": [r for r in rows if r["status"] == "survived"],
         "not_killed_other": [r for r in rows if r["status"] not in KILLED | {"survived"}],
     }
@@ -355,9 +424,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     for pkg, s in by_pkg.items():
-        print(f"{pkg:8s} killed {s['killed']:4d}  survived {s['survived']:4d}  timeout {s['timeout']:3d}  total {s['total']:4d}"
-              f"  (equivalent {s['equivalent']}, message-only {s['message_only']};"
-              f" caught {s['killed_fraction_of_non_equivalent']} of the rest)")
+        print(
+            f"{pkg:8s} killed {s['killed']:4d}  survived {s['survived']:4d}  timeout {s['timeout']:3d}  total {s['total']:4d}"
+            f"  (equivalent {s['equivalent']}, message-only {s['message_only']};"
+            f" caught {s['killed_fraction_of_non_equivalent']} of the rest)"
+        )
     print(f"→ {args.out}")
 
 

@@ -54,10 +54,7 @@ def markdown(rows: list[dict[str, Any]], reference: dict[str, Any] | None) -> st
     head = "| run | method | data | dropout | trainable | final acc | best acc | uplink bytes (total) | uplink bpp | % of ref. uplink | wall s |"
     lines = [head, "|---" * 11 + "|"]
     for r in rows:
-        share = (
-            f"{100 * r['uplink_bytes_per_client_round'] / reference['uplink_bytes_per_client_round']:.3f}%"
-            if reference else "—"
-        )
+        share = f"{100 * r['uplink_bytes_per_client_round'] / reference['uplink_bytes_per_client_round']:.3f}%" if reference else "—"
         lines.append(
             f"| {r['name']} | {r['method']} | {r['partition']} | {r['dropout']} | {r['trainable_params']:,} | "
             f"{r['final_accuracy']:.3f} | {r['best_accuracy']:.3f} | {r['total_uplink_bytes']:,} | "

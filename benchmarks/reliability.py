@@ -24,8 +24,14 @@ CLOCK = {"wall_s", "train_s", "codec_s"}
 
 def cli(args: list[str], **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen([sys.executable, "-m", "fedsqueeze", "run", "--quiet", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedsqueeze", "run", "--quiet", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def csv_rows(path: Path) -> int:
@@ -36,13 +42,20 @@ def csv_rows(path: Path) -> int:
 
 
 def strip(res: dict) -> dict:
-    return {"rounds": [{k: v for k, v in r.items() if k not in CLOCK} for r in res["rounds"]],
-            "final": {k: v for k, v in res["final"].items() if k != "wall_s"}}
+    return {
+        "rounds": [{k: v for k, v in r.items() if k not in CLOCK} for r in res["rounds"]],
+        "final": {k: v for k, v in res["final"].items() if k != "wall_s"},
+    }
 
 
 def reason_kind(reason: str) -> str:
-    for words, kind in ((("crashed",), "raised"), (("timeout", "hung"), "hung (timeout)"),
-                        (("bad payload", "garbage"), "garbage"), (("straggler",), "straggler"), (("dropout",), "dropout")):
+    for words, kind in (
+        (("crashed",), "raised"),
+        (("timeout", "hung"), "hung (timeout)"),
+        (("bad payload", "garbage"), "garbage"),
+        (("straggler",), "straggler"),
+        (("dropout",), "dropout"),
+    ):
         if any(w in reason for w in words):
             return kind
     return "other"
@@ -91,11 +104,33 @@ def main() -> None:
     ref = json.loads((work / "reference" / "results.json").read_text())
     got = json.loads((killed / "results.json").read_text())
 
-    faulty = ["--method", a.method, "--model", a.model, "--rounds", str(a.rounds), "--clients", "10",
-              "--clients-per-round", "10", "--set", "fault_raise=0.1", "--set", "fault_hang=0.1",
-              "--set", "fault_garbage=0.1", "--set", f"client_timeout={a.client_timeout:g}", "--set", "min_clients=2",
-              "--set", "min_clients_policy=retry", *sum((["--set", s] for s in a.sets), []),
-              "--set", "clients_per_round=10"]
+    faulty = [
+        "--method",
+        a.method,
+        "--model",
+        a.model,
+        "--rounds",
+        str(a.rounds),
+        "--clients",
+        "10",
+        "--clients-per-round",
+        "10",
+        "--set",
+        "fault_raise=0.1",
+        "--set",
+        "fault_hang=0.1",
+        "--set",
+        "fault_garbage=0.1",
+        "--set",
+        f"client_timeout={a.client_timeout:g}",
+        "--set",
+        "min_clients=2",
+        "--set",
+        "min_clients_policy=retry",
+        *sum((["--set", s] for s in a.sets), []),
+        "--set",
+        "clients_per_round=10",
+    ]
     fault_s = run_to_end([*faulty, "--out", str(work / "faulty")])
     fres = json.loads((work / "faulty" / "results.json").read_text())
     reasons: dict[str, int] = {}
@@ -104,18 +139,27 @@ def main() -> None:
             reasons[reason_kind(d["reason"])] = reasons.get(reason_kind(d["reason"]), 0) + 1
 
     result = {
-        "command": " ".join(base), "sets": a.sets,
+        "command": " ".join(base),
+        "sets": a.sets,
         "resume": {
-            "killed_after_round": killed_at, "identical_rounds_except_wall_clock": strip(ref) == strip(got),
-            "final_accuracy_reference": ref["final"]["accuracy"], "final_accuracy_resumed": got["final"]["accuracy"],
-            "reference_s": round(ref_s, 1), "killed_run_s": round(killed_s, 1), "resume_s": round(resume_s, 1),
+            "killed_after_round": killed_at,
+            "identical_rounds_except_wall_clock": strip(ref) == strip(got),
+            "final_accuracy_reference": ref["final"]["accuracy"],
+            "final_accuracy_resumed": got["final"]["accuracy"],
+            "reference_s": round(ref_s, 1),
+            "killed_run_s": round(killed_s, 1),
+            "resume_s": round(resume_s, 1),
             "checkpoint_bytes": (killed / "checkpoint").stat().st_size,
         },
         "faults_30pct": {
-            "rounds_completed": len(fres["rounds"]), "client_rounds": sum(r["clients"] for r in fres["rounds"]),
-            "dropped": sum(len(r["dropped"]) for r in fres["rounds"]), "dropped_by_reason": reasons,
-            "attempts": [r["attempts"] for r in fres["rounds"]], "skipped": [r["skipped"] for r in fres["rounds"]],
-            "final_accuracy": fres["final"]["accuracy"], "run_s": round(fault_s, 1),
+            "rounds_completed": len(fres["rounds"]),
+            "client_rounds": sum(r["clients"] for r in fres["rounds"]),
+            "dropped": sum(len(r["dropped"]) for r in fres["rounds"]),
+            "dropped_by_reason": reasons,
+            "attempts": [r["attempts"] for r in fres["rounds"]],
+            "skipped": [r["skipped"] for r in fres["rounds"]],
+            "final_accuracy": fres["final"]["accuracy"],
+            "run_s": round(fault_s, 1),
         },
     }
     out = Path(a.out)

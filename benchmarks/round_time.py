@@ -26,20 +26,32 @@ def child(args: argparse.Namespace) -> None:
     from fedsqueeze.config import RunConfig
     from fedsqueeze.runtime import run_local
 
-    cfg = RunConfig(method=args.method, model=args.model, clients=args.clients, clients_per_round=5,
-                    rounds=args.rounds, out=args.out).validate()
+    cfg = RunConfig(
+        method=args.method, model=args.model, clients=args.clients, clients_per_round=5, rounds=args.rounds, out=args.out
+    ).validate()
     res = run_local(cfg, show_progress=False)
     rounds = res["rounds"]
     n = len(rounds)
     mean = lambda key: sum(r[key] for r in rounds) / n
     wall, train, codec = mean("wall_s"), mean("train_s"), mean("codec_s")
-    print(json.dumps({
-        "method": args.method, "model": args.model, "clients": args.clients, "clients_per_round": 5,
-        "rounds": n, "model_params": res["model_params"],
-        "round_wall_s": wall, "round_train_s": train, "round_codec_s": codec, "round_other_s": wall - train - codec,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "final_accuracy": res["final"]["accuracy"],
-    }))
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "model": args.model,
+                "clients": args.clients,
+                "clients_per_round": 5,
+                "rounds": n,
+                "model_params": res["model_params"],
+                "round_wall_s": wall,
+                "round_train_s": train,
+                "round_codec_s": codec,
+                "round_other_s": wall - train - codec,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "final_accuracy": res["final"]["accuracy"],
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -56,15 +68,26 @@ def main() -> None:
     rows = []
     for n_clients in (10, 100):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, __file__, "--model", args.model, "--method", args.method,
-                   "--rounds", str(args.rounds), "--clients", str(n_clients), "--out", tmp]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--method",
+                args.method,
+                "--rounds",
+                str(args.rounds),
+                "--clients",
+                str(n_clients),
+                "--out",
+                tmp,
+            ]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent / "src")}
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1])
     OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-                               "runs": rows}, indent=2))
+    OUT.write_text(json.dumps({"machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, "runs": rows}, indent=2))
     print(f"wrote {OUT}")
 
 

@@ -22,8 +22,16 @@ def tiny_config(**overrides):
     from fedsqueeze.config import RunConfig
 
     values = dict(
-        model="tiny", dataset="wordnet", clients=4, clients_per_round=2, rounds=2,
-        train_size=200, test_size=100, local_steps=3, batch_size=8, seed=0,
+        model="tiny",
+        dataset="wordnet",
+        clients=4,
+        clients_per_round=2,
+        rounds=2,
+        train_size=200,
+        test_size=100,
+        local_steps=3,
+        batch_size=8,
+        seed=0,
     )
     values.update(overrides)
     return RunConfig(**values).validate()

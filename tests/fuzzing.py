@@ -36,22 +36,69 @@ REJECTED: Counter[str] = Counter()  # of those, how many raised PayloadError (th
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "250"))  # per decoder and mode; raise it for a longer hunt
 
 HOSTILE_VALUES: list[Any] = [
-    None, True, False, -1, 0, 1, 7, 2**31, 2**32 + 1, 2**40, 2**62, 2**64 + 5, -(2**63), 10**30,
-    0.5, -1e308, 1e308, "", "float32", "float64", "object", "<f4", "x" * 300, [], [0], [-1], [1, -1],
-    [2**40, 2**40], [2**20] * 9, [[1]], [None], {}, {"a": 1}, {"__array__": 0}, {"__dict__": []},
+    None,
+    True,
+    False,
+    -1,
+    0,
+    1,
+    7,
+    2**31,
+    2**32 + 1,
+    2**40,
+    2**62,
+    2**64 + 5,
+    -(2**63),
+    10**30,
+    0.5,
+    -1e308,
+    1e308,
+    "",
+    "float32",
+    "float64",
+    "object",
+    "<f4",
+    "x" * 300,
+    [],
+    [0],
+    [-1],
+    [1, -1],
+    [2**40, 2**40],
+    [2**20] * 9,
+    [[1]],
+    [None],
+    {},
+    {"a": 1},
+    {"__array__": 0},
+    {"__dict__": []},
 ]
 RAW_META_TEXT: list[bytes] = [
-    b"", b"{", b"[]", b"null", b"123", b'"s"', b"\xff\xfe\x00", b'{"a": NaN}', b'{"a": Infinity}',
-    b"[" * 100_000 + b"]" * 100_000, b'{"t": ' + b"9" * 5000 + b"}", b'{"a":1,"a":2}',
+    b"",
+    b"{",
+    b"[]",
+    b"null",
+    b"123",
+    b'"s"',
+    b"\xff\xfe\x00",
+    b'{"a": NaN}',
+    b'{"a": Infinity}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"t": ' + b"9" * 5000 + b"}",
+    b'{"a":1,"a":2}',
 ]
 
 
 def reframe(kind: bytes, meta: bytes, body: bytes, version: int = FORMAT_VERSION, magic: bytes = MAGIC) -> bytes:
     """A frame with arbitrary fields and a *correct* checksum (unlike ``frame``, which refuses bad input)."""
-    head = b"".join([
-        struct.pack("<4sBH", magic, version & 0xFF, len(kind) & 0xFFFF), kind,
-        struct.pack("<I", len(meta)), meta, struct.pack("<Q", len(body)),
-    ])
+    head = b"".join(
+        [
+            struct.pack("<4sBH", magic, version & 0xFF, len(kind) & 0xFFFF),
+            kind,
+            struct.pack("<I", len(meta)),
+            meta,
+            struct.pack("<Q", len(body)),
+        ]
+    )
     return head + body + struct.pack("<I", zlib.crc32(body, zlib.crc32(head)))
 
 
@@ -105,7 +152,7 @@ def byte_mutations(draw: st.DrawFn, payload: bytes) -> bytes:
     if how == "overwrite" and n:
         pos = draw(st.integers(0, n - 1))
         chunk = draw(st.binary(min_size=1, max_size=16))
-        return payload[:pos] + chunk + payload[pos + len(chunk):]
+        return payload[:pos] + chunk + payload[pos + len(chunk) :]
     if how == "empty":
         return b""
     return draw(st.binary(min_size=0, max_size=256))
@@ -118,12 +165,22 @@ def frame_mutations(draw: st.DrawFn, payload: bytes) -> bytes:
     kind, body = kind_s.encode(), bytes(body)
     meta_b = json.dumps(meta).encode()
     version, magic = FORMAT_VERSION, MAGIC
-    what = draw(st.sampled_from(["meta_value", "meta_value", "meta_value", "meta_drop", "meta_add", "meta_text",
-                                 "body", "body", "kind", "version", "magic"]))
+    what = draw(
+        st.sampled_from(
+            ["meta_value", "meta_value", "meta_value", "meta_drop", "meta_add", "meta_text", "body", "body", "kind", "version", "magic"]
+        )
+    )
     if what == "meta_value":
         path = draw(st.sampled_from(_paths(meta)))
-        value = draw(st.one_of(st.sampled_from(HOSTILE_VALUES), st.integers(), st.floats(allow_nan=False),
-                               st.text(max_size=20), st.lists(st.integers(-4, 2**41), max_size=10)))
+        value = draw(
+            st.one_of(
+                st.sampled_from(HOSTILE_VALUES),
+                st.integers(),
+                st.floats(allow_nan=False),
+                st.text(max_size=20),
+                st.lists(st.integers(-4, 2**41), max_size=10),
+            )
+        )
         meta_b = json.dumps(_replace(meta, path, value)).encode()
     elif what == "meta_drop":
         paths = [p for p in _paths(meta) if p]
@@ -149,8 +206,7 @@ def fuzz_decoder(name: str, decode: Callable[[bytes], Any], payload: bytes, exam
     """Assert that no mutation of ``payload`` makes ``decode`` raise anything but PayloadError."""
     decode(payload)  # the untouched payload must decode: otherwise the fuzzing proves nothing
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.one_of(byte_mutations(payload), frame_mutations(payload)))
     def check(mutated: bytes) -> None:
         if mutated == payload:
@@ -161,9 +217,7 @@ def fuzz_decoder(name: str, decode: Callable[[bytes], Any], payload: bytes, exam
         except PayloadError:
             REJECTED[name] += 1
         except Exception as exc:  # noqa: BLE001 - this is what the fuzzer looks for
-            raise AssertionError(
-                f"{name}: {type(exc).__name__} escaped instead of PayloadError on {mutated[:80]!r}...: {exc}"
-            ) from exc
+            raise AssertionError(f"{name}: {type(exc).__name__} escaped instead of PayloadError on {mutated[:80]!r}...: {exc}") from exc
 
     check()
 
@@ -186,5 +240,4 @@ def fuzz_codec(codec_id: str, tensors: dict, options: dict | None = None, exampl
         return inner.decode(meta, body, CodecContext(seed=seed, max_elements=cap))
 
     fuzz_decoder(f"{codec_id}.decode", strict, payload, examples)
-    fuzz_decoder(f"decode_tensors[{codec_id}]", lambda d: decode_tensors(d, CodecContext(seed=seed, max_elements=cap)),
-                 payload, examples)
+    fuzz_decoder(f"decode_tensors[{codec_id}]", lambda d: decode_tensors(d, CodecContext(seed=seed, max_elements=cap)), payload, examples)

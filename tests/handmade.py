@@ -9,11 +9,10 @@ import struct
 import zlib
 
 import numpy as np
+from conftest import tiny_config
 
 from fedsqueeze.codecs import frame
 from fedsqueeze.methods import get_method
-
-from conftest import tiny_config
 
 OUT = "/tmp/fedsqueeze-pinned-unused"
 
@@ -83,8 +82,7 @@ def task_for(cfg):
     :func:`fresh` before a set-up that changes the model)."""
     from fedsqueeze.task import build_task
 
-    key = (cfg.model, cfg.dataset, cfg.train_size, cfg.test_size, cfg.seed, cfg.max_length, cfg.clients,
-           cfg.partition, cfg.alpha)
+    key = (cfg.model, cfg.dataset, cfg.train_size, cfg.test_size, cfg.seed, cfg.max_length, cfg.clients, cfg.partition, cfg.alpha)
     if key not in _TASKS:
         _TASKS[key] = build_task(cfg)
     return _TASKS[key]

@@ -11,8 +11,25 @@ def _cli(*args, cwd=None):
 
 def test_run_from_cli(tmp_path):
     out = tmp_path / "r"
-    p = _cli("run", "--method", "fedavg", "--model", "tiny", "--rounds", "2", "--clients", "4",
-             "--clients-per-round", "2", "--out", str(out), "--set", "train_size=100", "--set", "test_size=50")
+    p = _cli(
+        "run",
+        "--method",
+        "fedavg",
+        "--model",
+        "tiny",
+        "--rounds",
+        "2",
+        "--clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--out",
+        str(out),
+        "--set",
+        "train_size=100",
+        "--set",
+        "test_size=50",
+    )
     assert p.returncode == 0, p.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["train_size"] == 100 and len(res["rounds"]) == 2

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import tiny_config
+from handmade import assert_accuracy_is_real
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors
 from fedsqueeze.errors import ConfigError
@@ -13,8 +15,6 @@ from fedsqueeze.methods.updates import TensorUpdate
 from fedsqueeze.methods.weights import read_weights
 from fedsqueeze.runtime import run_local
 from fedsqueeze.task import build_task
-from conftest import tiny_config
-from handmade import assert_accuracy_is_real
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,10 @@ def make():
 
 
 def test_codec_options_reach_the_codecs(tiny_cfg):
-    cfg = tiny_cfg(method="fedavg", options={"uplink_codec": "sz3", "downlink_codec": "zstd",
-                                              "sz3_bound": 1e-3, "sz3_mode": "abs", "downlink_zstd_level": 9})
+    cfg = tiny_cfg(
+        method="fedavg",
+        options={"uplink_codec": "sz3", "downlink_codec": "zstd", "sz3_bound": 1e-3, "sz3_mode": "abs", "downlink_zstd_level": 9},
+    )
     m = get_method("fedavg")(cfg)
     assert (m.up_codec.codec_id, m.up_codec.opts.bound, m.up_codec.opts.mode) == ("sz3", 1e-3, "abs")
     assert (m.down_codec.codec_id, m.down_codec.opts.level) == ("zstd", 9)

@@ -15,8 +15,11 @@ from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tenso
 from fedsqueeze.errors import ConfigError, PayloadError
 
 # 25 fixed examples per property in CI; HYPOTHESIS_PROFILE=explore: 500 random ones
-FAST = settings(max_examples=500 if os.environ.get("HYPOTHESIS_PROFILE") == "explore" else 25,
-                deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(
+    max_examples=500 if os.environ.get("HYPOTHESIS_PROFILE") == "explore" else 25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 LOSSY = ["sz3", "fp16", "qsgd", "topk", "sign", "eden"]
 
 
@@ -27,14 +30,16 @@ def roundtrip(codec, tensors, ctx=None, dctx=None):
 
 
 floats32 = hnp.arrays(
-    np.float32, st.integers(1, 3000),
+    np.float32,
+    st.integers(1, 3000),
     elements=st.floats(-1e4, 1e4, width=32, allow_nan=False, allow_infinity=False),
 )
 
 
 def all_dtype_tensors():
-    dtypes = st.sampled_from(["float16", "float32", "float64", "int8", "int16", "int32", "int64",
-                              "uint8", "uint16", "uint32", "uint64", "bool"])
+    dtypes = st.sampled_from(
+        ["float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool"]
+    )
     shapes = hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=9)
     array = st.tuples(dtypes, shapes).flatmap(lambda ds: hnp.arrays(np.dtype(ds[0]), ds[1]))
     return st.dictionaries(st.text("abcxyz._", min_size=1, max_size=8), array, min_size=1, max_size=4)
@@ -119,8 +124,11 @@ def test_sz3_row_sparse_header_is_checked():
 
 def test_sz3_partition_follows_threshold_and_name_filter():
     rng = np.random.default_rng(1)
-    t = {"l.weight": rng.standard_normal(2000).astype(np.float32), "l.bias": rng.standard_normal(2000).astype(np.float32),
-         "tiny.weight": rng.standard_normal(100).astype(np.float32)}
+    t = {
+        "l.weight": rng.standard_normal(2000).astype(np.float32),
+        "l.bias": rng.standard_normal(2000).astype(np.float32),
+        "tiny.weight": rng.standard_normal(100).astype(np.float32),
+    }
     codec = get_codec("sz3", bound=1e-2, name_filter="weight")
     out, payload = roundtrip(codec, t)
     meta = unframe(payload)[1]
@@ -217,8 +225,12 @@ SAMPLE = {
     "steps": np.arange(6, dtype=np.int64),
 }
 json_values = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**65), 2**65), st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=4), st.lists(st.integers(-3, 5000), max_size=4),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**65), 2**65),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=4),
+    st.lists(st.integers(-3, 5000), max_size=4),
     st.lists(st.lists(st.one_of(st.text(max_size=3), st.integers(-2, 99)), max_size=3), max_size=3),
 )
 

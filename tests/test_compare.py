@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -64,9 +63,30 @@ def _check_report_numbers(md: str, results: dict[str, dict]) -> None:
 
 def test_compare_cli_writes_report_and_plots(tmp_path):
     out = tmp_path / "cmp"
-    p = _cli("compare", "--methods", "fedavg,head", "--model", "tiny", "--rounds", "2", "--out", str(out), "--quiet",
-             "--clients", "4", "--clients-per-round", "2", "--set", "train_size=100", "--set", "test_size=50",
-             "--set", "local_steps=2", "--set", "batch_size=8")
+    p = _cli(
+        "compare",
+        "--methods",
+        "fedavg,head",
+        "--model",
+        "tiny",
+        "--rounds",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--clients",
+        "4",
+        "--clients-per-round",
+        "2",
+        "--set",
+        "train_size=100",
+        "--set",
+        "test_size=50",
+        "--set",
+        "local_steps=2",
+        "--set",
+        "batch_size=8",
+    )
     assert p.returncode == 0, p.stderr
     for name in ("report.md", "pareto.png", "accuracy.png", "bpp.png"):
         assert (out / name).is_file(), name
@@ -106,13 +126,27 @@ def test_compare_unknown_method_fails_before_any_run(tmp_path):
 def _fake(method: str, accs: list[float], up: int, down: int, sim: float | None = 1.0, params: int = 1000) -> dict:
     rounds = []
     for i, acc in enumerate(accs, 1):
-        r = {"round": i, "accuracy": acc, "loss": 1.0, "uplink_bytes": up, "downlink_bytes": down,
-             "uplink_bpp": up * 8 / (2 * params), "downlink_bpp": down * 8 / (2 * params), "clients": 2, "wall_s": 2.0}
+        r = {
+            "round": i,
+            "accuracy": acc,
+            "loss": 1.0,
+            "uplink_bytes": up,
+            "downlink_bytes": down,
+            "uplink_bpp": up * 8 / (2 * params),
+            "downlink_bpp": down * 8 / (2 * params),
+            "clients": 2,
+            "wall_s": 2.0,
+        }
         if sim is not None:
             r["sim_time_s"] = sim
         rounds.append(r)
-    final = {"accuracy": accs[-1], "total_uplink_bytes": up * len(accs), "total_downlink_bytes": down * len(accs),
-             "mean_uplink_bpp": rounds[0]["uplink_bpp"], "mean_downlink_bpp": rounds[0]["downlink_bpp"]}
+    final = {
+        "accuracy": accs[-1],
+        "total_uplink_bytes": up * len(accs),
+        "total_downlink_bytes": down * len(accs),
+        "mean_uplink_bpp": rounds[0]["uplink_bpp"],
+        "mean_downlink_bpp": rounds[0]["downlink_bpp"],
+    }
     cfg = RunConfig(method=method, model="tiny").to_dict()
     return {"method": method, "config": cfg, "model_params": params, "trainable_params": params, "rounds": rounds, "final": final}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from handmade import assert_accuracy_is_real
 
 from fedsqueeze.codecs import frame, unframe
 from fedsqueeze.errors import PayloadError
@@ -12,8 +14,6 @@ from fedsqueeze.methods import RoundContext
 from fedsqueeze.methods.zo import Perturber, estimate_step
 from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.local import prepare
-from conftest import tiny_config
-from handmade import assert_accuracy_is_real
 
 HEADER = 128  # generous bound on a frame's header + checksum for these small metas
 
@@ -32,8 +32,15 @@ def _play(method, state, client_states, ctx, clients):
 
 @pytest.fixture(scope="module")
 def full_method():
-    cfg = tiny_config(method="decomfl", clients=3, rounds=8, local_steps=2, threads=1, lr=1e-3,
-                      options={"params": "full", "warm_start_rounds": 1, "warm_start_steps": 5, "perturbations": 2})
+    cfg = tiny_config(
+        method="decomfl",
+        clients=3,
+        rounds=8,
+        local_steps=2,
+        threads=1,
+        lr=1e-3,
+        options={"params": "full", "warm_start_rounds": 1, "warm_start_steps": 5, "perturbations": 2},
+    )
     method, _ = prepare(cfg)
     return method
 
@@ -111,11 +118,14 @@ def test_perturb_restore_and_replay_are_deterministic():
     np.testing.assert_allclose(g, z_dot, rtol=1e-4)
 
 
-@pytest.mark.parametrize("options", [
-    {"params": "full", "warm_start_rounds": 1, "perturbations": 2},
-    {"params": "head", "warm_start_rounds": 0, "difference": "forward", "aggregate": "median", "lr_schedule": "cosine"},
-    {"params": "lora", "warm_start_rounds": 1, "warm_start_steps": 3},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"params": "full", "warm_start_rounds": 1, "perturbations": 2},
+        {"params": "head", "warm_start_rounds": 0, "difference": "forward", "aggregate": "median", "lr_schedule": "cosine"},
+        {"params": "lora", "warm_start_rounds": 1, "warm_start_steps": 3},
+    ],
+)
 def test_runs_end_to_end_with_tiny_uplink(tiny_cfg, options):
     cfg = tiny_cfg(method="decomfl", rounds=3, local_steps=3, threads=1, options=dict(options))
     res = run_local(cfg, show_progress=False)
@@ -146,8 +156,17 @@ def test_resent_records_are_skipped(full_method):
 
 
 def test_dropped_and_corrupted_clients_do_not_stop_the_run(tiny_cfg):
-    cfg = tiny_cfg(method="decomfl", rounds=5, clients=4, clients_per_round=2, local_steps=2, threads=1,
-                   fault_corrupt=0.3, dropout=0.2, options={"params": "head", "warm_start_rounds": 1})
+    cfg = tiny_cfg(
+        method="decomfl",
+        rounds=5,
+        clients=4,
+        clients_per_round=2,
+        local_steps=2,
+        threads=1,
+        fault_corrupt=0.3,
+        dropout=0.2,
+        options={"params": "head", "warm_start_rounds": 1},
+    )
     res = run_local(cfg, show_progress=False)
     assert len(res["rounds"]) == 5
     assert any(r["dropped"] for r in res["rounds"])

@@ -27,12 +27,35 @@ from fedsqueeze.runtime.support import FIELD_SUPPORT, RUNTIMES, check_runtime
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # every fault the engine knows, on at once: the seed below makes each of them happen at least once
-FAULTS = dict(seed=6, dropout=0.15, fault_raise=0.1, fault_garbage=0.1, fault_hang=0.1, client_timeout=20.0,
-              fault_corrupt=0.1, straggler=0.2, deadline=30.0, min_clients=2, min_clients_policy="retry")
-TASK = dict(model="tiny", clients=4, clients_per_round=3, rounds=3, train_size=200, test_size=100, local_steps=3,
-            batch_size=8, threads=1)
-SAME = ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp", "clients",
-        "clients_uploaded", "clients_aggregated", "dropped", "attempts", "skipped")
+FAULTS = dict(
+    seed=6,
+    dropout=0.15,
+    fault_raise=0.1,
+    fault_garbage=0.1,
+    fault_hang=0.1,
+    client_timeout=20.0,
+    fault_corrupt=0.1,
+    straggler=0.2,
+    deadline=30.0,
+    min_clients=2,
+    min_clients_policy="retry",
+)
+TASK = dict(model="tiny", clients=4, clients_per_round=3, rounds=3, train_size=200, test_size=100, local_steps=3, batch_size=8, threads=1)
+SAME = (
+    "round",
+    "accuracy",
+    "loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "uplink_bpp",
+    "downlink_bpp",
+    "clients",
+    "clients_uploaded",
+    "clients_aggregated",
+    "dropped",
+    "attempts",
+    "skipped",
+)
 
 
 def _cli_args(values: dict) -> list[str]:
@@ -49,13 +72,30 @@ def ray_tmp():
 
 
 def _env(tmp: Path) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp),
-            "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TMPDIR": str(tmp),
+        "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 def _run_cmd(runtime: str, method: str, out: Path, extra: dict) -> list[str]:
-    return [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", method,
-            "--out", str(out), *_cli_args({**TASK, **extra})]
+    return [
+        sys.executable,
+        "-m",
+        "fedsqueeze",
+        "run",
+        "--quiet",
+        "--runtime",
+        runtime,
+        "--method",
+        method,
+        "--out",
+        str(out),
+        *_cli_args({**TASK, **extra}),
+    ]
 
 
 def _kill_leftovers(tmp: Path) -> None:
@@ -92,8 +132,13 @@ def test_local_and_flower_sim_give_identical_round_records_under_faults(tmp_path
     assert (sim["runtime"], local["runtime"]) == ("flower-sim", "local")
     _same_records(local, sim)
     reasons = " | ".join(d["reason"] for r in local["rounds"] for d in r["dropped"])
-    for kind in ("dropout: no reply", "injected fault: the client crashed", "timeout: no reply within client_timeout=20s",
-                 "bad payload", "straggler: reply 60s late"):
+    for kind in (
+        "dropout: no reply",
+        "injected fault: the client crashed",
+        "timeout: no reply within client_timeout=20s",
+        "bad payload",
+        "straggler: reply 60s late",
+    ):
         assert kind in reasons, f"the seeded faults never produced {kind!r}: pick another seed"
     assert any(r["attempts"] > 1 for r in local["rounds"]), "no round was retried"
     assert any(r["clients_aggregated"] > 0 for r in local["rounds"]), "no round trained"
@@ -107,8 +152,9 @@ def test_killed_flower_sim_run_resumes_to_the_uninterrupted_result(tmp_path, ray
     env = _env(ray_tmp)
     settings = {"rounds": 4, "local_steps": 8}
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_run_cmd("flower-sim", "topk", out, settings), env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _run_cmd("flower-sim", "topk", out, settings), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
@@ -124,8 +170,13 @@ def test_killed_flower_sim_run_resumes_to_the_uninterrupted_result(tmp_path, ray
     killed_at = load_checkpoint(out).round
     assert 1 <= killed_at < settings["rounds"]
     try:
-        done = subprocess.run([sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
-                              env=env, timeout=400, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
+            env=env,
+            timeout=400,
+            capture_output=True,
+            text=True,
+        )
     finally:
         _kill_leftovers(ray_tmp)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -149,9 +200,18 @@ def test_a_field_a_runtime_does_not_honour_is_rejected_naming_the_runtime(name, 
     """Take ``runtime`` away from ``name``'s runtimes: a non-default value is refused, the default is not."""
     support = {**FIELD_SUPPORT, name: FIELD_SUPPORT[name] - {runtime}}
     default = getattr(RunConfig(), name)
-    changed = {"options": {"x": 1}, "method": "head", "model": "tiny", "dataset": "fashion-mnist", "out": "elsewhere",
-               "partition": "dirichlet", "min_clients_policy": "retry", "text_column": "t", "label_column": "l",
-               "checkpoint": not default}.get(name)
+    changed = {
+        "options": {"x": 1},
+        "method": "head",
+        "model": "tiny",
+        "dataset": "fashion-mnist",
+        "out": "elsewhere",
+        "partition": "dirichlet",
+        "min_clients_policy": "retry",
+        "text_column": "t",
+        "label_column": "l",
+        "checkpoint": not default,
+    }.get(name)
     if changed is None:
         changed = default + 1 if not isinstance(default, float) else default + 0.5
         if name.startswith(("fault_", "dropout", "straggler")) and name != "straggler_delay":
@@ -174,11 +234,32 @@ def test_compare_runs_every_method_on_the_configured_runtime(tmp_path, monkeypat
 
     def fake_run(cfg, show_progress=True, **kwargs):
         seen.append((cfg.method, cfg.runtime))
-        rounds = [{"round": 1, "accuracy": 0.5, "loss": 1.0, "uplink_bytes": 10, "downlink_bytes": 10, "uplink_bpp": 1.0,
-                   "downlink_bpp": 1.0, "clients": 1, "clients_uploaded": 1, "clients_aggregated": 1, "wall_s": 1.0,
-                   "train_s": 1.0, "codec_s": 0.0}]
-        return {"method": cfg.method, "config": cfg.to_dict(), "model_params": 100, "trainable_params": 10,
-                "runtime": cfg.runtime, "rounds": rounds, "final": summarize(rounds)}
+        rounds = [
+            {
+                "round": 1,
+                "accuracy": 0.5,
+                "loss": 1.0,
+                "uplink_bytes": 10,
+                "downlink_bytes": 10,
+                "uplink_bpp": 1.0,
+                "downlink_bpp": 1.0,
+                "clients": 1,
+                "clients_uploaded": 1,
+                "clients_aggregated": 1,
+                "wall_s": 1.0,
+                "train_s": 1.0,
+                "codec_s": 0.0,
+            }
+        ]
+        return {
+            "method": cfg.method,
+            "config": cfg.to_dict(),
+            "model_params": 100,
+            "trainable_params": 10,
+            "runtime": cfg.runtime,
+            "rounds": rounds,
+            "final": summarize(rounds),
+        }
 
     monkeypatch.setattr(runners, "run", fake_run)
     runners.run_compare(RunConfig(model="tiny", runtime="flower-sim"), ["fedavg", "head"], tmp_path, show_progress=False)
@@ -188,8 +269,18 @@ def test_compare_runs_every_method_on_the_configured_runtime(tmp_path, monkeypat
 def test_a_fresh_run_never_overwrites_an_earlier_runs_results(tmp_path):
     from fedsqueeze.runners import run
 
-    cfg = RunConfig(model="tiny", method="head", clients=2, clients_per_round=2, rounds=1, train_size=40, test_size=20,
-                    local_steps=1, batch_size=8, out=str(tmp_path / "run"))
+    cfg = RunConfig(
+        model="tiny",
+        method="head",
+        clients=2,
+        clients_per_round=2,
+        rounds=1,
+        train_size=40,
+        test_size=20,
+        local_steps=1,
+        batch_size=8,
+        out=str(tmp_path / "run"),
+    )
     first = run(cfg, show_progress=False)
     before = (tmp_path / "run" / "results.json").read_bytes()
     with pytest.raises(ConfigError, match=r"already holds a run \(results.json, checkpoint\).*--resume.*--overwrite"):

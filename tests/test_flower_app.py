@@ -12,12 +12,18 @@ from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import RoundContext, get_method
 from fedsqueeze.methods.updates import TensorUpdate
-from fedsqueeze.runtime.flower import app_pyproject, flower_env, write_flwr_config
 from fedsqueeze.runtime.engine import prepare
+from fedsqueeze.runtime.flower import app_pyproject, flower_env, write_flwr_config
 from fedsqueeze.runtime.flower_app import RUN_CONFIG_KEY
 from fedsqueeze.runtime.flower_client import client_app
 from fedsqueeze.runtime.flower_wire import (
-    CONFIG, PAYLOAD, STATE, bytes_record, config_from_json, config_to_json, record_bytes,
+    CONFIG,
+    PAYLOAD,
+    STATE,
+    bytes_record,
+    config_from_json,
+    config_to_json,
+    record_bytes,
 )
 
 
@@ -29,10 +35,13 @@ def test_payload_bytes_travel_unchanged_as_uint8():
     assert record_bytes(RecordDict({PAYLOAD: bytes_record(b"")})) == b""
 
 
-@pytest.mark.parametrize("bad", [
-    np.zeros(4, dtype=np.float32),  # Flower must never see floats it could average
-    np.zeros((2, 2), dtype=np.uint8),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        np.zeros(4, dtype=np.float32),  # Flower must never see floats it could average
+        np.zeros((2, 2), dtype=np.uint8),
+    ],
+)
 def test_payload_record_rejects_anything_but_1d_uint8(bad):
     with pytest.raises(PayloadError):
         record_bytes(RecordDict({PAYLOAD: ArrayRecord({"bytes": Array(bad)})}))
@@ -84,10 +93,10 @@ def task_identity():
 
 
 def _train_message(cfg: RunConfig, message: bytes, client: int, round_: int) -> Message:
-    conf = ConfigRecord({"config": config_to_json(cfg), "round": round_, "rounds": cfg.rounds, "seed": cfg.seed,
-                         "client": client})
-    return Message(RecordDict({PAYLOAD: bytes_record(message), CONFIG: conf}), dst_node_id=7,
-                   message_type=MessageType.TRAIN, group_id=str(round_))
+    conf = ConfigRecord({"config": config_to_json(cfg), "round": round_, "rounds": cfg.rounds, "seed": cfg.seed, "client": client})
+    return Message(
+        RecordDict({PAYLOAD: bytes_record(message), CONFIG: conf}), dst_node_id=7, message_type=MessageType.TRAIN, group_id=str(round_)
+    )
 
 
 def test_client_app_matches_the_local_client_function(tiny_cfg, task_identity):
@@ -188,8 +197,10 @@ def _hostile_replies():
 
     bad_npy = ArrayRecord({"bytes": Array(dtype="uint8", shape=(4,), stype="numpy.ndarray", data=b"not npy")})
     return {
-        0: (lambda m: Message(RecordDict({CONFIG: ConfigRecord({"error": "ValueError: boom"})}), reply_to=m),
-            "client error: ValueError: boom"),
+        0: (
+            lambda m: Message(RecordDict({CONFIG: ConfigRecord({"error": "ValueError: boom"})}), reply_to=m),
+            "client error: ValueError: boom",
+        ),
         1: (lambda m: Message(RecordDict(), reply_to=m), "bad reply: message carries no payload record"),
         2: (lambda m: Message(RecordDict({PAYLOAD: bad_npy}), reply_to=m), "bad reply: payload array is malformed"),
         3: (lambda m: payload(m, **{METRICS: MetricRecord({"train_s": [1.0, 2.0], "codec_s": 1e300})}), None),
@@ -226,8 +237,12 @@ def test_deployment_resume_reads_the_checkpoint_of_the_same_config_only(tiny_cfg
     cfg = tiny_cfg(method="head")
     Path(cfg.out).mkdir(parents=True)
     record = {"round": 1}
-    save_checkpoint(cfg.out, encode_checkpoint(config=cfg.to_dict(), round_=1, server_state={"w": 1},
-                                               client_states={}, rounds=[record], state_versions={0: (1, 0)}))
+    save_checkpoint(
+        cfg.out,
+        encode_checkpoint(
+            config=cfg.to_dict(), round_=1, server_state={"w": 1}, client_states={}, rounds=[record], state_versions={0: (1, 0)}
+        ),
+    )
     assert _resume_checkpoint(cfg, ServerSettings()) is None  # a fresh run never reads one
     ckpt = _resume_checkpoint(cfg, ServerSettings(resume_from_out=True))
     assert (ckpt.round, ckpt.server_state, ckpt.state_versions) == (1, {"w": 1}, {0: (1, 0)})

@@ -14,22 +14,32 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from conftest import tiny_config
+
 from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.flower import run_flower
 from fedsqueeze.runtime.flower_deploy import Federation
 
 # (method, options): the head, and a compressed method (FedSZ: SZ3 on the update)
 CASES = [("head", {}), ("fedsz", {})]
-CONTRACT_ROUND = {"round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp",
-                  "clients", "wall_s", "train_s", "codec_s"}
+CONTRACT_ROUND = {
+    "round",
+    "accuracy",
+    "loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "uplink_bpp",
+    "downlink_bpp",
+    "clients",
+    "wall_s",
+    "train_s",
+    "codec_s",
+}
 
 
 def _cfg(method: str, options: dict, out: Path):
     # one torch thread on both sides: the same float sums, so even SZ3's value-dependent sizes agree
-    return tiny_config(method=method, options=dict(options), clients=2, clients_per_round=2, rounds=2,
-                       threads=1, out=str(out))
+    return tiny_config(method=method, options=dict(options), clients=2, clients_per_round=2, rounds=2, threads=1, out=str(out))
 
 
 def _gone(pid: int) -> bool:
@@ -46,8 +56,17 @@ def test_superlink_and_two_supernodes_match_local(tmp_path):
     try:
         fed.start()
         with ThreadPoolExecutor(len(CASES)) as pool:
-            remote = [pool.submit(run_flower, _cfg(m, o, tmp_path / f"flower-{m}"), superlink=fed.address,
-                                  show_progress=False, wait_nodes_s=90, timeout_s=400) for m, o in CASES]
+            remote = [
+                pool.submit(
+                    run_flower,
+                    _cfg(m, o, tmp_path / f"flower-{m}"),
+                    superlink=fed.address,
+                    show_progress=False,
+                    wait_nodes_s=90,
+                    timeout_s=400,
+                )
+                for m, o in CASES
+            ]
             local = [run_local(_cfg(m, o, tmp_path / f"local-{m}"), show_progress=False) for m, o in CASES]
             pids = fed.process_tree()
             remote = [f.result() for f in remote]
@@ -65,8 +84,16 @@ def test_superlink_and_two_supernodes_match_local(tmp_path):
         assert len(flw["rounds"]) == len(loc["rounds"]) == 2
         for a, b in zip(loc["rounds"], flw["rounds"]):
             assert CONTRACT_ROUND <= set(b) and set(a) == set(b)
-            for key in ("uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp", "clients",
-                        "clients_uploaded", "clients_aggregated", "dropped"):
+            for key in (
+                "uplink_bytes",
+                "downlink_bytes",
+                "uplink_bpp",
+                "downlink_bpp",
+                "clients",
+                "clients_uploaded",
+                "clients_aggregated",
+                "dropped",
+            ):
                 assert a[key] == b[key], (method, key)
             assert b["accuracy"] == pytest.approx(a["accuracy"], abs=1e-6)
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)

@@ -14,8 +14,27 @@ pytestmark = pytest.mark.slow
 
 
 def _run(runtime: str, out) -> dict:
-    cmd = [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", "head",
-           "--model", "tiny", "--rounds", "2", "--set", "train_size=400", "--set", "test_size=200", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedsqueeze",
+        "run",
+        "--quiet",
+        "--runtime",
+        runtime,
+        "--method",
+        "head",
+        "--model",
+        "tiny",
+        "--rounds",
+        "2",
+        "--set",
+        "train_size=400",
+        "--set",
+        "test_size=200",
+        "--out",
+        str(out),
+    ]
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     subprocess.run(cmd, check=True, timeout=600, env=env)

@@ -6,16 +6,14 @@ a decoder that needs options or another payload plugs in with one ``fuzz_codec``
 
 import numpy as np
 import pytest
+from fuzzing import EXAMPLES, REJECTED, TRIED, fuzz_codec, fuzz_decoder, reframe
+from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors, get_codec, unframe
 from fedsqueeze.errors import ConfigError, PayloadError
+from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.runtime.checkpoint import decode_checkpoint, encode_checkpoint
 from fedsqueeze.treeio import pack_tree, unpack_tree
-
-from fedsqueeze.methods.base import RoundContext
-
-from fuzzing import EXAMPLES, REJECTED, TRIED, fuzz_codec, fuzz_decoder, reframe
-from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 
 def sample_tensors() -> dict[str, np.ndarray]:
@@ -38,16 +36,21 @@ def test_every_codec(codec_id):
     try:
         encode_tensors(codec, sample_tensors(), CodecContext(seed=7), n=3)
     except Exception as exc:  # noqa: BLE001
-        pytest.fail(f"codec {codec_id!r} does not encode float tensors with default options ({exc}): "
-                    "give it its own fuzz_codec line")
+        pytest.fail(f"codec {codec_id!r} does not encode float tensors with default options ({exc}): give it its own fuzz_codec line")
     fuzz_codec(codec_id, sample_tensors())
 
 
-@pytest.mark.parametrize("codec_id, options", [
-    ("qsgd", {"levels": 300, "bucket": 7}), ("sign", {"error_feedback": False}), ("topk", {"k": 0.3}),
-    ("eden", {"chunk": 8}), ("zstd", {"shuffle": False}),
-    ("sz3", {"mode": "abs", "bound": 1e-3, "threshold": 4, "sparse_rows": True}),
-])
+@pytest.mark.parametrize(
+    "codec_id, options",
+    [
+        ("qsgd", {"levels": 300, "bucket": 7}),
+        ("sign", {"error_feedback": False}),
+        ("topk", {"k": 0.3}),
+        ("eden", {"chunk": 8}),
+        ("zstd", {"shuffle": False}),
+        ("sz3", {"mode": "abs", "bound": 1e-3, "threshold": 4, "sparse_rows": True}),
+    ],
+)
 def test_codecs_with_options(codec_id, options):
     tensors = sample_tensors()
     tensors["rows.weight"] = np.zeros((8, 4), np.float32)
@@ -83,8 +86,14 @@ def test_head_client_side_decode(task):
     fuzz_decoder("head.client_update", lambda d: m.client_update(d, 0, None, ctx), m.downlink(state, ctx, 0), EXAMPLES // 2)
 
 
-MASK_METHODS = [("fedpm", {}), ("fedpm", {"stratify": True, "head_dtype": "float16"}), ("deltamask", {}),
-                ("deltamask", {"filter": "xor8"}), ("deltamask-exact", {}), ("deltamask-exact", {"coder": "elias-fano"})]
+MASK_METHODS = [
+    ("fedpm", {}),
+    ("fedpm", {"stratify": True, "head_dtype": "float16"}),
+    ("deltamask", {}),
+    ("deltamask", {"filter": "xor8"}),
+    ("deltamask-exact", {}),
+    ("deltamask-exact", {"coder": "elias-fano"}),
+]
 
 
 @pytest.mark.parametrize("name, options", MASK_METHODS, ids=lambda v: str(v))
@@ -118,8 +127,7 @@ def test_decomfl_decoders(task):
     # server, warm-start round: a raw float16 head delta
     fuzz_decoder("decomfl.decode_update[warm]", lambda d: m.decode_update(d, 0, state, warm), encode_tensors(raw, delta, n=3))
     # client, warm-start round: the head message (decoded, then one cheap probing step)
-    fuzz_decoder("decomfl.client_update[warm]", lambda d: m.client_update(d, 2, None, warm),
-                 m.downlink(state, warm, 2), EXAMPLES // 2)
+    fuzz_decoder("decomfl.client_update[warm]", lambda d: m.client_update(d, 2, None, warm), m.downlink(state, warm, 2), EXAMPLES // 2)
     state, _ = m.aggregate(state, {0: m.decode_update(encode_tensors(raw, delta, n=3), 0, state, warm)}, warm)
     zo = RoundContext(round=2, rounds=4, seed=0)
     up = frame("decomfl-up", {"round": 2, "k": m.k, "p": m.p, "n": 5}, np.ones((m.k, m.p), "<f4").tobytes())
@@ -144,8 +152,11 @@ def test_unpack_tree():
 
 def test_checkpoint_decoder():
     payload = encode_checkpoint(
-        config={"method": "fedavg", "rounds": 4}, round_=1, server_state={"weights": sample_tensors()},
-        client_states={0: None, 3: {"residual": np.zeros(3, np.float32)}}, rounds=[{"round": 1, "accuracy": 0.5}],
+        config={"method": "fedavg", "rounds": 4},
+        round_=1,
+        server_state={"weights": sample_tensors()},
+        client_states={0: None, 3: {"residual": np.zeros(3, np.float32)}},
+        rounds=[{"round": 1, "accuracy": 0.5}],
     )
     fuzz_decoder("checkpoint", decode_checkpoint, payload)
 

@@ -9,9 +9,26 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fedsqueeze"
 
 # a module may import only modules of a lower rank (or its own package)
 RANK = {
-    "errors": 0, "options": 1, "seeding": 1, "config": 2, "codecs": 2, "treeio": 3, "data": 3, "models": 3,
-    "training": 3, "privacy": 3, "results": 3, "masking": 4, "task": 5, "methods": 6, "runtime": 7, "report": 7,
-    "runners": 8, "cli": 9, "__main__": 10, "__init__": 10,
+    "errors": 0,
+    "options": 1,
+    "seeding": 1,
+    "config": 2,
+    "codecs": 2,
+    "treeio": 3,
+    "data": 3,
+    "models": 3,
+    "training": 3,
+    "privacy": 3,
+    "results": 3,
+    "masking": 4,
+    "task": 5,
+    "methods": 6,
+    "runtime": 7,
+    "report": 7,
+    "runners": 8,
+    "cli": 9,
+    "__main__": 10,
+    "__init__": 10,
 }
 
 

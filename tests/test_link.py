@@ -49,7 +49,9 @@ def test_link_options_are_validated():
 def _expected(cfg: RunConfig, record: dict) -> float:
     """The round's simulated time recomputed from its recorded per-client compute time and bytes."""
     return max(
-        c["compute_s"] + c["downlink_bytes"] * 8 / (cfg.downlink_mbps * 1e6) + c["uplink_bytes"] * 8 / (cfg.uplink_mbps * 1e6)
+        c["compute_s"]
+        + c["downlink_bytes"] * 8 / (cfg.downlink_mbps * 1e6)
+        + c["uplink_bytes"] * 8 / (cfg.uplink_mbps * 1e6)
         + cfg.latency_ms / 1000
         for c in record["sim_clients"]
     )
@@ -58,8 +60,9 @@ def _expected(cfg: RunConfig, record: dict) -> float:
 def test_halving_uplink_bandwidth_adds_the_uplink_transfer_time(tiny_cfg):
     # fedavg sends all ~1M float32 weights of the tiny model up: at 0.05 Mbit/s that is ~640 s per
     # client, far above its compute (< 1 s), so the run is uplink-bound.
-    cfg = tiny_cfg(method="fedavg", rounds=1, train_size=60, test_size=20, local_steps=1, uplink_mbps=0.05,
-                   downlink_mbps=1000.0, latency_ms=30.0)
+    cfg = tiny_cfg(
+        method="fedavg", rounds=1, train_size=60, test_size=20, local_steps=1, uplink_mbps=0.05, downlink_mbps=1000.0, latency_ms=30.0
+    )
     slow = dataclasses.replace(cfg, uplink_mbps=0.025, out=cfg.out + "-slow")
     fast_round = run_local(cfg, show_progress=False)["rounds"][0]
     slow_round = run_local(slow, show_progress=False)["rounds"][0]
@@ -83,8 +86,9 @@ def test_dropped_clients_are_not_waited_for(tiny_cfg):
     from fedsqueeze.runtime.faults import drops_out
 
     def cfg_for(seed):
-        return tiny_cfg(method="head", rounds=1, clients=4, clients_per_round=4, dropout=0.5, seed=seed,
-                        train_size=60, test_size=20, local_steps=1)
+        return tiny_cfg(
+            method="head", rounds=1, clients=4, clients_per_round=4, dropout=0.5, seed=seed, train_size=60, test_size=20, local_steps=1
+        )
 
     # a seed where some, not all, of the 4 clients drop out in round 1
     seed = next(s for s in range(100) if 0 < sum(drops_out(cfg_for(s), RoundContext(1, 1, s), c) for c in range(4)) < 4)

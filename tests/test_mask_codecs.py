@@ -83,7 +83,8 @@ def test_grouped_bits_and_symbols_round_trip():
     np.testing.assert_array_equal(decode_grouped_bits(meta, body, groups, 6), bits)
     entropy = sum(
         -(np.sum(b) * np.log2(np.mean(b)) + np.sum(~b) * np.log2(1 - np.mean(b)))
-        for g in range(6) if 0 < (b := bits[groups == g]).mean() < 1
+        for g in range(6)
+        if 0 < (b := bits[groups == g]).mean() < 1
     )
     assert 8 * len(body) < entropy + 64
     with pytest.raises(PayloadError):

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from handmade import assert_accuracy_is_real
 
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.masking import MaskedModel, select_masked, shared_uniforms, stratified_uniforms
 from fedsqueeze.methods import RoundContext, get_method
 from fedsqueeze.runtime import run_local
 from fedsqueeze.task import build_task
-from handmade import assert_accuracy_is_real
 
 MASK_METHODS = ["fedpm", "deltamask", "deltamask-exact"]
 

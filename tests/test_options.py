@@ -19,7 +19,16 @@ from fedsqueeze.config import RunConfig, build_config
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods import METHODS, get_method
 from fedsqueeze.options import (
-    above, at_least, between, choices_of, coerce, describe_options, kind_of, option, option_fields, parse_options,
+    above,
+    at_least,
+    between,
+    choices_of,
+    coerce,
+    describe_options,
+    kind_of,
+    option,
+    option_fields,
+    parse_options,
 )
 
 # a wrong type for each kind of option: TOML parses "[1, 2]" as a list, which no scalar option takes
@@ -64,6 +73,7 @@ RUN_CASES = [
 @pytest.fixture
 def no_loading(monkeypatch):
     """Data or model loading fails the test: every check must come before it."""
+
     def loaded(*args, **kwargs):
         raise AssertionError("data or a model was loaded before the options were checked")
 
@@ -111,16 +121,19 @@ def test_every_run_option_rejects_a_bad_value_through_the_cli(name, value, words
     assert_one_line_error(code, stderr, [f"'{name}'", *words])
 
 
-@pytest.mark.parametrize(("method", "sets", "words"), [
-    ("fedpm", ["aggregate=delta", "carry_priors=true"], ["carry_priors", "aggregate=beta"]),
-    ("deltamask", ["kappa_schedule=geometric", "kappa_end=0"], ["geometric", "kappa_end > 0"]),
-    ("fedavg", ["dp_noise=1.0"], ["dp_noise", "dp_clip"]),
-    ("ia3", ["feedforward_modules=query"], ["feedforward_modules", "query"]),
-    ("decomfl", ["local_steps=0"], ["decomfl", "local_steps >= 1"]),
-    ("decomfl", ["aggregation=median"], ["'aggregation'", "renamed to 'aggregate'"]),
-    ("decomfl", ["lora_r=4"], ["'lora_r'", "renamed to 'rank'"]),
-    ("prompt", ["dataset=fashion-mnist"], ["prompt", "text"]),
-])
+@pytest.mark.parametrize(
+    ("method", "sets", "words"),
+    [
+        ("fedpm", ["aggregate=delta", "carry_priors=true"], ["carry_priors", "aggregate=beta"]),
+        ("deltamask", ["kappa_schedule=geometric", "kappa_end=0"], ["geometric", "kappa_end > 0"]),
+        ("fedavg", ["dp_noise=1.0"], ["dp_noise", "dp_clip"]),
+        ("ia3", ["feedforward_modules=query"], ["feedforward_modules", "query"]),
+        ("decomfl", ["local_steps=0"], ["decomfl", "local_steps >= 1"]),
+        ("decomfl", ["aggregation=median"], ["'aggregation'", "renamed to 'aggregate'"]),
+        ("decomfl", ["lora_r=4"], ["'lora_r'", "renamed to 'rank'"]),
+        ("prompt", ["dataset=fashion-mnist"], ["prompt", "text"]),
+    ],
+)
 def test_rules_across_options_and_renames_are_one_line_errors(method, sets, words, capsys, no_loading, tmp_path):
     argv = ["run", "--method", method, "--out", str(tmp_path)] + [a for s in sets for a in ("--set", s)]
     assert_one_line_error(*run_cli(argv, capsys), words)
@@ -148,18 +161,40 @@ def test_good_values_pass_the_same_checks():
 # ---- the helpers themselves ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("value", "kind", "expected"), [
-    ("yes", bool, True), (0, bool, False), ("FALSE", bool, False), ("3", int, 3), (3.0, int, 3), ("1e3", int, 1000),
-    ("12345678901234567890", int, 12345678901234567890), (2, float, 2.0), ("2.5", float, 2.5), (7, str, "7"),
-])
+@pytest.mark.parametrize(
+    ("value", "kind", "expected"),
+    [
+        ("yes", bool, True),
+        (0, bool, False),
+        ("FALSE", bool, False),
+        ("3", int, 3),
+        (3.0, int, 3),
+        ("1e3", int, 1000),
+        ("12345678901234567890", int, 12345678901234567890),
+        (2, float, 2.0),
+        ("2.5", float, 2.5),
+        (7, str, "7"),
+    ],
+)
 def test_coerce_accepts(value, kind, expected):
     out = coerce(value, kind, "x", "the test")
     assert out == expected and type(out) is kind
 
 
-@pytest.mark.parametrize(("value", "kind"), [
-    (True, int), (False, float), (2, bool), ("maybe", bool), (1.5, int), ("inf", int), ([1], str), (None, float), ({}, int),
-])
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [
+        (True, int),
+        (False, float),
+        (2, bool),
+        ("maybe", bool),
+        (1.5, int),
+        ("inf", int),
+        ([1], str),
+        (None, float),
+        ({}, int),
+    ],
+)
 def test_coerce_rejects_with_one_line_naming_the_option(value, kind):
     with pytest.raises(ConfigError, match=r"^option 'x' of the test must be .*; got ") as exc:
         coerce(value, kind, "x", "the test")
@@ -167,8 +202,12 @@ def test_coerce_rejects_with_one_line_naming_the_option(value, kind):
 
 
 def test_checks_describe_themselves_and_reject_their_bad_example():
-    for check, text in [(between(0.0, 1.0, hi_open=True), "in [0, 1)"), (at_least(1), ">= 1"), (above(0.0), "> 0"),
-                        (between(0.0, 0.5, lo_open=True, hi_open=True), "in (0, 0.5)")]:
+    for check, text in [
+        (between(0.0, 1.0, hi_open=True), "in [0, 1)"),
+        (at_least(1), ">= 1"),
+        (above(0.0), "> 0"),
+        (between(0.0, 0.5, lo_open=True, hi_open=True), "in (0, 0.5)"),
+    ]:
         assert check.text == text and not check.test(check.bad)
     assert between(0.0, 1.0, hi_open=True).test(0.0) and not between(0.0, 1.0, lo_open=True).test(0.0)
 

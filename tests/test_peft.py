@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from handmade import assert_accuracy_is_real
 
 from fedsqueeze.codecs import decode_tensors
 from fedsqueeze.errors import ConfigError
@@ -12,7 +13,6 @@ from fedsqueeze.methods import RoundContext
 from fedsqueeze.methods.weights import read_weights
 from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.local import prepare, run_round
-from handmade import assert_accuracy_is_real
 
 PEFT_METHODS = ["bitfit", "lora", "adapter", "prompt", "ia3"]
 TINY_HEAD = 32 * 26 + 26  # tiny model: hidden 32, wordnet: 26 classes

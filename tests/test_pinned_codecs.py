@@ -262,8 +262,11 @@ def test_sign_scale_signs_and_error_feedback():
         assert lengths(meta)[:2] == [4 * 2, math.ceil(35 / 8) + 1]
         assert np.array_equal(out["c.count"], x["c.count"])
     # zeros are positive (p >= 0), empty tensors travel exactly, and the scale is a float64 mean
-    z = {"z": np.array([0.0, -1.0, 0.0, 2.0], np.float32), "e": np.zeros((0, 3), np.float32),
-         "big": np.array([2.0**24] + [1.0] * 7, np.float32)}
+    z = {
+        "z": np.array([0.0, -1.0, 0.0, 2.0], np.float32),
+        "e": np.zeros((0, 3), np.float32),
+        "big": np.array([2.0**24] + [1.0] * 7, np.float32),
+    }
     dz, _ = decode_tensors(encode_tensors(get_codec("sign", error_feedback=False), z))
     np.testing.assert_array_equal(dz["z"], np.float32([0.75, -0.75, 0.75, 0.75]))
     assert dz["e"].shape == (0, 3) and dz["big"][1] == np.float32((2.0**24 + 7) / 8)
@@ -341,8 +344,12 @@ def test_sz3_bound_partition_and_sparse_rows(mode, bound):
     rng = np.random.default_rng(5)
     sparse = np.zeros((40, 64), np.float32)
     sparse[[3, 17, 30]] = rng.standard_normal((3, 64))
-    t = {"dense.weight": rng.standard_normal((40, 64)).astype(np.float32), "rows.weight": sparse,
-         "small.weight": rng.standard_normal(10).astype(np.float32), "big.other": rng.standard_normal(2000).astype(np.float32)}
+    t = {
+        "dense.weight": rng.standard_normal((40, 64)).astype(np.float32),
+        "rows.weight": sparse,
+        "small.weight": rng.standard_normal(10).astype(np.float32),
+        "big.other": rng.standard_normal(2000).astype(np.float32),
+    }
     codec = get_codec("sz3", mode=mode, bound=bound, name_filter="weight")
     data = encode_tensors(codec, t)
     out, _ = decode_tensors(data)
@@ -368,8 +375,10 @@ def rice_bits(p, k):
     return int((gaps >> k).sum()) + p.size, p.size * k
 
 
-@pytest.mark.parametrize("positions, universe", [([0, 1, 2, 3], 4), ([5], 6), ([0, 9, 10, 500, 900, 999], 1000),
-                                                 (list(range(0, 100_000, 37)), 100_000), ([], 10)])
+@pytest.mark.parametrize(
+    "positions, universe",
+    [([0, 1, 2, 3], 4), ([5], 6), ([0, 9, 10, 500, 900, 999], 1000), (list(range(0, 100_000, 37)), 100_000), ([], 10)],
+)
 def test_rice_code_length_and_choice_of_k(positions, universe):
     p = np.array(positions, np.int64)
     meta, body = encode_positions(p, universe, "rice")
@@ -385,8 +394,9 @@ def test_rice_code_length_and_choice_of_k(positions, universe):
     assert 8 * len(body) >= entropy_bound_bits(p.size, universe)
 
 
-@pytest.mark.parametrize("positions, universe", [([0, 1, 2, 3], 4), ([0, 9, 10, 500, 900, 999], 1000),
-                                                 (list(range(3, 50_000, 101)), 50_000)])
+@pytest.mark.parametrize(
+    "positions, universe", [([0, 1, 2, 3], 4), ([0, 9, 10, 500, 900, 999], 1000), (list(range(3, 50_000, 101)), 50_000)]
+)
 def test_elias_fano_code_length(positions, universe):
     p = np.array(positions, np.int64)
     meta, body = encode_positions(p, universe, "elias-fano")

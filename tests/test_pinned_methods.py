@@ -14,23 +14,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
+from handmade import build, frame_size, fresh, hand_deltas, hand_head, mask_payload, parse_frame, shared_task
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, frame, get_codec, unframe
 from fedsqueeze.codecs.fusefilter import contain_c, parse_filter
 from fedsqueeze.codecs.positions import encode_positions, entropy_bound_bits
 from fedsqueeze.errors import PayloadError
+from fedsqueeze.masking import MaskedModel, select_masked, train_masked
 from fedsqueeze.methods import get_method
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.zo import Perturber
 from fedsqueeze.privacy import dp_epsilon
-from fedsqueeze.masking import MaskedModel, select_masked, train_masked
 from fedsqueeze.seeding import SERVER, np_rng, seed_int, torch_gen
 from fedsqueeze.task import build_task
 from fedsqueeze.training import Encoded, batch_inputs, evaluate, num_local_steps, train_local
-
-from conftest import tiny_config
-from handmade import build, frame_size, fresh, hand_deltas, hand_head, mask_payload, parse_frame, shared_task
 
 TENSOR_METHODS = ["fedavg", "head", "topk", "qsgd", "signsgd", "eden", "fedsz", "bitfit", "lora", "adapter", "prompt", "ia3"]
 PEFT = {"bitfit", "lora", "adapter", "prompt", "ia3"}
@@ -78,8 +77,10 @@ def test_fedavg_uniform_weights_would_be_wrong(task):
     ctx = RoundContext(round=1, rounds=1, seed=0)
     ones = {n: np.ones(m.shapes[n], np.float32) for n in m.names}
     zeros = {n: np.zeros(m.shapes[n], np.float32) for n in m.names}
-    ups = {1: m.decode_update(encode_tensors(m.up_codec, ones, n=1), 1, state, ctx),
-           3: m.decode_update(encode_tensors(m.up_codec, zeros, n=99), 3, state, ctx)}
+    ups = {
+        1: m.decode_update(encode_tensors(m.up_codec, ones, n=1), 1, state, ctx),
+        3: m.decode_update(encode_tensors(m.up_codec, zeros, n=99), 3, state, ctx),
+    }
     state, _ = m.aggregate(state, ups, ctx)
     for n in m.names:
         np.testing.assert_allclose(state["weights"][n], w0[n].astype(np.float64) + 0.01, rtol=1e-6, atol=1e-6)
@@ -187,8 +188,8 @@ def test_raw_payload_bytes_recount(task):
 def test_round_record_bytes_and_accuracy_recount(tmp_path):
     """A whole simulator run: every round's byte counts equal our recount of the frames it sent,
     and the final accuracy is what evaluating the checkpointed final state gives."""
-    from fedsqueeze.runtime.checkpoint import load_checkpoint
     from fedsqueeze.runtime import run_local
+    from fedsqueeze.runtime.checkpoint import load_checkpoint
 
     cfg = tiny_config(method="head", out=str(tmp_path / "run"), rounds=2, clients=3, clients_per_round=2, train_size=90)
     res = run_local(cfg, show_progress=False)
@@ -230,9 +231,17 @@ def test_head_client_trains_on_its_own_features(task):
             head.weight.copy_(torch.from_numpy(state["weights"]["head.weight"]))
             head.bias.copy_(torch.from_numpy(state["weights"]["head.bias"]))
         steps = max(1, m.cfg.local_steps)
-        train_local(head, list(head.parameters()), Encoded({"x": feats}, data.labels), steps=steps,
-                    batch_size=m.cfg.batch_size, lr=m.lr, generator=torch_gen(0, 1, client, "batches"),
-                    optimizer=m.opts.optimizer, forward=lambda inputs: head(inputs["x"]))
+        train_local(
+            head,
+            list(head.parameters()),
+            Encoded({"x": feats}, data.labels),
+            steps=steps,
+            batch_size=m.cfg.batch_size,
+            lr=m.lr,
+            generator=torch_gen(0, 1, client, "batches"),
+            optimizer=m.opts.optimizer,
+            forward=lambda inputs: head(inputs["x"]),
+        )
         np.testing.assert_allclose(new["weights"]["head.weight"], head.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(new["weights"]["head.bias"], head.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
 
@@ -377,8 +386,7 @@ def test_kappa_schedule_caps_the_positions_sent(task, schedule):
         moved = theta_start[flips].astype(np.float64) - np.where(np.isin(flips, strong), 0.0, u[flips] / 2)
         expected = np.sort(flips[np.argsort(-moved, kind="stable")[:cap]])
         head_meta, head_body = m.wire.encode_head(hand_head(m, 0))
-        payload = frame(m.uplink_kind, {"n": 2, "mask": meta, "head": head_meta, "sections": [len(body), len(head_body)]},
-                        body + head_body)
+        payload = frame(m.uplink_kind, {"n": 2, "mask": meta, "head": head_meta, "sections": [len(body), len(head_body)]}, body + head_body)
         new, metrics = m.aggregate(copy.deepcopy(state), {1: m.decode_update(payload, 1, state, ctx)}, ctx)
         assert metrics["keys"] == cap and set(strong) <= set(expected)
         theta = np.clip(theta_start - np.isin(np.arange(m.n), expected).astype(np.float32), 0, 1)
@@ -426,8 +434,10 @@ def test_decomfl_combines_the_scalars_and_replays_them(task, aggregation):
     ctx = RoundContext(round=1, rounds=2, seed=9)
     k, p = m.k, m.p
     scalars = {c: np.arange(k * p, dtype=np.float32).reshape(k, p) * s + s for c, s in ((0, 1.0), (1, 2.0), (3, 30.0))}
-    ups = {c: m.decode_update(frame("decomfl-up", {"round": 1, "k": k, "p": p, "n": 5}, g.astype("<f4").tobytes()), c, state, ctx)
-           for c, g in scalars.items()}
+    ups = {
+        c: m.decode_update(frame("decomfl-up", {"round": 1, "k": k, "p": p, "n": 5}, g.astype("<f4").tobytes()), c, state, ctx)
+        for c, g in scalars.items()
+    }
     state, metrics = m.aggregate(state, ups, ctx)
     stack = np.stack(list(scalars.values())).astype(np.float64)
     combined = np.median(stack, axis=0) if aggregation == "median" else stack.mean(axis=0)
@@ -441,8 +451,9 @@ def test_decomfl_combines_the_scalars_and_replays_them(task, aggregation):
     assert meta["records"] == [1] and meta["head"] is False
     assert np.array_equal(np.frombuffer(body[: 8 * k], "<u8"), seeds)
     np.testing.assert_array_equal(np.frombuffer(body[8 * k : 8 * k + 4 * k * p], "<f4").reshape(k, p), combined.astype(np.float32))
-    assert np.array_equal(np.frombuffer(body[8 * k + 4 * k * p :], "<u8"),
-                          np_rng(9, 2, SERVER, "decomfl-seeds").integers(0, 1 << 63, size=k, dtype=np.uint64))
+    assert np.array_equal(
+        np.frombuffer(body[8 * k + 4 * k * p :], "<u8"), np_rng(9, 2, SERVER, "decomfl-seeds").integers(0, 1 << 63, size=k, dtype=np.uint64)
+    )
 
 
 def test_decomfl_warm_start_is_weighted_and_rounded_to_the_wire_dtype(task):
@@ -451,8 +462,7 @@ def test_decomfl_warm_start_is_weighted_and_rounded_to_the_wire_dtype(task):
     w0 = {n: a.astype(np.float64) for n, a in state["weights"].items()}
     ctx = RoundContext(round=1, rounds=3, seed=0)
     raw = get_codec("raw")
-    deltas = {c: {n: (np.random.default_rng(c).standard_normal(w0[n].shape) * 1e-2).astype(np.float16) for n in m.head}
-              for c in (0, 1)}
+    deltas = {c: {n: (np.random.default_rng(c).standard_normal(w0[n].shape) * 1e-2).astype(np.float16) for n in m.head} for c in (0, 1)}
     sizes = {0: 1, 1: 3}
     ups = {c: m.decode_update(encode_tensors(raw, deltas[c], n=sizes[c]), c, state, ctx) for c in deltas}
     state, _ = m.aggregate(state, ups, ctx)
@@ -505,8 +515,16 @@ def test_tensor_client_uploads_its_trained_delta(task, optimizer):
     data = t.client_data(client)
     steps = num_local_steps(len(data), m.cfg.batch_size, m.cfg.local_steps, m.cfg.local_epochs)
     torch.manual_seed(seed_int(4, 2, client, "dropout-layers"))
-    train_local(start, [{"params": rest, "lr": m.lr}, {"params": head, "lr": 0.05}], data, steps=steps,
-                batch_size=m.cfg.batch_size, lr=m.lr, generator=torch_gen(4, 2, client, "batches"), optimizer=optimizer)
+    train_local(
+        start,
+        [{"params": rest, "lr": m.lr}, {"params": head, "lr": 0.05}],
+        data,
+        steps=steps,
+        batch_size=m.cfg.batch_size,
+        lr=m.lr,
+        generator=torch_gen(4, 2, client, "batches"),
+        optimizer=optimizer,
+    )
     delta, extra = decode_tensors(out.payload)
     assert extra == {"n": len(data)}
     for n in m.names:
@@ -533,9 +551,19 @@ def test_fedpm_client_draws_its_mask_from_its_trained_probabilities(task):
     data = task.client_data(client)
     torch.manual_seed(seed_int(8, 1, client, "dropout-layers"))
     steps = num_local_steps(len(data), m.cfg.batch_size, m.cfg.local_steps, m.cfg.local_epochs)
-    train_masked(MaskedModel(task.model, select_masked(task.model)), scores, head_params, data, steps=steps, batch_size=m.cfg.batch_size,
-                 score_lr=0.5, head_lr=m.opts.head_lr, generator=torch_gen(8, 1, client, "batches"),
-                 mask_generator=torch_gen(8, 1, client, "mask-train"), optimizer=m.opts.optimizer)
+    train_masked(
+        MaskedModel(task.model, select_masked(task.model)),
+        scores,
+        head_params,
+        data,
+        steps=steps,
+        batch_size=m.cfg.batch_size,
+        score_lr=0.5,
+        head_lr=m.opts.head_lr,
+        generator=torch_gen(8, 1, client, "batches"),
+        mask_generator=torch_gen(8, 1, client, "mask-train"),
+        optimizer=m.opts.optimizer,
+    )
     u = np_rng(8, 1, client, "mask-draw").random(m.n, dtype=np.float32)
     mask = u < torch.sigmoid(scores.detach()).numpy()
     trained_head = {n: p.detach().numpy().copy() for n, p in zip(head_names(task.model), head_params)}
@@ -639,10 +667,14 @@ def test_mask_downlink_header_checks(task):
     assert [m.stratum(bare, c) for c in (4, 1, 3)] == [(4 % 2, 2), (1, 2), (3 % 2, 2)]
 
 
-@pytest.mark.parametrize("name, options, field", [
-    ("deltamask", {"filter": "fuse16"}, ("kind", "fuse16")), ("deltamask", {"filter": "xor8"}, ("kind", "xor8")),
-    ("deltamask-exact", {"coder": "elias-fano"}, ("coder", "elias-fano")),
-])
+@pytest.mark.parametrize(
+    "name, options, field",
+    [
+        ("deltamask", {"filter": "fuse16"}, ("kind", "fuse16")),
+        ("deltamask", {"filter": "xor8"}, ("kind", "xor8")),
+        ("deltamask-exact", {"coder": "elias-fano"}, ("coder", "elias-fano")),
+    ],
+)
 def test_position_coder_options_reach_the_wire(task, name, options, field):
     m = build(name, task, **options)
     state = m.init_server()
@@ -663,8 +695,9 @@ def test_position_coder_options_reach_the_wire(task, name, options, field):
         np.testing.assert_array_equal(mask.astype(bool), keep)
 
 
-@pytest.mark.parametrize("name, match", [("fedpm", "no mask header"), ("deltamask", "no filter header"),
-                                         ("deltamask-exact", "no position header")])
+@pytest.mark.parametrize(
+    "name, match", [("fedpm", "no mask header"), ("deltamask", "no filter header"), ("deltamask-exact", "no position header")]
+)
 def test_mask_uplink_header_checks(task, name, match):
     m = build(name, task)
     state = m.init_server()
@@ -682,9 +715,11 @@ def test_mask_uplink_header_checks(task, name, match):
         meta = unframe(payload)[1]["mask"]
         positions, body = encode_positions(np.array([1, 2]), m.n - 1)
         _, pmeta, pbody = unframe(payload)
-        bad = frame(pmeta and unframe(payload)[0], {**pmeta, "mask": positions,
-                                                    "sections": [len(body), pmeta["sections"][1]]},
-                    body + bytes(pbody)[pmeta["sections"][0]:])
+        bad = frame(
+            pmeta and unframe(payload)[0],
+            {**pmeta, "mask": positions, "sections": [len(body), pmeta["sections"][1]]},
+            body + bytes(pbody)[pmeta["sections"][0] :],
+        )
         assert meta["universe"] == m.n
         with pytest.raises(PayloadError, match=f"position set is over {m.n - 1} positions, the mask has {m.n}"):
             m.decode_update(bad, 0, state, ctx)

@@ -7,14 +7,13 @@ import math
 
 import numpy as np
 import pytest
+from conftest import tiny_config
 
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.runtime.checkpoint import decode_checkpoint, encode_checkpoint, load_checkpoint, save_checkpoint
 from fedsqueeze.runtime.common import client_link, round_record, run_header, sample_clients, simulated_round_time, transfer_s
 from fedsqueeze.seeding import SERVER, np_rng
-
-from conftest import tiny_config
 
 
 def test_sampling_is_the_seeded_choice_sorted():
@@ -48,9 +47,20 @@ def test_link_model_and_round_time():
 
 
 def test_round_record_sums_bytes_and_bits_per_parameter():
-    rec = round_record(round_=3, accuracy=0.5, loss=1.25, uplink=[100, 300], downlink=[50, 50, 50], model_params=400,
-                       aggregated=1, dropped=[{"client": 2, "reason": "x"}], wall_s=1.0, train_s=0.5, codec_s=0.25,
-                       extra={"keys": 4.0})
+    rec = round_record(
+        round_=3,
+        accuracy=0.5,
+        loss=1.25,
+        uplink=[100, 300],
+        downlink=[50, 50, 50],
+        model_params=400,
+        aggregated=1,
+        dropped=[{"client": 2, "reason": "x"}],
+        wall_s=1.0,
+        train_s=0.5,
+        codec_s=0.25,
+        extra={"keys": 4.0},
+    )
     assert rec["uplink_bytes"] == 400 and rec["downlink_bytes"] == 150
     assert rec["uplink_bpp"] == pytest.approx(400 * 8 / (2 * 400)) and rec["downlink_bpp"] == pytest.approx(150 * 8 / (3 * 400))
     assert (rec["clients"], rec["clients_uploaded"], rec["clients_aggregated"]) == (3, 2, 1)
@@ -64,8 +74,14 @@ def test_round_record_sums_bytes_and_bits_per_parameter():
 def test_checkpoint_round_trip_and_rejections(tmp_path):
     state = {"weights": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "history": [{"round": 1}]}
     rounds = [{"round": 1, "accuracy": 0.25}, {"round": 2, "accuracy": 0.5}]
-    data = encode_checkpoint(config={"method": "head"}, round_=2, server_state=state,
-                             client_states={0: None, 4: {"ef": np.ones(2)}}, rounds=rounds, state_versions={4: (2, 1)})
+    data = encode_checkpoint(
+        config={"method": "head"},
+        round_=2,
+        server_state=state,
+        client_states={0: None, 4: {"ef": np.ones(2)}},
+        rounds=rounds,
+        state_versions={4: (2, 1)},
+    )
     assert load_checkpoint(tmp_path) is None
     save_checkpoint(tmp_path, data)
     for ck in (decode_checkpoint(data), load_checkpoint(tmp_path)):
@@ -81,14 +97,27 @@ def test_checkpoint_round_trip_and_rejections(tmp_path):
         decode_checkpoint(encode_checkpoint(config={}, round_=-1, server_state=None, client_states={}, rounds=[]))
     from fedsqueeze.treeio import pack_tree
 
-    good = {"format": "fedsqueeze-checkpoint", "version": 1, "config": {}, "round": 0, "server_state": None,
-            "client_states": {}, "rounds_json": np.frombuffer(json.dumps([]).encode(), np.uint8), "state_versions": {}}
+    good = {
+        "format": "fedsqueeze-checkpoint",
+        "version": 1,
+        "config": {},
+        "round": 0,
+        "server_state": None,
+        "client_states": {},
+        "rounds_json": np.frombuffer(json.dumps([]).encode(), np.uint8),
+        "state_versions": {},
+    }
     assert decode_checkpoint(pack_tree(good)).round == 0
-    for key, value, match in [("format", "other", "not a fedsqueeze checkpoint"), ("version", 2, "version 2"),
-                              ("config", [], "malformed"), ("client_states", {"a": 1}, "malformed"),
-                              ("rounds_json", np.zeros(2, np.int8), "malformed"),
-                              ("rounds_json", np.frombuffer(b"[", np.uint8), "not JSON"),
-                              ("state_versions", {1: [1]}, "versions are malformed"), ("round", True, "not a count")]:
+    for key, value, match in [
+        ("format", "other", "not a fedsqueeze checkpoint"),
+        ("version", 2, "version 2"),
+        ("config", [], "malformed"),
+        ("client_states", {"a": 1}, "malformed"),
+        ("rounds_json", np.zeros(2, np.int8), "malformed"),
+        ("rounds_json", np.frombuffer(b"[", np.uint8), "not JSON"),
+        ("state_versions", {1: [1]}, "versions are malformed"),
+        ("round", True, "not a count"),
+    ]:
         with pytest.raises(PayloadError, match=match):
             decode_checkpoint(pack_tree({**good, key: value}))
 
@@ -97,8 +126,15 @@ def test_checkpoint_messages_and_old_files(tmp_path):
     from fedsqueeze.errors import ConfigError, FedsqueezeError
     from fedsqueeze.treeio import pack_tree
 
-    good = {"format": "fedsqueeze-checkpoint", "version": 1, "config": {}, "round": 2, "server_state": None,
-            "client_states": {}, "rounds_json": np.frombuffer(json.dumps([{}, {}]).encode(), np.uint8)}
+    good = {
+        "format": "fedsqueeze-checkpoint",
+        "version": 1,
+        "config": {},
+        "round": 2,
+        "server_state": None,
+        "client_states": {},
+        "rounds_json": np.frombuffer(json.dumps([{}, {}]).encode(), np.uint8),
+    }
     assert decode_checkpoint(pack_tree(good)).state_versions == {}  # written before client state versions existed
     with pytest.raises(PayloadError, match="holds 1 round records for round 2"):
         decode_checkpoint(pack_tree({**good, "rounds_json": np.frombuffer(b"[{}]", np.uint8)}))

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from handmade import assert_accuracy_is_real
 
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.privacy import clip_update, dp_epsilon, global_norm, private_mean
 from fedsqueeze.runtime import run_local
-from handmade import assert_accuracy_is_real
 
 
 def test_epsilon_rises_with_rounds_and_falls_with_noise():

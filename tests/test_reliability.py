@@ -11,18 +11,28 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.checkpoint import load_checkpoint
 from fedsqueeze.runtime.local import ClientFault, call_with_timeout
-from conftest import tiny_config
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 # measured times, and the link model built on them, differ from run to run
 WALL_CLOCK = {"wall_s", "train_s", "codec_s", "sim_time_s", "sim_slowest_client", "sim_clients"}
 # a run whose rounds take a moment, so a kill can land between them
-KILL_RUN = dict(method="fedavg", model="tiny", rounds=4, clients=4, clients_per_round=2,
-                train_size=100, test_size=50, local_steps=2, batch_size=4, seed=3)
+KILL_RUN = dict(
+    method="fedavg",
+    model="tiny",
+    rounds=4,
+    clients=4,
+    clients_per_round=2,
+    train_size=100,
+    test_size=50,
+    local_steps=2,
+    batch_size=4,
+    seed=3,
+)
 
 
 def _env():
@@ -53,8 +63,9 @@ def _without_clock(res: dict) -> dict:
 
 def test_sigkill_after_round_2_then_resume_equals_uninterrupted(tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fedsqueeze", *_cli_args(out)], env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedsqueeze", *_cli_args(out)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 240
     while _csv_rows(out / "rounds.csv") < 2:
         assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
@@ -67,15 +78,19 @@ def test_sigkill_after_round_2_then_resume_equals_uninterrupted(tmp_path):
     # results.json may lag the checkpoint by a round (the kill can land between the two writes)
     assert json.loads((out / "results.json").read_text())["rounds"][-1]["round"] in (killed_at - 1, killed_at)
 
-    p = subprocess.run([sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
-                       env=_env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     resumed = json.loads((out / "results.json").read_text())
     reference = run_local(tiny_config(out=str(tmp_path / "reference"), **KILL_RUN), show_progress=False)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
     assert _without_clock(resumed) == _without_clock(json.loads(json.dumps(reference)))
-    assert {k: v for k, v in resumed["config"].items() if k != "out"} == \
-        {k: v for k, v in reference["config"].items() if k != "out"}
+    assert {k: v for k, v in resumed["config"].items() if k != "out"} == {k: v for k, v in reference["config"].items() if k != "out"}
     assert _csv_rows(out / "rounds.csv") == 4
     assert load_checkpoint(out).round == 4
 
@@ -90,9 +105,19 @@ def test_resume_of_a_finished_run_changes_nothing(tiny_cfg):
 
 
 def test_thirty_percent_of_clients_failing_every_round_still_completes(tiny_cfg):
-    cfg = tiny_cfg(method="head", rounds=4, clients=10, clients_per_round=10, train_size=200,
-                   fault_raise=0.1, fault_hang=0.1, fault_garbage=0.1, client_timeout=2.0,
-                   min_clients=1, min_clients_policy="retry")
+    cfg = tiny_cfg(
+        method="head",
+        rounds=4,
+        clients=10,
+        clients_per_round=10,
+        train_size=200,
+        fault_raise=0.1,
+        fault_hang=0.1,
+        fault_garbage=0.1,
+        client_timeout=2.0,
+        min_clients=1,
+        min_clients_policy="retry",
+    )
     res = run_local(cfg, show_progress=False)
     assert [r["round"] for r in res["rounds"]] == [1, 2, 3, 4]
     reasons = [d["reason"] for r in res["rounds"] for d in r["dropped"]]
@@ -116,8 +141,10 @@ def test_min_clients_skip_keeps_the_model_and_retry_resamples(tiny_cfg):
 
 
 def test_stragglers_past_the_deadline_are_dropped(tiny_cfg):
-    res = run_local(tiny_cfg(method="head", rounds=2, clients=6, clients_per_round=4, straggler=0.5,
-                             straggler_delay=100.0, deadline=50.0), show_progress=False)
+    res = run_local(
+        tiny_cfg(method="head", rounds=2, clients=6, clients_per_round=4, straggler=0.5, straggler_delay=100.0, deadline=50.0),
+        show_progress=False,
+    )
     late = [d for r in res["rounds"] for d in r["dropped"]]
     assert late and all("straggler" in d["reason"] and "50s deadline" in d["reason"] for d in late)
     for r in res["rounds"]:
@@ -144,8 +171,22 @@ def test_call_with_timeout_abandons_a_hung_client():
 BAD_INPUT = [
     # (argv, words the message must contain)
     (["run", "--method", "nosuch"], ["unknown method", "fedavg", "head"]),
-    (["run", "--model", "tiny", "--set", "uplink_codec=nosuch", "--set", "train_size=50", "--set", "test_size=20",
-      "--out", "{tmp}/codec"], ["uplink_codec", "raw", "one of"]),
+    (
+        [
+            "run",
+            "--model",
+            "tiny",
+            "--set",
+            "uplink_codec=nosuch",
+            "--set",
+            "train_size=50",
+            "--set",
+            "test_size=20",
+            "--out",
+            "{tmp}/codec",
+        ],
+        ["uplink_codec", "raw", "one of"],
+    ),
     (["run", "--dataset", "nosuch"], ["unknown dataset", "wordnet", "fashion-mnist", "hf:"]),
     (["run", "--runtime", "nosuch"], ["runtime", "one of: local, flower-sim, flower"]),
     (["run", "--set", "server_lrr=2"], ["server_lr", "did you mean"]),
@@ -160,8 +201,13 @@ BAD_INPUT = [
 
 
 def _drive(cases, env_extra=None):
-    p = subprocess.run([sys.executable, str(Path(__file__).parent / "cli_driver.py"), json.dumps(cases)],
-                       env={**_env(), **(env_extra or {})}, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "cli_driver.py"), json.dumps(cases)],
+        env={**_env(), **(env_extra or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)
 

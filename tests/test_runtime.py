@@ -1,12 +1,22 @@
 import json
 
-import numpy as np
-
-from fedsqueeze.runtime import run_local
 from handmade import assert_accuracy_is_real
 
-CONTRACT_ROUND = {"round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp",
-                  "clients", "wall_s", "train_s", "codec_s"}
+from fedsqueeze.runtime import run_local
+
+CONTRACT_ROUND = {
+    "round",
+    "accuracy",
+    "loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "uplink_bpp",
+    "downlink_bpp",
+    "clients",
+    "wall_s",
+    "train_s",
+    "codec_s",
+}
 CONTRACT_FINAL = {"accuracy", "total_uplink_bytes", "total_downlink_bytes", "mean_uplink_bpp", "mean_downlink_bpp"}
 
 

@@ -36,6 +36,7 @@ def run_flags(exclude: tuple[str, ...] = (), help: dict[str, str] | None = None)
 
     The command receives every option in ``flags``, None where the flag was not given.
     """
+
     def add(fn: Callable) -> Callable:
         own = [p for p in inspect.signature(fn).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
         generated = [_flag(f, (help or {}).get(f.name)) for f in option_fields(RunConfig) if f.name not in exclude]
@@ -53,7 +54,8 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or tables"),
     superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
     root_certificates: Optional[str] = typer.Option(
-        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
+        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"
+    ),
     resume: Optional[str] = typer.Option(None, "--resume", help="continue the killed run in this output directory (uses its saved config)"),
     **flags: Any,
 ) -> None:
@@ -127,11 +129,16 @@ def compare(
     methods: str = typer.Option(..., "--methods", help="comma-separated method names, e.g. fedavg,head,lora"),
     target: Optional[float] = typer.Option(None, help="target accuracy for time-to-accuracy (default: 90% of the best final)"),
     config: Optional[str] = typer.Option(None, "--config", help="TOML file with any run field and an \\[options] table"),
-    set_: list[str] = typer.Option([], "--set", help="key=value for run options; a method option goes to every method that has it, METHOD.key=value to one (repeatable)"),
+    set_: list[str] = typer.Option(
+        [],
+        "--set",
+        help="key=value for run options; a method option goes to every method that has it, METHOD.key=value to one (repeatable)",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars or tables"),
     superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
     root_certificates: Optional[str] = typer.Option(
-        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"),
+        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"
+    ),
     **flags: Any,
 ) -> None:
     """Run several methods on the same task and seed; write OUT/report.md, pareto.png, accuracy.png, bpp.png."""
@@ -148,8 +155,16 @@ def compare(
     cfg = build_config(config, cli, sets)
     out = flags["out"]
     out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
-    done = run_compare(cfg, names, out_dir, target=target, show_progress=not quiet, command=_command_line(),
-                       superlink=superlink, root_certificates=root_certificates)
+    done = run_compare(
+        cfg,
+        names,
+        out_dir,
+        target=target,
+        show_progress=not quiet,
+        command=_command_line(),
+        superlink=superlink,
+        root_certificates=root_certificates,
+    )
     _print_summary(done)
     if done["failed"]:
         raise FedsqueezeError("compare: failed: " + ", ".join(f["method"] for f in done["failed"]) + f" (see {done['report']})")
@@ -170,9 +185,16 @@ def _print_summary(done: dict) -> None:
     for col in ("method", "final acc", "uplink B", "downlink B", "uplink bpp", "downlink bpp", "sim s", "wall s"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for label, s in zip(done["labels"], done["summaries"]):
-        table.add_row(label, f"{s['accuracy']:.4f}", f"{s['uplink_bytes']:,}", f"{s['downlink_bytes']:,}",
-                      f"{s['uplink_bpp']:.4g}", f"{s['downlink_bpp']:.4g}",
-                      f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a", f"{s['wall_s']:.1f}")
+        table.add_row(
+            label,
+            f"{s['accuracy']:.4f}",
+            f"{s['uplink_bytes']:,}",
+            f"{s['downlink_bytes']:,}",
+            f"{s['uplink_bpp']:.4g}",
+            f"{s['downlink_bpp']:.4g}",
+            f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a",
+            f"{s['wall_s']:.1f}",
+        )
     console.print(table)
     console.print(f"→ {done['report']}  " + "  ".join(str(p) for p in done["plots"]))
 
@@ -228,11 +250,16 @@ def methods(
         import difflib
 
         hint = difflib.get_close_matches(name, [*METHODS, *CODECS, "run"], n=1)
-        raise FedsqueezeError(f"no method or codec named {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                              + f"; methods: {', '.join(sorted(METHODS))}; codecs: {', '.join(sorted(CODECS))}")
+        raise FedsqueezeError(
+            f"no method or codec named {name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; methods: {', '.join(sorted(METHODS))}; codecs: {', '.join(sorted(CODECS))}"
+        )
     console = Console(width=None if Console().is_terminal else 120)
     if name is None:
-        overview = Table(title="[bold]methods[/bold] (--method NAME; `fedsqueeze methods NAME` for one)", title_justify="left", show_edge=False)
+        overview = Table(
+            title="[bold]methods[/bold] (--method NAME; `fedsqueeze methods NAME` for one)", title_justify="left", show_edge=False
+        )
         overview.add_column("method", no_wrap=True)
         overview.add_column("what it does")
         for m in sorted(METHODS):
@@ -257,8 +284,12 @@ def methods(
             if name in (None, cid):
                 doc = (CODECS[cid].__doc__ or "").strip().splitlines()[0]
                 opts = describe_options(CODECS[cid].Options) if hasattr(CODECS[cid], "Options") else []
-                codecs.add_row(cid, "yes" if CODECS[cid].lossless else "no", doc,
-                               ", ".join(f"{cid}_{opt}={default!r}" for opt, default, _ in opts) or "none")
+                codecs.add_row(
+                    cid,
+                    "yes" if CODECS[cid].lossless else "no",
+                    doc,
+                    ", ".join(f"{cid}_{opt}={default!r}" for opt, default, _ in opts) or "none",
+                )
         console.print(codecs)
         console.print()
         if name in CODECS and hasattr(CODECS[name], "Options"):

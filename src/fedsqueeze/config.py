@@ -31,8 +31,9 @@ class RunConfig:
     method: str = option("fedavg", "federated method (see `fedsqueeze methods`)")
     model: str = option("minilm", "backbone: 'minilm' (bundled all-MiniLM-L6-v2), 'tiny', a local path or a Hub id")
     dataset: str = option("wordnet", "'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]")
-    runtime: str = option("local", "'local' (in-process simulator), 'flower-sim' (Flower simulation engine) or 'flower' (SuperLink)",
-                          choices=RUNTIMES)
+    runtime: str = option(
+        "local", "'local' (in-process simulator), 'flower-sim' (Flower simulation engine) or 'flower' (SuperLink)", choices=RUNTIMES
+    )
     clients: int = option(10, "number of clients the training data is split over", check=POSITIVE)
     clients_per_round: int = option(5, "clients sampled each round", check=POSITIVE)
     rounds: int = option(10, "federated rounds", check=POSITIVE)
@@ -51,32 +52,41 @@ class RunConfig:
     dropout: float = option(0.0, "probability that a sampled client fails to return its update (seeded)", check=PROBABILITY)
     fault_corrupt: float = option(0.0, "probability that a returned payload is corrupted in transit (fault injection)", check=PROBABILITY)
     fault_truncate: float = option(0.0, "probability that a returned payload is truncated in transit (fault injection)", check=PROBABILITY)
-    fault_raise: float = option(0.0, "probability that a sampled client raises an error instead of replying (fault injection)",
-                                check=PROBABILITY)
-    fault_hang: float = option(0.0, "probability that a sampled client hangs until abandoned (fault injection; needs client_timeout > 0)",
-                               check=PROBABILITY)
-    fault_garbage: float = option(0.0, "probability that a client returns garbage instead of its update (fault injection)",
-                                  check=PROBABILITY)
-    client_timeout: float = option(0.0, "seconds a client's update may take before the client is dropped for the round (0 = no limit)",
-                                   check=SECONDS)
-    straggler: float = option(0.0, "probability that a sampled client is a straggler whose reply is late by straggler_delay (seeded)",
-                              check=PROBABILITY)
+    fault_raise: float = option(
+        0.0, "probability that a sampled client raises an error instead of replying (fault injection)", check=PROBABILITY
+    )
+    fault_hang: float = option(
+        0.0, "probability that a sampled client hangs until abandoned (fault injection; needs client_timeout > 0)", check=PROBABILITY
+    )
+    fault_garbage: float = option(
+        0.0, "probability that a client returns garbage instead of its update (fault injection)", check=PROBABILITY
+    )
+    client_timeout: float = option(
+        0.0, "seconds a client's update may take before the client is dropped for the round (0 = no limit)", check=SECONDS
+    )
+    straggler: float = option(
+        0.0, "probability that a sampled client is a straggler whose reply is late by straggler_delay (seeded)", check=PROBABILITY
+    )
     straggler_delay: float = option(60.0, "simulated extra seconds before a straggler's reply arrives", check=SECONDS)
-    deadline: float = option(0.0, "seconds after a round starts by which a reply must arrive, or it is dropped (0 = no deadline)",
-                             check=SECONDS)
+    deadline: float = option(
+        0.0, "seconds after a round starts by which a reply must arrive, or it is dropped (0 = no deadline)", check=SECONDS
+    )
     min_clients: int = option(1, "fewest surviving updates a round needs; with fewer, the round is retried or skipped", check=at_least(0))
-    min_clients_policy: str = option("skip", "'retry' (re-sample other clients, up to max_retries times) or 'skip' (keep the model)",
-                                     choices=("retry", "skip"))
+    min_clients_policy: str = option(
+        "skip", "'retry' (re-sample other clients, up to max_retries times) or 'skip' (keep the model)", choices=("retry", "skip")
+    )
     max_retries: int = option(3, "re-samples of a round with too few survivors before it is skipped (policy 'retry')", check=at_least(0))
     checkpoint: bool = option(True, "write OUT/checkpoint after every round so `fedsqueeze run --resume OUT` can continue")
     overwrite: bool = option(False, "replace an earlier run's results in OUT (without it, a run refuses an OUT that holds one)")
     threads: int = option(0, "torch CPU threads; 0 = all cores", check=at_least(0))
     uplink_mbps: float = option(10.0, "link model: each client's uplink bandwidth in Mbit/s (median if link_spread > 0)", check=above(0.0))
-    downlink_mbps: float = option(50.0, "link model: each client's downlink bandwidth in Mbit/s (median if link_spread > 0)",
-                                  check=above(0.0))
+    downlink_mbps: float = option(
+        50.0, "link model: each client's downlink bandwidth in Mbit/s (median if link_spread > 0)", check=above(0.0)
+    )
     latency_ms: float = option(50.0, "link model: round-trip latency per client per round, in ms", check=at_least(0.0))
-    link_spread: float = option(0.0, "link model: sigma of a lognormal factor on each client's bandwidths (0 = all equal)",
-                                check=at_least(0.0))
+    link_spread: float = option(
+        0.0, "link model: sigma of a lognormal factor on each client's bandwidths (0 = all equal)", check=at_least(0.0)
+    )
     text_column: str = option("text", "text column of a file or HF dataset")
     label_column: str = option("label", "label column of a file or HF dataset")
     options: dict[str, Any] = field(default_factory=dict, metadata={"help": "method and codec options"})

@@ -134,6 +134,13 @@ def train_masked(
     """
     groups = [{"params": [scores], "lr": score_lr}, {"params": head_params, "lr": head_lr}]
     return train_local(
-        masked.model, groups, data, steps=steps, batch_size=batch_size, lr=score_lr, generator=generator,
-        optimizer=optimizer, forward=lambda inputs: masked.forward(ste_sample(scores, mask_generator), inputs),
+        masked.model,
+        groups,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        lr=score_lr,
+        generator=generator,
+        optimizer=optimizer,
+        forward=lambda inputs: masked.forward(ste_sample(scores, mask_generator), inputs),
     )

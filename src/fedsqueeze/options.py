@@ -41,6 +41,7 @@ class Check:
 
 def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Check:
     """``lo <= x <= hi``, with either end open."""
+
     def test(x: float) -> bool:
         return (lo < x if lo_open else lo <= x) and (x < hi if hi_open else x <= hi)
 

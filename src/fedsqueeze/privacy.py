@@ -66,7 +66,11 @@ def clip_update(tensors: Tensors, clip: float) -> tuple[Tensors, float]:
 
 
 def private_mean(
-    updates: list[Tensors], like: Tensors, clip: float, noise_multiplier: float, denominator: int,
+    updates: list[Tensors],
+    like: Tensors,
+    clip: float,
+    noise_multiplier: float,
+    denominator: int,
     rng: np.random.Generator,
 ) -> tuple[Tensors, dict[str, float]]:
     """``(Σ clip(update) + N(0, (σ·C)²)) / denominator``, tensor by tensor.

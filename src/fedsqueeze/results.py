@@ -18,8 +18,20 @@ from pathlib import Path
 from typing import Any
 
 CSV_FIELDS = [
-    "round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "uplink_bpp", "downlink_bpp",
-    "clients", "clients_uploaded", "clients_aggregated", "wall_s", "train_s", "codec_s", "sim_time_s",
+    "round",
+    "accuracy",
+    "loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "uplink_bpp",
+    "downlink_bpp",
+    "clients",
+    "clients_uploaded",
+    "clients_aggregated",
+    "wall_s",
+    "train_s",
+    "codec_s",
+    "sim_time_s",
 ]
 
 

@@ -23,8 +23,11 @@ DEFAULT_SUPERLINK = "127.0.0.1:9093"
 
 
 def run(
-    cfg: RunConfig, show_progress: bool = True, superlink: str = DEFAULT_SUPERLINK,
-    root_certificates: str | None = None, resume: Any = None,
+    cfg: RunConfig,
+    show_progress: bool = True,
+    superlink: str = DEFAULT_SUPERLINK,
+    root_certificates: str | None = None,
+    resume: Any = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on its runtime (from the checkpoint ``resume`` if given); results.json's content.
 
@@ -45,19 +48,23 @@ def run(
     if cfg.runtime == "flower":
         from fedsqueeze.runtime.flower import run_flower
 
-        results = run_flower(cfg, superlink=superlink, root_certificates=root_certificates,
-                             show_progress=show_progress, resume=resume is not None)
+        results = run_flower(
+            cfg, superlink=superlink, root_certificates=root_certificates, show_progress=show_progress, resume=resume is not None
+        )
         if results is None:
-            raise FedsqueezeError(f"no results.json of this run in {cfg.out} here: the run failed (see the log above), "
-                                  "or the SuperLink runs on another machine, which holds the results")
+            raise FedsqueezeError(
+                f"no results.json of this run in {cfg.out} here: the run failed (see the log above), "
+                "or the SuperLink runs on another machine, which holds the results"
+            )
         return results
     from fedsqueeze.runtime.local import run_local
 
     return run_local(cfg, show_progress=show_progress, resume=resume)
 
 
-def resume(out_dir: str | Path, show_progress: bool = True, superlink: str = DEFAULT_SUPERLINK,
-           root_certificates: str | None = None) -> dict[str, Any]:
+def resume(
+    out_dir: str | Path, show_progress: bool = True, superlink: str = DEFAULT_SUPERLINK, root_certificates: str | None = None
+) -> dict[str, Any]:
     """Continue the killed run in ``out_dir`` on the runtime it ran on, from its last checkpoint."""
     from fedsqueeze.runtime.engine import load_resume
 
@@ -113,8 +120,7 @@ def split_options(options: dict[str, Any], methods: list[str], base: RunConfig |
             if why[m] is None:
                 routed[m][key] = value
         if all(why.values()):
-            raise ConfigError(f"option {key!r} is taken by none of the compared methods: "
-                              + "; ".join(f"{m}: {w}" for m, w in why.items()))
+            raise ConfigError(f"option {key!r} is taken by none of the compared methods: " + "; ".join(f"{m}: {w}" for m, w in why.items()))
     return {m: {**routed[m], **specific[m]} for m in methods}
 
 
@@ -125,15 +131,17 @@ def method_configs(base: RunConfig, methods: list[str], out_dir: str | Path) -> 
     if len(set(methods)) != len(methods):
         raise ConfigError(f"--methods lists a method twice: {', '.join(methods)}")
     routed = split_options(base.options, methods, base)
-    return [
-        dataclasses.replace(base, method=m, out=str(Path(out_dir) / m), options=routed[m]).validate()
-        for m in methods
-    ]
+    return [dataclasses.replace(base, method=m, out=str(Path(out_dir) / m), options=routed[m]).validate() for m in methods]
 
 
 def run_compare(
-    base: RunConfig, methods: list[str], out_dir: str | Path, target: float | None = None,
-    show_progress: bool = True, command: str | None = None, superlink: str = DEFAULT_SUPERLINK,
+    base: RunConfig,
+    methods: list[str],
+    out_dir: str | Path,
+    target: float | None = None,
+    show_progress: bool = True,
+    command: str | None = None,
+    superlink: str = DEFAULT_SUPERLINK,
     root_certificates: str | None = None,
 ) -> dict[str, Any]:
     """Run every method on ``base``'s task and runtime, one after the other, then write the report and plots."""

@@ -17,9 +17,7 @@ SERVER = -1  # the "client id" used for server-side draws
 
 def seed_int(seed: int, round_: int, client: int, purpose: str) -> int:
     """A 63-bit integer seed derived from the run seed, round, client id and a purpose label."""
-    ss = np.random.SeedSequence(
-        [seed & 0xFFFFFFFF, round_ + 1, client + 2, zlib.crc32(purpose.encode())]
-    )
+    ss = np.random.SeedSequence([seed & 0xFFFFFFFF, round_ + 1, client + 2, zlib.crc32(purpose.encode())])
     hi, lo = (int(v) for v in ss.generate_state(2, dtype=np.uint32))
     return ((hi << 32) | lo) & ((1 << 63) - 1)
 

@@ -14,6 +14,14 @@ from fedsqueeze.codecs.base import (
 from fedsqueeze.codecs.framing import frame, unframe
 
 __all__ = [
-    "CODECS", "Codec", "CodecContext", "RawCodec", "decode_tensors", "encode_tensors",
-    "frame", "get_codec", "register_codec", "unframe",
+    "CODECS",
+    "Codec",
+    "CodecContext",
+    "RawCodec",
+    "decode_tensors",
+    "encode_tensors",
+    "frame",
+    "get_codec",
+    "register_codec",
+    "unframe",
 ]

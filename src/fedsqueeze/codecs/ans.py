@@ -97,8 +97,12 @@ def encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[dict[str, Any], 
 def decode_symbols(meta: dict[str, Any], body: memoryview | bytes, count: int, alphabet: int) -> np.ndarray:
     """Invert :func:`encode_symbols`; ``count`` and ``alphabet`` come from the caller, not the peer."""
     hist = meta.get("hist")
-    if not (isinstance(hist, list) and len(hist) == alphabet <= _MAX_ALPHABET
-            and all(isinstance(h, int) and h >= 0 for h in hist) and sum(hist) == count):
+    if not (
+        isinstance(hist, list)
+        and len(hist) == alphabet <= _MAX_ALPHABET
+        and all(isinstance(h, int) and h >= 0 for h in hist)
+        and sum(hist) == count
+    ):
         raise PayloadError(f"symbol histogram is invalid for {count} symbols over {alphabet} values")
     used = [i for i, h in enumerate(hist) if h]
     if len(used) <= 1:

@@ -26,8 +26,18 @@ Tensors = dict[str, np.ndarray]
 
 # dtypes a payload may carry; anything else is rejected on decode
 ALLOWED_DTYPES = {
-    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
-    "uint8", "uint16", "uint32", "uint64", "bool",
+    "float16",
+    "float32",
+    "float64",
+    "int8",
+    "int16",
+    "int32",
+    "int64",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
 }
 
 

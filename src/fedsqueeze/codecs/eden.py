@@ -113,8 +113,13 @@ class EdenCodec(Codec):
         s_bytes = np.concatenate(scales).astype("<f4").tobytes() if scales else b""
         b_bytes = b"".join(bits)
         exact_table, e_blob = pack_lossless(exact)
-        meta = {"rotated": tensor_table(floats), "exact": exact_table, "chunk": self.opts.chunk, "seed": seed,
-                "lengths": [len(s_bytes), len(b_bytes), len(e_blob)]}
+        meta = {
+            "rotated": tensor_table(floats),
+            "exact": exact_table,
+            "chunk": self.opts.chunk,
+            "seed": seed,
+            "lengths": [len(s_bytes), len(b_bytes), len(e_blob)],
+        }
         return meta, b"".join([s_bytes, b_bytes, e_blob])
 
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:

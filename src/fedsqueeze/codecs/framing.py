@@ -81,9 +81,7 @@ def unframe(
     (body_len,) = struct.unpack_from("<Q", view, pos)
     pos += 8
     if pos + body_len + 4 != n:
-        raise PayloadError(
-            f"payload body length {body_len} disagrees with the payload size ({n - pos - 4} bytes present)"
-        )
+        raise PayloadError(f"payload body length {body_len} disagrees with the payload size ({n - pos - 4} bytes present)")
     if max_body_bytes is not None and body_len > max_body_bytes:
         raise PayloadError(f"payload body of {body_len} bytes exceeds the cap of {max_body_bytes}")
     (crc,) = struct.unpack_from("<I", view, n - 4)

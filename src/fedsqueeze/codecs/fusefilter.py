@@ -87,8 +87,10 @@ class _CFilter:
         if self.kind == "xor8":
             return {"block_length": int(p.blockLength), "array_length": 3 * int(p.blockLength)}
         return {
-            "segment_length": int(p.SegmentLength), "segment_length_mask": int(p.SegmentLengthMask),
-            "segment_count_length": int(p.SegmentCountLength), "array_length": int(p.ArrayLength),
+            "segment_length": int(p.SegmentLength),
+            "segment_length_mask": int(p.SegmentLengthMask),
+            "segment_count_length": int(p.SegmentCountLength),
+            "array_length": int(p.ArrayLength),
         }
 
     def fingerprint_view(self) -> np.ndarray:

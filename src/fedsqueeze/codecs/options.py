@@ -55,20 +55,21 @@ def link_codecs(
             where = f"the {direction}" if direction else "either direction"
             keys = ", ".join(f"{direction + '_' if direction else ''}{cid}_{k}" for k in sorted(opts))
             raise ConfigError(
-                f"option {keys} is for codec {cid!r}, which {where} does not use "
-                f"(uplink_codec={uplink!r}, downlink_codec={downlink!r})"
+                f"option {keys} is for codec {cid!r}, which {where} does not use (uplink_codec={uplink!r}, downlink_codec={downlink!r})"
             )
     codecs = []
     for d in DIRECTIONS:
         cid = used[d]
         if cid not in CODECS:
             raise ConfigError(f"unknown {d}_codec {cid!r}; choose one of: {', '.join(sorted(CODECS))}")
-        opts = {**((uplink_defaults or {}).get(cid, {}) if d == "uplink" else {}),
-                **codec_opts.get((None, cid), {}), **codec_opts.get((d, cid), {})}
+        opts = {
+            **((uplink_defaults or {}).get(cid, {}) if d == "uplink" else {}),
+            **codec_opts.get((None, cid), {}),
+            **codec_opts.get((d, cid), {}),
+        }
         codecs.append(get_codec(cid, **opts))
     if not codecs[1].for_weights:
         raise ConfigError(
-            f"downlink_codec={downlink!r} is meant for updates, not model weights; "
-            "use raw, zstd, fp16 or sz3 on the downlink"
+            f"downlink_codec={downlink!r} is meant for updates, not model weights; use raw, zstd, fp16 or sz3 on the downlink"
         )
     return codecs[0], codecs[1]

@@ -81,12 +81,16 @@ class QSGDCodec(Codec):
             lv = np.minimum(np.floor(scaled + rng.random(v.shape, dtype=np.float32)), s)
             codes.append((np.sign(v) * lv).astype(level_dtype(s)).reshape(-1))
             norms.append(r)
-        raw = b"".join([np.concatenate(norms).astype("<f4").tobytes() if norms else b"",
-                        np.concatenate(codes).tobytes() if codes else b""])
+        raw = b"".join([np.concatenate(norms).astype("<f4").tobytes() if norms else b"", np.concatenate(codes).tobytes() if codes else b""])
         q_blob = zstd_compress(raw, self.opts.zstd_level) if raw else b""
         exact_table, e_blob = pack_lossless(exact)
-        meta = {"quantized": tensor_table(floats), "exact": exact_table, "levels": s, "bucket": bucket,
-                "lengths": [len(q_blob), len(e_blob)]}
+        meta = {
+            "quantized": tensor_table(floats),
+            "exact": exact_table,
+            "levels": s,
+            "bucket": bucket,
+            "lengths": [len(q_blob), len(e_blob)],
+        }
         return meta, q_blob + e_blob
 
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:

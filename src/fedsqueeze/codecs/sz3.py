@@ -54,8 +54,9 @@ class SZ3Options:
     zstd_level: int = codec_option(3, "Zstandard level of the lossless part")
     sparse_rows: bool = codec_option(True, "send only the non-zero rows of row-sparse tensors (embedding updates) through SZ3")
     algo: str = codec_option(
-        "interp_lorenzo", "SZ3 predictor: interp_lorenzo (SZ3's default), lorenzo_reg, interp or nopred "
-        "(quantization + entropy coding only: faster and smaller on noise-like updates)"
+        "interp_lorenzo",
+        "SZ3 predictor: interp_lorenzo (SZ3's default), lorenzo_reg, interp or nopred "
+        "(quantization + entropy coding only: faster and smaller on noise-like updates)",
     )
 
     def validate(self) -> None:
@@ -71,8 +72,10 @@ class SZ3Options:
 
 # the predictor is written into every SZ3 stream, so decoding needs no option
 SZ3_ALGORITHMS = {
-    "interp_lorenzo": pysz.szAlgorithm.INTERP_LORENZO, "lorenzo_reg": pysz.szAlgorithm.LORENZO_REG,
-    "interp": pysz.szAlgorithm.INTERP, "nopred": pysz.szAlgorithm.NOPRED,
+    "interp_lorenzo": pysz.szAlgorithm.INTERP_LORENZO,
+    "lorenzo_reg": pysz.szAlgorithm.LORENZO_REG,
+    "interp": pysz.szAlgorithm.INTERP,
+    "nopred": pysz.szAlgorithm.NOPRED,
 }
 
 
@@ -115,8 +118,12 @@ class SZ3Codec(Codec):
             sections += [bitmap, stream]
             kept.append(rows)
         meta = {
-            "lossy": tensor_table(lossy), "exact": exact_table, "rows": kept,
-            "lengths": [len(x) for x in sections], "mode": self.opts.mode, "bound": self.opts.bound,
+            "lossy": tensor_table(lossy),
+            "exact": exact_table,
+            "rows": kept,
+            "lengths": [len(x) for x in sections],
+            "mode": self.opts.mode,
+            "bound": self.opts.bound,
         }
         return meta, b"".join(sections)
 

@@ -80,15 +80,17 @@ class TopKCodec(Codec):
         i_blob = zstd_compress(shuffle_bytes(all_gaps)) if gaps else b""
         v_bytes = np.concatenate(values).astype("<f4").tobytes() if values else b""
         exact_table, e_blob = pack_lossless(exact)
-        meta = {"sparse": tensor_table(floats), "counts": counts, "exact": exact_table,
-                "lengths": [len(i_blob), len(v_bytes), len(e_blob)]}
+        meta = {"sparse": tensor_table(floats), "counts": counts, "exact": exact_table, "lengths": [len(i_blob), len(v_bytes), len(e_blob)]}
         return meta, b"".join([i_blob, v_bytes, e_blob])
 
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         rows = check_table(meta.get("sparse"), ctx)
         counts = meta.get("counts")
-        if not (isinstance(counts, list) and len(counts) == len(rows)
-                and all(isinstance(c, int) and 1 <= c <= r[3] for c, r in zip(counts, rows))):
+        if not (
+            isinstance(counts, list)
+            and len(counts) == len(rows)
+            and all(isinstance(c, int) and 1 <= c <= r[3] for c, r in zip(counts, rows))
+        ):
             raise PayloadError("topk payload has bad per-tensor counts")
         if any(not np.issubdtype(dt, np.floating) for _, dt, _, _ in rows):
             raise PayloadError("topk payload declares a non-float sparse tensor")

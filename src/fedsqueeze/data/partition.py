@@ -12,9 +12,7 @@ def iid_partition(n_examples: int, n_clients: int, rng: np.random.Generator) -> 
     return [np.sort(p) for p in np.array_split(rng.permutation(n_examples), n_clients)]
 
 
-def dirichlet_partition(
-    labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 1
-) -> list[np.ndarray]:
+def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, rng: np.random.Generator, min_size: int = 1) -> list[np.ndarray]:
     """Label skew: each class is split over clients with proportions ~ Dirichlet(alpha).
 
     Resamples (up to 100 times) until every client has at least ``min_size`` examples.
@@ -30,10 +28,7 @@ def dirichlet_partition(
                 parts[client].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ConfigError(
-        f"could not give each of {n_clients} clients {min_size} example(s) with alpha={alpha}; "
-        "raise alpha or train_size"
-    )
+    raise ConfigError(f"could not give each of {n_clients} clients {min_size} example(s) with alpha={alpha}; raise alpha or train_size")
 
 
 def partition(labels: np.ndarray, n_clients: int, scheme: str, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:

@@ -28,12 +28,44 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 # lexicographer files 03..28 are the 26 noun supersenses
 NOUN_SUPERSENSES = [
-    "Tops", "act", "animal", "artifact", "attribute", "body", "cognition", "communication",
-    "event", "feeling", "food", "group", "location", "motive", "object", "person", "phenomenon",
-    "plant", "possession", "process", "quantity", "relation", "shape", "state", "substance", "time",
+    "Tops",
+    "act",
+    "animal",
+    "artifact",
+    "attribute",
+    "body",
+    "cognition",
+    "communication",
+    "event",
+    "feeling",
+    "food",
+    "group",
+    "location",
+    "motive",
+    "object",
+    "person",
+    "phenomenon",
+    "plant",
+    "possession",
+    "process",
+    "quantity",
+    "relation",
+    "shape",
+    "state",
+    "substance",
+    "time",
 ]
 FASHION_MNIST_LABELS = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 ]
 
 
@@ -70,10 +102,7 @@ class RawDataset:
 
 
 def _missing(path: Path, package: str) -> DataError:
-    return DataError(
-        f"{path} not found. Install the Debian package: `sudo apt-get install -y {package}` "
-        f"(or run `make setup` as root)."
-    )
+    return DataError(f"{path} not found. Install the Debian package: `sudo apt-get install -y {package}` (or run `make setup` as root).")
 
 
 def _split_pool(full: RawSplit, train_size: int, test_size: int) -> tuple[RawSplit, RawSplit]:
@@ -117,10 +146,7 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def load_fashion_mnist(train_size: int, test_size: int, root: Path = FASHION_MNIST_DIR) -> RawDataset:
     """Fashion-MNIST 28×28 grey images, 10 classes; test examples come from the official test file."""
-    files = {
-        k: root / f"{k}-ubyte.gz"
-        for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")
-    }
+    files = {k: root / f"{k}-ubyte.gz" for k in ("train-images-idx3", "train-labels-idx1", "t10k-images-idx3", "t10k-labels-idx1")}
     for p in files.values():
         if not p.is_file():
             raise _missing(p, "dataset-fashion-mnist")
@@ -175,8 +201,7 @@ def load_table(path: Path, text_column: str, label_column: str, train_size: int,
     for col in (text_column, label_column):
         if col not in df.columns:
             raise DataError(
-                f"{path.name} has no column {col!r}; columns are {list(df.columns)}. "
-                "Choose with --set text_column=... label_column=..."
+                f"{path.name} has no column {col!r}; columns are {list(df.columns)}. Choose with --set text_column=... label_column=..."
             )
     df = df[[text_column, label_column]].dropna()
     return _from_table(path.name, df[text_column].tolist(), df[label_column].tolist(), train_size, test_size)
@@ -231,6 +256,5 @@ def load_dataset(name: str, train_size: int, test_size: int, text_column: str = 
     if path.suffix.lower() in (".csv", ".jsonl", ".json", ".parquet"):
         return load_table(path, text_column, label_column, train_size, test_size)
     raise DataError(
-        f"unknown dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}, "
-        "a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]"
+        f"unknown dataset {name!r}; choose one of {', '.join(BUILTIN_DATASETS)}, a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]"
     )

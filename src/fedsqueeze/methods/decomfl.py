@@ -64,17 +64,23 @@ class DeComFLOptions:
 
     perturbations: int = option(1, "P: random perturbations per local step (each uploads one float32)", check=at_least(1))
     mu: float = option(1e-3, "μ: finite-difference step", check=above(0.0))
-    difference: str = option("central", "'central' (f(w+μz) − f(w−μz)) / 2μ or 'forward' (f(w+μz) − f(w)) / μ",
-                             choices=("central", "forward"))
-    aggregate: str = option("mean", "how the server combines the clients' scalars: 'mean' or 'median' (robust)",
-                            choices=("mean", "median"))
-    params: str = option("lora", "what trains: 'lora' (LoRA on query/value + head), 'full' (every weight), 'head' (classifier only); "
-                                 "lr 0 = 2e-3, 1e-4, 1e-3 respectively", choices=tuple(DEFAULT_LR))
-    lr_schedule: str = option("constant", "per-round lr of the zeroth-order phase: 'constant', 'cosine' (to 0) or 'exp'",
-                              choices=("constant", "cosine", "exp"))
+    difference: str = option(
+        "central", "'central' (f(w+μz) − f(w−μz)) / 2μ or 'forward' (f(w+μz) − f(w)) / μ", choices=("central", "forward")
+    )
+    aggregate: str = option("mean", "how the server combines the clients' scalars: 'mean' or 'median' (robust)", choices=("mean", "median"))
+    params: str = option(
+        "lora",
+        "what trains: 'lora' (LoRA on query/value + head), 'full' (every weight), 'head' (classifier only); "
+        "lr 0 = 2e-3, 1e-4, 1e-3 respectively",
+        choices=tuple(DEFAULT_LR),
+    )
+    lr_schedule: str = option(
+        "constant", "per-round lr of the zeroth-order phase: 'constant', 'cosine' (to 0) or 'exp'", choices=("constant", "cosine", "exp")
+    )
     lr_decay: float = option(0.9, "factor per round for lr_schedule='exp'", check=above(0.0))
-    zo_batch_size: int = option(0, "minibatch of each zeroth-order step; 0 = the run's batch_size, -1 = all the client's data",
-                                check=at_least(-1))
+    zo_batch_size: int = option(
+        0, "minibatch of each zeroth-order step; 0 = the run's batch_size, -1 = all the client's data", check=at_least(-1)
+    )
     warm_start_rounds: int = option(1, "first rounds spent on federated linear probing of the head (0 = none)", check=at_least(0))
     warm_start_steps: int = option(100, "local AdamW steps on cached features in each warm-start round", check=at_least(0))
     warm_start_lr: float = option(1e-2, "learning rate of the warm-start linear probing", check=at_least(0.0))
@@ -188,7 +194,10 @@ class DeComFL(Method):
                 raise PayloadError(f"{what}: tensor {n!r} holds NaN or infinity")
 
     def aggregate(
-        self, state: dict[str, Any], updates: dict[int, TensorUpdate] | dict[int, ZOUpdate], ctx: RoundContext,
+        self,
+        state: dict[str, Any],
+        updates: dict[int, TensorUpdate] | dict[int, ZOUpdate],
+        ctx: RoundContext,
     ) -> tuple[dict[str, Any], dict[str, float]]:
         """Warm rounds: average the head deltas. Zeroth-order rounds: combine the scalars into a record."""
         for client in updates:
@@ -297,8 +306,13 @@ class DeComFL(Method):
         codec_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         metrics = train_probe(
-            self.task, client, [self.named[n] for n in self.head], steps=self.opts.warm_start_steps,
-            batch_size=self.cfg.batch_size, lr=self.opts.warm_start_lr, generator=ctx.torch_gen(client, "batches"),
+            self.task,
+            client,
+            [self.named[n] for n in self.head],
+            steps=self.opts.warm_start_steps,
+            batch_size=self.cfg.batch_size,
+            lr=self.opts.warm_start_lr,
+            generator=ctx.torch_gen(client, "batches"),
         )
         train_s = time.perf_counter() - t1
         after = read_weights(self.named, self.head)

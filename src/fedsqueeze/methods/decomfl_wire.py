@@ -52,7 +52,11 @@ class ZODownlink:
 
 
 def encode_downlink(
-    shape: ZOShape, round_: int, records: Sequence[Mapping[str, Any]], round_seeds: np.ndarray, head: Tensors | None,
+    shape: ZOShape,
+    round_: int,
+    records: Sequence[Mapping[str, Any]],
+    round_seeds: np.ndarray,
+    head: Tensors | None,
 ) -> bytes:
     """The ``decomfl-down`` frame: ``records`` are ``{"round", "seeds", "scalars"}``, oldest first."""
     parts = [head[n].tobytes() for n in shape.head_shapes] if head is not None else []

@@ -49,10 +49,8 @@ class DeltaMaskOptions(MaskOptions):
     # Defaults measured on the default task (docs/masks.md): the delta rule gained 3.4 points over
     # FedPM's Beta rule, and starting nearer the pre-trained model cut the downlink by 42%.
     theta_init: float = option(0.98, "initial keep probability of every masked weight", check=between(0.0, 1.0, lo_open=True))
-    aggregate: str = option("delta", "server rule: delta (θ += mean of m − reference mask) or beta (θ = Σm/K, FedPM)",
-                            choices=AGGREGATES)
-    kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights",
-                                check=between(0.0, 1.0))
+    aggregate: str = option("delta", "server rule: delta (θ += mean of m − reference mask) or beta (θ = Σm/K, FedPM)", choices=AGGREGATES)
+    kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights", check=between(0.0, 1.0))
     kappa_end: float = option(0.01, "last-round cap (the schedule goes from kappa_start to kappa_end)", check=between(0.0, 1.0))
     kappa_schedule: str = option("linear", "how κ moves over the rounds", choices=KAPPA_SCHEDULES)
     filter: str = option("fuse8", "filter for the flipped positions", choices=FILTER_KINDS)
@@ -111,7 +109,12 @@ class DeltaMask(MaskMethod):
         return FilterFlips(parse_filter(meta, body, max_keys=self.n))
 
     def rebuild_mask(
-        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext,
+        self,
+        update: MaskUpdate,
+        theta_start: np.ndarray,
+        ref: np.ndarray | None,
+        client: int,
+        ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         code = update.mask
         assert isinstance(code, (FilterFlips, ExactFlips))  # decode_mask made it
@@ -120,7 +123,8 @@ class DeltaMask(MaskMethod):
         mask[flips] ^= True
         hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
         return mask.astype(np.int32), {
-            "keys": float(keys), "fp_flips": float(hits - keys),
+            "keys": float(keys),
+            "fp_flips": float(hits - keys),
             "mask_bits_per_key": 8.0 * code.nbytes / keys if keys else 0.0,
         }
 
@@ -143,7 +147,12 @@ class DeltaMaskExact(DeltaMask):
         return ExactFlips(positions.astype(np.int64), len(body))
 
     def rebuild_mask(
-        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext,
+        self,
+        update: MaskUpdate,
+        theta_start: np.ndarray,
+        ref: np.ndarray | None,
+        client: int,
+        ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         mask, stats = super().rebuild_mask(update, theta_start, ref, client, ctx)
         assert isinstance(update.mask, (FilterFlips, ExactFlips))  # decode_mask makes nothing else

@@ -67,7 +67,12 @@ class FedPM(MaskMethod):
 
     # ---- mask coding: the whole sampled mask, entropy-coded per level of θ_global ------------------
     def encode_mask(
-        self, u: np.ndarray, theta_client: np.ndarray, theta_start: np.ndarray, sym: np.ndarray, levels: int,
+        self,
+        u: np.ndarray,
+        theta_client: np.ndarray,
+        theta_start: np.ndarray,
+        sym: np.ndarray,
+        levels: int,
         ctx: RoundContext,
     ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
         mask = u < theta_client
@@ -81,7 +86,11 @@ class FedPM(MaskMethod):
         return SampledMask(decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1))
 
     def rebuild_mask(
-        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int,
+        self,
+        update: MaskUpdate,
+        theta_start: np.ndarray,
+        ref: np.ndarray | None,
+        client: int,
         ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         assert isinstance(update.mask, SampledMask)  # decode_mask made it

@@ -34,15 +34,29 @@ def probe_forward(head: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], 
 
 
 def train_probe(
-    task: Task, client: int, params: Sequence[torch.Tensor], *, steps: int, batch_size: int, lr: float,
-    generator: torch.Generator, optimizer: str = "adamw",
+    task: Task,
+    client: int,
+    params: Sequence[torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    generator: torch.Generator,
+    optimizer: str = "adamw",
 ) -> dict[str, float]:
     """Train the head's ``params`` on ``client``'s cached backbone features; the training metrics."""
     idx = torch.from_numpy(task.client_indices[client])
     head = task.model.head
     return train_local(
-        head, list(params), Encoded({"x": task.frozen_features("train")[idx]}, task.train.labels[idx]),
-        steps=steps, batch_size=batch_size, lr=lr, generator=generator, optimizer=optimizer, forward=probe_forward(head),
+        head,
+        list(params),
+        Encoded({"x": task.frozen_features("train")[idx]}, task.train.labels[idx]),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        generator=generator,
+        optimizer=optimizer,
+        forward=probe_forward(head),
     )
 
 
@@ -64,8 +78,14 @@ class Head(TensorMethod):
 
     def local_train(self, client: int, data: Encoded, steps: int, generator: torch.Generator) -> dict[str, float]:
         return train_probe(
-            self.task, client, self.params, steps=steps, batch_size=self.cfg.batch_size, lr=self.lr,
-            generator=generator, optimizer=self.opts.optimizer,
+            self.task,
+            client,
+            self.params,
+            steps=steps,
+            batch_size=self.cfg.batch_size,
+            lr=self.lr,
+            generator=generator,
+            optimizer=self.opts.optimizer,
         )
 
     def evaluate(self, state) -> tuple[float, float]:

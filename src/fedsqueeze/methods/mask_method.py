@@ -40,19 +40,18 @@ INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a ui
 @dataclass
 class MaskOptions:
     theta_init: float = option(0.95, "initial keep probability of every masked weight", check=between(0.0, 1.0, lo_open=True))
-    clip_eps: float = option(0.02, "clients start from θ_global clipped to [eps, 1-eps] (finite scores)",
-                             check=between(0.0, 0.5, lo_open=True, hi_open=True))
+    clip_eps: float = option(
+        0.02, "clients start from θ_global clipped to [eps, 1-eps] (finite scores)", check=between(0.0, 0.5, lo_open=True, hi_open=True)
+    )
     score_lr: float = option(0.1, "learning rate of the mask scores", check=above(0.0))
     head_lr: float = option(1e-2, "learning rate of the classification head", check=at_least(0.0))
     optimizer: str = option("adam", "local optimizer", choices=OPTIMIZERS)
     mask_embeddings: bool = option(False, "mask the embedding tables too (not only Linear weights)")
     carry_priors: bool = option(False, "keep the Beta priors across rounds instead of resetting them (aggregate=beta only)")
-    eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)",
-                            choices=EVAL_MASKS)
+    eval_mask: str = option("expected", "evaluation mask: expected (W·θ), threshold (θ>0.5) or sample (seeded draw)", choices=EVAL_MASKS)
     head_dtype: str = option("float32", "head weights and deltas on the wire", choices=("float32", "float16"))
     stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
-    aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)",
-                            choices=AGGREGATES)
+    aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)", choices=AGGREGATES)
 
     def validate(self) -> None:
         if self.aggregate == "delta" and self.carry_priors:
@@ -151,7 +150,9 @@ class MaskMethod(Method):
         up = self.wire.decode_uplink(self.uplink_kind, payload)
         return MaskUpdate(up.n, up.head_delta, self.decode_mask(up.mask_meta, up.mask_body, state, ctx))
 
-    def aggregate(self, state: dict[str, Any], updates: dict[int, MaskUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def aggregate(
+        self, state: dict[str, Any], updates: dict[int, MaskUpdate], ctx: RoundContext
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         if not updates:
             return state, {}
         t0 = time.perf_counter()
@@ -175,11 +176,13 @@ class MaskMethod(Method):
             state["head"][name] = (state["head"][name] + avg).astype(np.float32)
         theta = self.theta_of(state["theta_sym"], state["levels"])
         metrics = {key: float(np.mean(v)) for key, v in extra.items()}
-        metrics.update({
-            "mask_keep_frac": float((theta > 0.5).mean()),
-            "theta_mean": float(theta.mean()),
-            "aggregate_s": time.perf_counter() - t0,
-        })
+        metrics.update(
+            {
+                "mask_keep_frac": float((theta > 0.5).mean()),
+                "theta_mean": float(theta.mean()),
+                "aggregate_s": time.perf_counter() - t0,
+            }
+        )
         return state, metrics
 
     def _update_theta(self, state: dict[str, Any], counts: np.ndarray, theta_start: np.ndarray, k: int) -> None:
@@ -227,9 +230,17 @@ class MaskMethod(Method):
         t1 = time.perf_counter()
         torch.manual_seed(ctx.seed_for(client, "dropout-layers"))
         metrics = train_masked(
-            self.masked, scores, self.head_params, data, steps=steps, batch_size=self.cfg.batch_size,
-            score_lr=self.opts.score_lr, head_lr=self.opts.head_lr, generator=ctx.torch_gen(client, "batches"),
-            mask_generator=ctx.torch_gen(client, "mask-train"), optimizer=self.opts.optimizer,
+            self.masked,
+            scores,
+            self.head_params,
+            data,
+            steps=steps,
+            batch_size=self.cfg.batch_size,
+            score_lr=self.opts.score_lr,
+            head_lr=self.opts.head_lr,
+            generator=ctx.torch_gen(client, "batches"),
+            mask_generator=ctx.torch_gen(client, "mask-train"),
+            optimizer=self.opts.optimizer,
         )
         train_s = time.perf_counter() - t1
 
@@ -246,7 +257,12 @@ class MaskMethod(Method):
     # ---- mask coding: each method's own ----------------------------------------------------------
     @abstractmethod
     def encode_mask(
-        self, u: np.ndarray, theta_client: np.ndarray, theta_start: np.ndarray, sym: np.ndarray, levels: int,
+        self,
+        u: np.ndarray,
+        theta_client: np.ndarray,
+        theta_start: np.ndarray,
+        sym: np.ndarray,
+        levels: int,
         ctx: RoundContext,
     ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
         """Client: code its mask (drawn as ``u < θ_client``); returns ``(meta, body, stats)``."""
@@ -257,7 +273,11 @@ class MaskMethod(Method):
 
     @abstractmethod
     def rebuild_mask(
-        self, update: MaskUpdate, theta_start: np.ndarray, ref: np.ndarray | None, client: int,
+        self,
+        update: MaskUpdate,
+        theta_start: np.ndarray,
+        ref: np.ndarray | None,
+        client: int,
         ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         """Server: the client's binary mask (int32 0/1) and per-client statistics for the round record.

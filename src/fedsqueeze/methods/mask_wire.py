@@ -113,8 +113,12 @@ class MaskWire:
             raise PayloadError(f"server message has an invalid level count {levels!r}")
         stratum = meta.get("stratum")
         if stratum is not None:
-            if not (isinstance(stratum, list) and len(stratum) == 2 and all(type(x) is int for x in stratum)
-                    and 0 <= stratum[0] < stratum[1] <= 1 << 20):
+            if not (
+                isinstance(stratum, list)
+                and len(stratum) == 2
+                and all(type(x) is int for x in stratum)
+                and 0 <= stratum[0] < stratum[1] <= 1 << 20
+            ):
                 raise PayloadError(f"server message has an invalid stratum {stratum!r}")
             stratum = (stratum[0], stratum[1])
         sym_body, head_body = split_sections(body, meta.get("sections"), 2)

@@ -106,8 +106,14 @@ class Lora(PeftMethod):
 
 
 def inject_lora(
-    model: Classifier, rank: int, alpha: float, target_modules: list[str], method: str, *,
-    dropout: float = 0.0, seed: int | None = None,
+    model: Classifier,
+    rank: int,
+    alpha: float,
+    target_modules: list[str],
+    method: str,
+    *,
+    dropout: float = 0.0,
+    seed: int | None = None,
 ) -> list[str]:
     """Inject HF peft LoRA into ``model.backbone``'s ``target_modules``; the names of the new parameters.
 
@@ -118,8 +124,13 @@ def inject_lora(
     from peft import LoraConfig
 
     # peft annotates lora_alpha as int but scales by alpha / r in floats; a float alpha is meant
-    config = LoraConfig(r=rank, lora_alpha=alpha,  # type: ignore[arg-type]
-                        lora_dropout=dropout, target_modules=target_modules, bias="none")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
     if seed is None:
         return _inject_peft(model, config, method)
     with torch.random.fork_rng():
@@ -192,7 +203,8 @@ class Adapter(PeftMethod):
         suffixes = tuple(split_modules(self.opts.after))
         # one pass to find, then replace: never mutate a module tree while iterating it
         targets = [
-            (name, module) for name, module in model.backbone.named_modules()
+            (name, module)
+            for name, module in model.backbone.named_modules()
             if isinstance(module, nn.Linear) and any(name == s or name.endswith("." + s) for s in suffixes)
         ]
         if not targets:
@@ -228,11 +240,13 @@ class DropVirtualTokens(nn.Module):
 
 @dataclass
 class PromptOptions(TensorOptions):
-    mode: str = option("prompt", "'prompt' (virtual input tokens) or 'prefix' (virtual keys/values in every layer)",
-                       choices=("prompt", "prefix"))
+    mode: str = option(
+        "prompt", "'prompt' (virtual input tokens) or 'prefix' (virtual keys/values in every layer)", choices=("prompt", "prefix")
+    )
     virtual_tokens: int = option(10, "number of virtual tokens", check=at_least(1))
-    init: str = option("vocab", "prompt-mode initialisation: 'vocab' (embeddings of random tokens) or 'random'",
-                       choices=("vocab", "random"))
+    init: str = option(
+        "vocab", "prompt-mode initialisation: 'vocab' (embeddings of random tokens) or 'random'", choices=("vocab", "random")
+    )
 
 
 @register_method
@@ -244,7 +258,9 @@ class Prompt(PeftMethod):
 
     def check_run(self, cfg) -> None:
         if cfg.dataset == "fashion-mnist":  # known to be images before loading; other datasets are checked in inject
-            raise ConfigError("method 'prompt' needs a text dataset: prompt and prefix tuning need a text model; got dataset 'fashion-mnist'")
+            raise ConfigError(
+                "method 'prompt' needs a text dataset: prompt and prefix tuning need a text model; got dataset 'fashion-mnist'"
+            )
 
     def inject(self, model: Classifier) -> list[str]:
         from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model

@@ -52,8 +52,9 @@ class TensorOptions:
     downlink_codec: str = option("raw", "codec for the global tensors sent to clients", choices=weight_codec_ids)
     optimizer: str = option("adamw", "local optimizer", choices=OPTIMIZERS)
     server_lr: float = option(1.0, "server step size on the averaged update", check=above(0.0))
-    head_lr: float = option(1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr",
-                            check=at_least(0.0))
+    head_lr: float = option(
+        1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr", check=at_least(0.0)
+    )
     dp_clip: float = option(0.0, "DP-FedAvg: clip each client update to this L2 norm C (0 = no DP)", check=at_least(0.0))
     dp_noise: float = option(0.0, "DP-FedAvg: noise multiplier σ; Gaussian noise σ·C is added to the sum", check=at_least(0.0))
     dp_delta: float = option(1e-5, "DP-FedAvg: δ at which ε is reported", check=between(0.0, 1.0, lo_open=True, hi_open=True))
@@ -145,7 +146,9 @@ class TensorMethod(Method):
             raise PayloadError(f"client update carries no valid example count (n={n!r})")
         return TensorUpdate(tensors, n)
 
-    def aggregate(self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def aggregate(
+        self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         if self.opts.dp_clip > 0:
             return self._aggregate_private(state, updates, ctx)
         if not updates:
@@ -156,7 +159,9 @@ class TensorMethod(Method):
             state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg).astype(np.float32)
         return state, {}
 
-    def _aggregate_private(self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext) -> tuple[dict[str, Any], dict[str, float]]:
+    def _aggregate_private(
+        self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext
+    ) -> tuple[dict[str, Any], dict[str, float]]:
         """DP-FedAvg (see :mod:`fedsqueeze.privacy`): clip, sum, add noise, divide by clients_per_round."""
         rng = ctx.rng(SERVER, "dp-noise")
         deltas = [u.delta for u in updates.values()]
@@ -190,8 +195,14 @@ class TensorMethod(Method):
     def local_train(self, client: int, data: Encoded, steps: int, generator: torch.Generator) -> dict[str, float]:
         """Train ``self.params`` on ``data``; override for a faster or different local rule."""
         return train_local(
-            self.task.model, self.param_groups(), data, steps=steps, batch_size=self.cfg.batch_size,
-            lr=self.lr, generator=generator, optimizer=self.opts.optimizer,
+            self.task.model,
+            self.param_groups(),
+            data,
+            steps=steps,
+            batch_size=self.cfg.batch_size,
+            lr=self.lr,
+            generator=generator,
+            optimizer=self.opts.optimizer,
         )
 
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
@@ -210,9 +221,7 @@ class TensorMethod(Method):
 
         t2 = time.perf_counter()
         after = read_weights(self.named)
-        delta = after if self.uplink_sends_weights else {
-            n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names
-        }
+        delta = after if self.uplink_sends_weights else {n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names}
         cctx = CodecContext(seed=ctx.seed_for(client, "uplink"), state=state if isinstance(state, dict) else {})
         payload = encode_tensors(self.up_codec, delta, cctx, n=len(data))
         codec_s += time.perf_counter() - t2

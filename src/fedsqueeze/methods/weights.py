@@ -42,7 +42,9 @@ def load_weights(params: Params, weights: Mapping[str, np.ndarray]) -> None:
 
 
 def evaluate_weights(
-    task: Task, params: Params, weights: Mapping[str, np.ndarray],
+    task: Task,
+    params: Params,
+    weights: Mapping[str, np.ndarray],
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> tuple[float, float]:
     """Load ``weights`` into the model, then its test accuracy and loss (through ``forward`` if given)."""

@@ -69,8 +69,12 @@ def _tiny_text_backbone(seed: int) -> tuple[nn.Module, int]:
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(
-        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -81,8 +85,13 @@ def _tiny_vit_backbone(seed: int) -> tuple[nn.Module, int]:
     from transformers import ViTConfig, ViTModel
 
     cfg = ViTConfig(
-        image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64,
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)

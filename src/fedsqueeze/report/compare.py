@@ -27,8 +27,21 @@ log = logging.getLogger("fedsqueeze")
 
 # Config fields that define the task: runs compared side by side should agree on all of them.
 TASK_FIELDS = (
-    "model", "dataset", "clients", "clients_per_round", "rounds", "seed", "partition", "alpha",
-    "train_size", "test_size", "max_length", "local_steps", "local_epochs", "batch_size", "dropout",
+    "model",
+    "dataset",
+    "clients",
+    "clients_per_round",
+    "rounds",
+    "seed",
+    "partition",
+    "alpha",
+    "train_size",
+    "test_size",
+    "max_length",
+    "local_steps",
+    "local_epochs",
+    "batch_size",
+    "dropout",
 )
 LINK_FIELDS = ("uplink_mbps", "downlink_mbps", "latency_ms", "link_spread")
 DEFAULT_TARGET_FRACTION = 0.9  # default target: this share of the best final accuracy among the runs
@@ -81,9 +94,13 @@ def labels_for(results: list[dict[str, Any]]) -> list[str]:
 
 def baseline_index(results: list[dict[str, Any]]) -> int | None:
     """The run ratios are taken against: plain fedavg (float32 both ways) if present."""
-    plain = [i for i, r in enumerate(results) if r["method"] == "fedavg"
-             and r.get("config", {}).get("options", {}).get("uplink_codec", "raw") == "raw"
-             and r.get("config", {}).get("options", {}).get("downlink_codec", "raw") == "raw"]
+    plain = [
+        i
+        for i, r in enumerate(results)
+        if r["method"] == "fedavg"
+        and r.get("config", {}).get("options", {}).get("uplink_codec", "raw") == "raw"
+        and r.get("config", {}).get("options", {}).get("downlink_codec", "raw") == "raw"
+    ]
     anyf = [i for i, r in enumerate(results) if r["method"] == "fedavg"]
     found = plain or anyf
     return found[0] if found else None
@@ -105,8 +122,7 @@ def time_to_target(res: dict[str, Any], target: float) -> dict[str, Any] | None:
         wall += r["wall_s"]
         sim += r.get("sim_time_s", 0.0)
         if r["accuracy"] >= target:
-            return {"round": r["round"], "uplink_bytes": up, "downlink_bytes": down,
-                    "wall_s": wall, "sim_time_s": sim if has_sim else None}
+            return {"round": r["round"], "uplink_bytes": up, "downlink_bytes": down, "wall_s": wall, "sim_time_s": sim if has_sim else None}
     return None
 
 
@@ -169,7 +185,9 @@ def _options_text(res: dict[str, Any]) -> str:
 
 
 def render_report(
-    results: list[dict[str, Any]], target: float | None = None, command: str | None = None,
+    results: list[dict[str, Any]],
+    target: float | None = None,
+    command: str | None = None,
     failed: list[dict[str, str]] | None = None,
 ) -> str:
     """report.md's text; ``failed`` lists runs that raised (method, error), shown first."""
@@ -188,30 +206,81 @@ def render_report(
     lines += ["", "## Runs", ""]
     rows = [[lab, _options_text(r), f"`{r.get('_path', '?')}`"] for lab, r in zip(labels, results)]
     lines.append(_table(["method", "options", "results"], rows, numeric=False))
-    lines += ["", "## Accuracy and bytes", "",
-              "Bytes are the exact payload lengths summed over the round's clients; per round = total / rounds; "
-              "bpp = bits per model parameter per client, averaged over rounds.", ""]
-    rows = [[lab, f"{s['accuracy']:.4f}", f"{s['best_accuracy']:.4f}", _b(s["uplink_bytes"]), _b(s["uplink_bytes_per_round"]),
-             _b(s["downlink_bytes"]), _b(s["downlink_bytes_per_round"]), f"{s['uplink_bpp']:.4g}", f"{s['downlink_bpp']:.4g}",
-             f"{s['trainable_params']:,}" if s["trainable_params"] is not None else "n/a",
-             f"{s['wall_s']:.1f}", f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a"]
-            for lab, s in zip(labels, sums)]
-    lines.append(_table(["method", "final acc", "best acc", "uplink B", "uplink B/round", "downlink B", "downlink B/round",
-                         "uplink bpp", "downlink bpp", "trainable", "wall s", "sim s"], rows))
+    lines += [
+        "",
+        "## Accuracy and bytes",
+        "",
+        "Bytes are the exact payload lengths summed over the round's clients; per round = total / rounds; "
+        "bpp = bits per model parameter per client, averaged over rounds.",
+        "",
+    ]
+    rows = [
+        [
+            lab,
+            f"{s['accuracy']:.4f}",
+            f"{s['best_accuracy']:.4f}",
+            _b(s["uplink_bytes"]),
+            _b(s["uplink_bytes_per_round"]),
+            _b(s["downlink_bytes"]),
+            _b(s["downlink_bytes_per_round"]),
+            f"{s['uplink_bpp']:.4g}",
+            f"{s['downlink_bpp']:.4g}",
+            f"{s['trainable_params']:,}" if s["trainable_params"] is not None else "n/a",
+            f"{s['wall_s']:.1f}",
+            f"{s['sim_time_s']:.1f}" if s["sim_time_s"] is not None else "n/a",
+        ]
+        for lab, s in zip(labels, sums)
+    ]
+    lines.append(
+        _table(
+            [
+                "method",
+                "final acc",
+                "best acc",
+                "uplink B",
+                "uplink B/round",
+                "downlink B",
+                "downlink B/round",
+                "uplink bpp",
+                "downlink bpp",
+                "trainable",
+                "wall s",
+                "sim s",
+            ],
+            rows,
+        )
+    )
     base = baseline_index(results)
     if base is not None:
         b = sums[base]
-        lines += ["", f"## Against {labels[base]}", "",
-                  f"How many times fewer bytes than {labels[base]} each run sent, and its accuracy difference.", ""]
-        rows = [[lab, _ratio(b["uplink_bytes"], s["uplink_bytes"]), _ratio(b["downlink_bytes"], s["downlink_bytes"]),
-                 _ratio(b["uplink_bytes"] + b["downlink_bytes"], s["uplink_bytes"] + s["downlink_bytes"]),
-                 f"{s['accuracy'] - b['accuracy']:+.4f}"] for lab, s in zip(labels, sums)]
+        lines += [
+            "",
+            f"## Against {labels[base]}",
+            "",
+            f"How many times fewer bytes than {labels[base]} each run sent, and its accuracy difference.",
+            "",
+        ]
+        rows = [
+            [
+                lab,
+                _ratio(b["uplink_bytes"], s["uplink_bytes"]),
+                _ratio(b["downlink_bytes"], s["downlink_bytes"]),
+                _ratio(b["uplink_bytes"] + b["downlink_bytes"], s["uplink_bytes"] + s["downlink_bytes"]),
+                f"{s['accuracy'] - b['accuracy']:+.4f}",
+            ]
+            for lab, s in zip(labels, sums)
+        ]
         lines.append(_table(["method", "uplink ×", "downlink ×", "total ×", "Δ final acc"], rows))
     link = ", ".join(f"{k}={cfg0.get(k)}" for k in LINK_FIELDS if k in cfg0)
-    lines += ["", f"## Time to accuracy {target:.4f}", "",
-              "First round whose test accuracy reaches the target, and the costs summed up to it. "
-              f"Simulated time (link model: {link or 'not recorded'}) = per round, the slowest client's "
-              "compute + transfer of its downlink and uplink bytes + latency.", ""]
+    lines += [
+        "",
+        f"## Time to accuracy {target:.4f}",
+        "",
+        "First round whose test accuracy reaches the target, and the costs summed up to it. "
+        f"Simulated time (link model: {link or 'not recorded'}) = per round, the slowest client's "
+        "compute + transfer of its downlink and uplink bytes + latency.",
+        "",
+    ]
     rows = []
     for lab, r in zip(labels, results):
         t = time_to_target(r, target)
@@ -221,20 +290,43 @@ def render_report(
             sim = f"{t['sim_time_s']:.1f}" if t["sim_time_s"] is not None else "n/a"
             rows.append([lab, str(t["round"]), _b(t["uplink_bytes"]), _b(t["downlink_bytes"]), sim, f"{t['wall_s']:.1f}"])
     lines.append(_table(["method", "round", "uplink B", "downlink B", "sim s", "wall s"], rows))
-    lines += ["", "## Plots", "", "![accuracy against cumulative uplink bytes](pareto.png)", "",
-              "![accuracy per round](accuracy.png)", "", "![bits per parameter per round](bpp.png)", "",
-              "## Per round", ""]
+    lines += [
+        "",
+        "## Plots",
+        "",
+        "![accuracy against cumulative uplink bytes](pareto.png)",
+        "",
+        "![accuracy per round](accuracy.png)",
+        "",
+        "![bits per parameter per round](bpp.png)",
+        "",
+        "## Per round",
+        "",
+    ]
     for lab, r in zip(labels, results):
         lines += [f"### {lab}", ""]
-        rows = [[str(x["round"]), f"{x['accuracy']:.4f}", _b(x["uplink_bytes"]), _b(x["downlink_bytes"]),
-                 f"{x['uplink_bpp']:.4g}", f"{x['downlink_bpp']:.4g}", f"{x['wall_s']:.1f}",
-                 f"{x['sim_time_s']:.1f}" if "sim_time_s" in x else "n/a"] for x in r["rounds"]]
+        rows = [
+            [
+                str(x["round"]),
+                f"{x['accuracy']:.4f}",
+                _b(x["uplink_bytes"]),
+                _b(x["downlink_bytes"]),
+                f"{x['uplink_bpp']:.4g}",
+                f"{x['downlink_bpp']:.4g}",
+                f"{x['wall_s']:.1f}",
+                f"{x['sim_time_s']:.1f}" if "sim_time_s" in x else "n/a",
+            ]
+            for x in r["rounds"]
+        ]
         lines += [_table(["round", "accuracy", "uplink B", "downlink B", "uplink bpp", "downlink bpp", "wall s", "sim s"], rows), ""]
     return "\n".join(lines)
 
 
 def write_report(
-    results: list[dict[str, Any]], out_dir: str | Path, target: float | None = None, command: str | None = None,
+    results: list[dict[str, Any]],
+    out_dir: str | Path,
+    target: float | None = None,
+    command: str | None = None,
     failed: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Write report.md and the plots to ``out_dir``; return the paths, the target and the summaries."""
@@ -247,5 +339,12 @@ def write_report(
     target = default_target(results) if target is None else target
     atomic_write_text(out / "report.md", render_report(results, target, command, failed))
     plots = write_plots(results, labels_for(results), out, target)
-    return {"report": out / "report.md", "plots": plots, "target": target, "labels": labels_for(results), "failed": failed or [],
-            "summaries": [summarize_run(r) for r in results], "results": results}
+    return {
+        "report": out / "report.md",
+        "plots": plots,
+        "target": target,
+        "labels": labels_for(results),
+        "failed": failed or [],
+        "summaries": [summarize_run(r) for r in results],
+        "results": results,
+    }

@@ -42,15 +42,25 @@ class Checkpoint:
 
 
 def encode_checkpoint(
-    *, config: dict[str, Any], round_: int, server_state: Any, client_states: dict[int, Any], rounds: list[dict[str, Any]],
+    *,
+    config: dict[str, Any],
+    round_: int,
+    server_state: Any,
+    client_states: dict[int, Any],
+    rounds: list[dict[str, Any]],
     state_versions: dict[int, tuple[int, int]] | None = None,
 ) -> bytes:
     """Serialize a checkpoint. Round records travel as JSON text in the body (they grow with the run,
     and a frame's JSON header is capped at 1 MiB)."""
     records = np.frombuffer(json.dumps(rounds).encode(), dtype=np.uint8)
     tree = {
-        "format": FORMAT, "version": VERSION, "config": config, "round": round_,
-        "server_state": server_state, "client_states": dict(client_states), "rounds_json": records,
+        "format": FORMAT,
+        "version": VERSION,
+        "config": config,
+        "round": round_,
+        "server_state": server_state,
+        "client_states": dict(client_states),
+        "rounds_json": records,
         "state_versions": {int(c): [int(v[0]), int(v[1])] for c, v in (state_versions or {}).items()},
     }
     try:
@@ -84,12 +94,12 @@ def decode_checkpoint(data: bytes | bytearray | memoryview) -> Checkpoint:
     if not (isinstance(rounds, list) and len(rounds) == round_ and all(isinstance(r, dict) for r in rounds)):
         raise PayloadError(f"checkpoint holds {len(rounds) if isinstance(rounds, list) else '?'} round records for round {round_}")
     versions = tree.get("state_versions", {})
-    if not (isinstance(versions, dict) and all(
-            type(c) is int and isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v)
-            for c, v in versions.items())):
+    if not (
+        isinstance(versions, dict)
+        and all(type(c) is int and isinstance(v, list) and len(v) == 2 and all(type(x) is int for x in v) for c, v in versions.items())
+    ):
         raise PayloadError("checkpoint client state versions are malformed")
-    return Checkpoint(config, round_, tree.get("server_state"), clients, rounds,
-                      {c: (v[0], v[1]) for c, v in versions.items()})
+    return Checkpoint(config, round_, tree.get("server_state"), clients, rounds, {c: (v[0], v[1]) for c, v in versions.items()})
 
 
 def save_checkpoint(out_dir: str | Path, data: bytes) -> Path:

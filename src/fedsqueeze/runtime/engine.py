@@ -130,8 +130,15 @@ class Engine:
     """Plays the rounds of one run over one transport and writes its results and checkpoints."""
 
     def __init__(
-        self, cfg: RunConfig, method: Method, task: Task, transport: Transport, *,
-        runtime: str, show_progress: bool = True, extra_header: dict[str, Any] | None = None,
+        self,
+        cfg: RunConfig,
+        method: Method,
+        task: Task,
+        transport: Transport,
+        *,
+        runtime: str,
+        show_progress: bool = True,
+        extra_header: dict[str, Any] | None = None,
     ) -> None:
         self.cfg, self.method, self.task, self.transport = cfg, method, task, transport
         self.runtime = runtime
@@ -171,13 +178,24 @@ class Engine:
         accuracy, loss = method.evaluate(state)
         extra = {
             "train_loss": sum(tally.losses) / len(tally.losses) if tally.losses else None,
-            "attempts": attempt + 1, "skipped": skipped, **agg_metrics,
+            "attempts": attempt + 1,
+            "skipped": skipped,
+            **agg_metrics,
             **simulated_round_time(cfg, tally.link),
         }
         record = round_record(
-            round_=ctx.round, accuracy=accuracy, loss=loss, uplink=tally.uplink, downlink=tally.downlink,
-            model_params=self.task.model_params, aggregated=0 if skipped else len(tally.updates), dropped=tally.dropped,
-            wall_s=time.perf_counter() - t_round, train_s=tally.train_s, codec_s=tally.codec_s, extra=extra,
+            round_=ctx.round,
+            accuracy=accuracy,
+            loss=loss,
+            uplink=tally.uplink,
+            downlink=tally.downlink,
+            model_params=self.task.model_params,
+            aggregated=0 if skipped else len(tally.updates),
+            dropped=tally.dropped,
+            wall_s=time.perf_counter() - t_round,
+            train_s=tally.train_s,
+            codec_s=tally.codec_s,
+            extra=extra,
         )
         return state, record
 
@@ -248,10 +266,17 @@ class Engine:
                 ctx = RoundContext(round=r, rounds=cfg.rounds, seed=cfg.seed)
                 state, record = self.play_round(state, ctx, progress)
                 if cfg.checkpoint:  # before rounds.csv: a resumed run rewrites the CSV from the checkpoint
-                    save_checkpoint(cfg.out, encode_checkpoint(
-                        config=cfg.to_dict(), round_=r, server_state=state, client_states=self.transport.client_states(),
-                        rounds=[*writer.rounds, record], state_versions=self.state_versions,
-                    ))
+                    save_checkpoint(
+                        cfg.out,
+                        encode_checkpoint(
+                            config=cfg.to_dict(),
+                            round_=r,
+                            server_state=state,
+                            client_states=self.transport.client_states(),
+                            rounds=[*writer.rounds, record],
+                            state_versions=self.state_versions,
+                        ),
+                    )
                 writer.add_round(record)
                 progress.round_done(record)
         return writer.write_json()

@@ -71,7 +71,10 @@ def _with_absolute_out(cfg: RunConfig) -> RunConfig:
 
 # ---- simulation engine ---------------------------------------------------------------------------
 def run_flower_sim(
-    cfg: RunConfig, show_progress: bool = True, client_cpus: float = 1.0, resume: Checkpoint | None = None,
+    cfg: RunConfig,
+    show_progress: bool = True,
+    client_cpus: float = 1.0,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` on Flower's simulation engine (from ``resume`` if given): one virtual SuperNode per client.
 
@@ -84,18 +87,27 @@ def run_flower_sim(
         raise FedsqueezeError("--runtime flower-sim needs Ray: pip install 'flwr[simulation]==1.41.0'")
     cfg = _with_absolute_out(cfg)
     home = tempfile.mkdtemp(prefix="fsq-flwr-")
-    os.environ.update({k: v for k, v in flower_env(home).items()
-                       if k.startswith(("FLWR_", "HF_", "TOKENIZERS_")) or k == "PYTHONPATH"})
+    os.environ.update({k: v for k, v in flower_env(home).items() if k.startswith(("FLWR_", "HF_", "TOKENIZERS_")) or k == "PYTHONPATH"})
     from flwr.simulation import run_simulation
 
     from fedsqueeze.runtime.flower_app import ServerSettings, client_app, make_server_app
 
-    settings = ServerSettings(runtime="flower-sim", wait_nodes_s=60.0, show_progress=show_progress,
-                              state_dir=str(Path(cfg.out) / CLIENT_STATE_DIR), resume=resume, prepare_nodes=True)
+    settings = ServerSettings(
+        runtime="flower-sim",
+        wait_nodes_s=60.0,
+        show_progress=show_progress,
+        state_dir=str(Path(cfg.out) / CLIENT_STATE_DIR),
+        resume=resume,
+        prepare_nodes=True,
+    )
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "error", "log_to_driver": False,
-                      "_temp_dir": tempfile.mkdtemp(prefix="fsq-ray-")},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "logging_level": "error",
+            "log_to_driver": False,
+            "_temp_dir": tempfile.mkdtemp(prefix="fsq-ray-"),
+        },
     }
     flwr_logger = logging.getLogger("flwr")
     propagate, flwr_logger.propagate = flwr_logger.propagate, False  # Flower logs through its own handler
@@ -115,7 +127,10 @@ def run_flower_sim(
 
 # ---- deployment ----------------------------------------------------------------------------------
 def app_pyproject(
-    cfg: RunConfig, wait_nodes_s: float = 120.0, reply_timeout_s: float = 3600.0, resume: bool = False,
+    cfg: RunConfig,
+    wait_nodes_s: float = 120.0,
+    reply_timeout_s: float = 3600.0,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """The pyproject.toml of the Flower app that ``flwr run`` ships to the SuperLink.
 
@@ -127,17 +142,30 @@ def app_pyproject(
 
     return {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "fedsqueeze-flower", "version": "1.0.0", "description": "fedsqueeze on Flower",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"flwr": {"app": {
-            "publisher": "fedsqueeze",
-            "components": {
-                "serverapp": "fedsqueeze.runtime.flower_app:server_app",
-                "clientapp": "fedsqueeze.runtime.flower_client:client_app",
-            },
-            "config": {RUN_CONFIG_KEY: config_to_json(cfg), WAIT_KEY: float(wait_nodes_s),
-                       TIMEOUT_KEY: float(reply_timeout_s), RESUME_KEY: bool(resume)},
-        }}},
+        "project": {
+            "name": "fedsqueeze-flower",
+            "version": "1.0.0",
+            "description": "fedsqueeze on Flower",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "fedsqueeze",
+                    "components": {
+                        "serverapp": "fedsqueeze.runtime.flower_app:server_app",
+                        "clientapp": "fedsqueeze.runtime.flower_client:client_app",
+                    },
+                    "config": {
+                        RUN_CONFIG_KEY: config_to_json(cfg),
+                        WAIT_KEY: float(wait_nodes_s),
+                        TIMEOUT_KEY: float(reply_timeout_s),
+                        RESUME_KEY: bool(resume),
+                    },
+                }
+            }
+        },
     }
 
 
@@ -153,8 +181,13 @@ def write_flwr_config(home: Path, superlink: str, root_certificates: str | None)
 
 
 def run_flower(
-    cfg: RunConfig, superlink: str = "127.0.0.1:9093", root_certificates: str | None = None,
-    show_progress: bool = True, wait_nodes_s: float = 120.0, timeout_s: float | None = None, resume: bool = False,
+    cfg: RunConfig,
+    superlink: str = "127.0.0.1:9093",
+    root_certificates: str | None = None,
+    show_progress: bool = True,
+    wait_nodes_s: float = 120.0,
+    timeout_s: float | None = None,
+    resume: bool = False,
 ) -> dict[str, Any] | None:
     """Start ``cfg`` on a running SuperLink with ``flwr run`` and wait for it to finish.
 
@@ -171,8 +204,7 @@ def run_flower(
         write_flwr_config(home, superlink, root_certificates)
         cmd = [flower_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         out = None if show_progress else subprocess.DEVNULL
-        proc = subprocess.Popen(cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT if out else None,
-                                start_new_session=True)
+        proc = subprocess.Popen(cmd, env=flower_env(home), stdout=out, stderr=subprocess.STDOUT if out else None, start_new_session=True)
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

@@ -106,7 +106,8 @@ def discover_partitions(grid: Grid, clients: int, wait_s: float, prepare_config:
         nodes = [n for n in grid.get_node_ids() if n not in asked]
         if nodes:
             content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = (
-                {CONFIG: ConfigRecord({"config": prepare_config})} if prepare_config else {})
+                {CONFIG: ConfigRecord({"config": prepare_config})} if prepare_config else {}
+            )
             msgs = [Message(RecordDict(content), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
             for node, reply in zip(nodes, _exchange(grid, msgs, max(end - time.monotonic(), 5.0))):
                 pid = _partition_of(reply)
@@ -141,9 +142,16 @@ class FlowerTransport(Transport):
     def _request(self, call: ClientCall) -> TrainRequest:
         ctx = call.ctx
         return TrainRequest(
-            config_json=self.cfg_json, round=ctx.round, rounds=ctx.rounds, seed=ctx.seed, client=call.client,
-            attempt=ctx.attempt, participants=ctx.participants, state_version=call.state_version,
-            state_dir=self.settings.state_dir, message=call.message,
+            config_json=self.cfg_json,
+            round=ctx.round,
+            rounds=ctx.rounds,
+            seed=ctx.seed,
+            client=call.client,
+            attempt=ctx.attempt,
+            participants=ctx.participants,
+            state_version=call.state_version,
+            state_dir=self.settings.state_dir,
+            message=call.message,
         )
 
     def exchange(self, calls: list[ClientCall]) -> dict[int, ClientReply]:
@@ -199,11 +207,17 @@ def serve(grid: Grid, cfg: RunConfig, settings: ServerSettings) -> dict[str, Any
     """The whole run on the server side: discover nodes, then the engine plays the rounds."""
     method, task = prepare(cfg)
     resume = _resume_checkpoint(cfg, settings)
-    nodes = discover_partitions(grid, cfg.clients, settings.wait_nodes_s,
-                                config_to_json(cfg) if settings.prepare_nodes else None)
+    nodes = discover_partitions(grid, cfg.clients, settings.wait_nodes_s, config_to_json(cfg) if settings.prepare_nodes else None)
     log.info("flower: %d nodes hold partitions 0..%d", len(nodes), cfg.clients - 1)
-    engine = Engine(cfg, method, task, FlowerTransport(grid, nodes, cfg, settings), runtime=settings.runtime,
-                    show_progress=settings.show_progress, extra_header=settings.extra_header)
+    engine = Engine(
+        cfg,
+        method,
+        task,
+        FlowerTransport(grid, nodes, cfg, settings),
+        runtime=settings.runtime,
+        show_progress=settings.show_progress,
+        extra_header=settings.extra_header,
+    )
     settings.results = engine.run(resume)
     return settings.results
 
@@ -220,11 +234,16 @@ def make_server_app(cfg: RunConfig | None = None, settings: ServerSettings | Non
             if not isinstance(text, str):
                 raise ConfigError(f"run config has no {RUN_CONFIG_KEY!r} entry")
             run_cfg = config_from_json(text)
-        serve(grid, run_cfg, settings or ServerSettings(
-            wait_nodes_s=float(context.run_config.get(WAIT_KEY, 120.0)),
-            reply_timeout_s=float(context.run_config.get(TIMEOUT_KEY, 3600.0)),
-            resume_from_out=bool(context.run_config.get(RESUME_KEY, False)),
-        ))
+        serve(
+            grid,
+            run_cfg,
+            settings
+            or ServerSettings(
+                wait_nodes_s=float(context.run_config.get(WAIT_KEY, 120.0)),
+                reply_timeout_s=float(context.run_config.get(TIMEOUT_KEY, 3600.0)),
+                resume_from_out=bool(context.run_config.get(RESUME_KEY, False)),
+            ),
+        )
 
     return app
 

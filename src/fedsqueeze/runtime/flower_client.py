@@ -84,8 +84,10 @@ def load_client_state(context: Context, method: Method, req: TrainRequest, state
         path = _state_path(state_dir, req, req.state_version)
         if path.is_file():
             return unpack_tree(path.read_bytes())
-    raise ClientFault(f"client state lost: this node holds no state of client {req.client} from round "
-                      f"{req.state_version[0]} (attempt {req.state_version[1]}); give the node a {STATE_DIR_KEY}")
+    raise ClientFault(
+        f"client state lost: this node holds no state of client {req.client} from round "
+        f"{req.state_version[0]} (attempt {req.state_version[1]}); give the node a {STATE_DIR_KEY}"
+    )
 
 
 def save_client_state(context: Context, req: TrainRequest, state: Any, state_dir: str | None) -> None:
@@ -149,8 +151,7 @@ def train(msg: Message, context: Context) -> Message:
         req = read_train(msg)
         method = _prepared(req.config_json)
         state_dir = _node_state_dir(context, req)
-        ctx = RoundContext(round=req.round, rounds=req.rounds, seed=req.seed, attempt=req.attempt,
-                           participants=req.participants)
+        ctx = RoundContext(round=req.round, rounds=req.rounds, seed=req.seed, attempt=req.attempt, participants=req.participants)
         client_fn = with_injected_faults(method.cfg, lambda m, c, s, x, _: method.client_update(m, c, s, x))
         # nobody can abandon a Flower client: a hung one gives up on its own, after the server has
         out = client_fn(req.message, req.client, load_client_state(context, method, req, state_dir), ctx, threading.Event())

@@ -58,22 +58,25 @@ class TLSFiles:
 
 
 def superlink_command(host: str, port: int, tls: TLSFiles | None) -> list[str]:
-    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
-           "--disable-runtime-dependency-installation"]
+    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
     if tls:
         return cmd + ["--ssl-ca-certfile", tls.ca, "--ssl-certfile", tls.cert, "--ssl-keyfile", tls.key]
     return cmd + ["--insecure"]
 
 
 def supernode_command(
-    superlink: str, partition: int, partitions: int, runtime_port: int, tls: TLSFiles | None, state_dir: str | None = None,
+    superlink: str,
+    partition: int,
+    partitions: int,
+    runtime_port: int,
+    tls: TLSFiles | None,
+    state_dir: str | None = None,
 ) -> list[str]:
     """A SuperNode holding ``partition``; with ``state_dir`` it keeps its client state there (resumable runs)."""
     node_config = f"partition-id={partition} num-partitions={partitions}"
     if state_dir:
         node_config += f' state-dir="{state_dir}"'
-    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port),
-           "--node-config", node_config]
+    cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config]
     return cmd + (["--root-certificates", tls.ca] if tls else ["--insecure"])
 
 
@@ -96,8 +99,7 @@ class Federation:
         assert self.workdir is not None  # set by start()
         log = open(Path(self.workdir) / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
         try:
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                    cwd=self.workdir)
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=self.workdir)
         finally:
             log.close()
         self.procs.append(proc)
@@ -109,13 +111,14 @@ class Federation:
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port(self.host)
         try:
-            self._spawn(superlink_command(self.host, self.port, self.tls), "superlink",
-                        flower_env(Path(self.workdir) / "superlink-home"))
+            self._spawn(superlink_command(self.host, self.port, self.tls), "superlink", flower_env(Path(self.workdir) / "superlink-home"))
             self._wait_listening(ready_timeout_s)
             for i in range(self.nodes):
-                self._spawn(supernode_command(self.address, i, self.nodes, free_port(), self.tls,
-                                  str(Path(self.workdir) / f"node-{i}-state")), f"supernode-{i}",
-                            flower_env(Path(self.workdir) / f"supernode-{i}-home"))
+                self._spawn(
+                    supernode_command(self.address, i, self.nodes, free_port(), self.tls, str(Path(self.workdir) / f"node-{i}-state")),
+                    f"supernode-{i}",
+                    flower_env(Path(self.workdir) / f"supernode-{i}-home"),
+                )
         except BaseException:
             self.stop()
             raise

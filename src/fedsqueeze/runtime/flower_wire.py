@@ -94,15 +94,24 @@ class TrainRequest:
 def train_message(req: TrainRequest, node: int) -> Message:
     """The ``train`` Message that carries ``req`` to ``node``."""
     values: dict[str, Any] = {
-        "config": req.config_json, "round": req.round, "rounds": req.rounds, "seed": req.seed,
-        "client": req.client, "attempt": req.attempt, "participants": list(req.participants),
+        "config": req.config_json,
+        "round": req.round,
+        "rounds": req.rounds,
+        "seed": req.seed,
+        "client": req.client,
+        "attempt": req.attempt,
+        "participants": list(req.participants),
     }
     if req.state_version is not None:
         values["state-version"] = list(req.state_version)
     if req.state_dir:
         values["state-dir"] = req.state_dir
-    return Message(RecordDict({PAYLOAD: bytes_record(req.message), CONFIG: ConfigRecord(values)}), dst_node_id=node,
-                   message_type=MessageType.TRAIN, group_id=f"{req.round}.{req.attempt}")
+    return Message(
+        RecordDict({PAYLOAD: bytes_record(req.message), CONFIG: ConfigRecord(values)}),
+        dst_node_id=node,
+        message_type=MessageType.TRAIN,
+        group_id=f"{req.round}.{req.attempt}",
+    )
 
 
 def _int(conf: Any, key: str, default: int | None = None) -> int:
@@ -129,11 +138,16 @@ def read_train(msg: Message) -> TrainRequest:
     version = conf.get("state-version")
     state_dir = conf.get("state-dir")
     return TrainRequest(
-        config_json=config_json, round=_int(conf, "round"), rounds=_int(conf, "rounds"), seed=_int(conf, "seed"),
-        client=_int(conf, "client"), attempt=_int(conf, "attempt", 0),
+        config_json=config_json,
+        round=_int(conf, "round"),
+        rounds=_int(conf, "rounds"),
+        seed=_int(conf, "seed"),
+        client=_int(conf, "client"),
+        attempt=_int(conf, "attempt", 0),
         participants=_ints(conf.get("participants", []), "participants"),
         state_version=None if version is None else _ints(version, "state-version", 2),  # type: ignore[arg-type]
-        state_dir=state_dir if isinstance(state_dir, str) else None, message=record_bytes(msg.content),
+        state_dir=state_dir if isinstance(state_dir, str) else None,
+        message=record_bytes(msg.content),
     )
 
 
@@ -144,8 +158,9 @@ def reply_error(msg: Message, error: str) -> Message:
 
 def reply_update(msg: Message, payload: bytes, metrics: dict[str, Any]) -> Message:
     """The reply of a client that trained: its payload bytes and its numeric metrics."""
-    numeric: dict[str, int | float | list[int] | list[float]] = {k: float(v) for k, v in metrics.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+    numeric: dict[str, int | float | list[int] | list[float]] = {
+        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
     return Message(RecordDict({PAYLOAD: bytes_record(payload), METRICS: MetricRecord(numeric)}), reply_to=msg)
 
 

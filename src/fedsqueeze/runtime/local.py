@@ -51,8 +51,11 @@ class LocalTransport(Transport):
         cstate = self.states[client] if client in self.states else self.method.init_client(client)
         t0 = time.perf_counter()
         try:
-            out = call_with_timeout(lambda abandon: self.client_fn(call.message, client, cstate, call.ctx, abandon),
-                                    self.cfg.client_timeout, f"fedsqueeze-client-{client}")
+            out = call_with_timeout(
+                lambda abandon: self.client_fn(call.message, client, cstate, call.ctx, abandon),
+                self.cfg.client_timeout,
+                f"fedsqueeze-client-{client}",
+            )
         except Exception as exc:  # one failing client must not end the run
             return ClientReply(error=f"client error: {type(exc).__name__}: {exc}")
         reply = reply_of(out, time.perf_counter() - t0)
@@ -69,7 +72,12 @@ class LocalTransport(Transport):
 
 
 def run_round(
-    method: Method, task: Task, cfg: RunConfig, state: Any, client_states: dict[int, Any], ctx: RoundContext,
+    method: Method,
+    task: Task,
+    cfg: RunConfig,
+    state: Any,
+    client_states: dict[int, Any],
+    ctx: RoundContext,
     progress: RunProgress | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Play one round in this process (for scripts and tests); ``client_states`` is updated in place."""

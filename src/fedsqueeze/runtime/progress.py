@@ -26,9 +26,17 @@ def rounds_table(rounds: list[dict[str, Any]], title: str = "") -> Table:
         table.add_column(col, justify="right")
     for r in rounds:
         table.add_row(
-            str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", _fmt_bytes(r["uplink_bytes"]),
-            _fmt_bytes(r["downlink_bytes"]), f"{r['uplink_bpp']:.4g}", f"{r['downlink_bpp']:.4g}",
-            f"{r['clients_aggregated']}/{r['clients']}", f"{r['wall_s']:.1f}", f"{r['train_s']:.1f}", f"{r['codec_s']:.2f}",
+            str(r["round"]),
+            f"{r['accuracy']:.4f}",
+            f"{r['loss']:.4f}",
+            _fmt_bytes(r["uplink_bytes"]),
+            _fmt_bytes(r["downlink_bytes"]),
+            f"{r['uplink_bpp']:.4g}",
+            f"{r['downlink_bpp']:.4g}",
+            f"{r['clients_aggregated']}/{r['clients']}",
+            f"{r['wall_s']:.1f}",
+            f"{r['train_s']:.1f}",
+            f"{r['codec_s']:.2f}",
         )
     return table
 
@@ -47,8 +55,13 @@ class RunProgress:
             f"params={model_params:,} trainable={trainable:,}"
         )
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, disable=not enabled,
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not enabled,
         )
 
     def __enter__(self) -> RunProgress:

@@ -19,19 +19,51 @@ EVERY = frozenset(RUNTIMES)
 # field -> the runtimes that honour it (and where, when it is not obvious)
 FIELD_SUPPORT: dict[str, frozenset[str]] = {
     # the task: built by the same `prepare` on the server and on every client
-    **{name: EVERY for name in (
-        "method", "model", "dataset", "clients", "clients_per_round", "rounds", "seed", "partition", "alpha",
-        "train_size", "test_size", "max_length", "local_steps", "local_epochs", "batch_size", "lr",
-        "eval_batch_size", "text_column", "label_column", "options",
-    )},
+    **{
+        name: EVERY
+        for name in (
+            "method",
+            "model",
+            "dataset",
+            "clients",
+            "clients_per_round",
+            "rounds",
+            "seed",
+            "partition",
+            "alpha",
+            "train_size",
+            "test_size",
+            "max_length",
+            "local_steps",
+            "local_epochs",
+            "batch_size",
+            "lr",
+            "eval_batch_size",
+            "text_column",
+            "label_column",
+            "options",
+        )
+    },
     "runtime": EVERY,
     "out": EVERY,  # flower: on the machine that runs the ServerApp (the SuperLink's)
     "threads": EVERY,  # set by `prepare` in every process that builds the task, client nodes included
     # the round engine's own: sampling, faults, deadlines, retries (server side) ...
-    **{name: EVERY for name in (
-        "dropout", "fault_corrupt", "fault_truncate", "straggler", "straggler_delay", "deadline",
-        "min_clients", "min_clients_policy", "max_retries", "checkpoint", "overwrite",
-    )},
+    **{
+        name: EVERY
+        for name in (
+            "dropout",
+            "fault_corrupt",
+            "fault_truncate",
+            "straggler",
+            "straggler_delay",
+            "deadline",
+            "min_clients",
+            "min_clients_policy",
+            "max_retries",
+            "checkpoint",
+            "overwrite",
+        )
+    },
     # ... and the client-side fault wrapper (the local transport and the ClientApp alike)
     **{name: EVERY for name in ("fault_raise", "fault_hang", "fault_garbage")},
     "client_timeout": EVERY,  # local: per client call; flower: how long the server pulls for replies
@@ -51,5 +83,7 @@ def check_runtime(cfg: RunConfig, support: dict[str, frozenset[str]] | None = No
             raise ConfigError(f"run option {f.name!r} is not classified for any runtime (runtime/support.py)")
         if cfg.runtime not in support[f.name] and getattr(cfg, f.name) != getattr(defaults, f.name):
             honoured = ", ".join(sorted(support[f.name])) or "no runtime"
-            raise ConfigError(f"--runtime {cfg.runtime} does not honour {f.name}={getattr(cfg, f.name)!r} "
-                              f"(honoured by: {honoured}); leave it at its default {getattr(defaults, f.name)!r}")
+            raise ConfigError(
+                f"--runtime {cfg.runtime} does not honour {f.name}={getattr(cfg, f.name)!r} "
+                f"(honoured by: {honoured}); leave it at its default {getattr(defaults, f.name)!r}"
+            )
