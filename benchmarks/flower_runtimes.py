@@ -151,7 +151,11 @@ def main() -> None:
         fed.start()
         startup = time.perf_counter() - t0
         out = tmp / "flower"
-        run = timed_run(cli(args, "flower", out, ["--superlink", fed.address]), env, [p.pid for p in fed.procs])
+        run = timed_run(
+            cli(args, "flower", out, ["--superlink", fed.address, "--root-certificates", str(fed.root_certificates)]),
+            env,
+            [p.pid for p in fed.procs],
+        )
     finally:
         fed.stop()
     results["flower"] = {**run, "federation_start_s": round(startup, 2), **summary(out)}

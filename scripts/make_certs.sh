@@ -7,6 +7,9 @@
 # server.pem / server.key (the SuperLink's certificate and key). The certificate is valid for
 # localhost, 127.0.0.1 and every extra NAME_OR_IP given (the SuperLink's host name or address as
 # the SuperNodes dial it). Keep ca.key and server.key private.
+#
+# `fedsqueeze federation` makes the same files itself (with Python's cryptography package) in
+# WORKDIR/certs when --tls-dir is not given; --tls-name NAME_OR_IP adds names there.
 set -euo pipefail
 if [[ $# -lt 1 ]]; then
   echo "usage: $0 DIR [NAME_OR_IP ...]" >&2

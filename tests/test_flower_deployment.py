@@ -1,4 +1,5 @@
-"""Integration: a real SuperLink and two SuperNodes on 127.0.0.1 give the local runtime's results.
+"""Integration: a real SuperLink and two SuperNodes on 127.0.0.1 (TLS, SuperNode authentication) give the
+local runtime's results.
 
 Both Flower runs go to the same federation at once (the SuperNodes serve both), while the local
 reference runs in this process, so the test pays Flower's start-up and polling delays once.
@@ -61,6 +62,7 @@ def test_superlink_and_two_supernodes_match_local(tmp_path):
                     run_flower,
                     _cfg(m, o, tmp_path / f"flower-{m}"),
                     superlink=fed.address,
+                    root_certificates=fed.root_certificates,  # TLS and SuperNode authentication: Federation's defaults
                     show_progress=False,
                     wait_nodes_s=90,
                     timeout_s=400,

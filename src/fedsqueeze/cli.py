@@ -54,8 +54,9 @@ def run(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar or tables"),
     superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
     root_certificates: Optional[str] = typer.Option(
-        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"
+        None, help="--runtime flower: CA certificate (ca.crt) of the SuperLink; a run without it is refused unless --insecure"
     ),
+    insecure: bool = typer.Option(False, "--insecure", help="--runtime flower: connect without TLS (plain text; warns)"),
     resume: Optional[str] = typer.Option(None, "--resume", help="continue the killed run in this output directory (uses its saved config)"),
     **flags: Any,
 ) -> None:
@@ -69,11 +70,13 @@ def run(
         given += ["--config"] * (config is not None) + ["--set"] * bool(set_)
         if given:
             raise ConfigError(f"--resume takes every setting from the run's saved config.toml; drop {', '.join(given)}")
-        results = runners.resume(resume, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates)
+        results = runners.resume(
+            resume, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates, insecure=insecure
+        )
         _print_final(results, resume)
         return
     cfg = build_config(config, cli, parse_sets(set_))
-    results = runners.run(cfg, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates)
+    results = runners.run(cfg, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates, insecure=insecure)
     _print_final(results, cfg.out)
 
 
@@ -93,12 +96,28 @@ def federation(
     nodes: int = typer.Option(2, help="SuperNodes to start; node i holds partition-id i (use --clients N)"),
     host: str = typer.Option("127.0.0.1", help="address the SuperLink listens on (0.0.0.0 for other machines)"),
     port: int = typer.Option(9093, help="the SuperLink's port (Fleet, Control and Runtime APIs)"),
-    tls_dir: Optional[str] = typer.Option(None, help="directory with ca.crt, server.pem, server.key (scripts/make_certs.sh)"),
-    workdir: Optional[str] = typer.Option(None, help="where logs and the private FLWR_HOMEs go (default: a temp dir)"),
+    tls_dir: Optional[str] = typer.Option(
+        None, help="directory with ca.crt, server.pem, server.key (scripts/make_certs.sh); default: made in WORKDIR/certs"
+    ),
+    tls_name: list[str] = typer.Option([], "--tls-name", help="extra host name or IP for a generated certificate (repeatable)"),
+    workdir: Optional[str] = typer.Option(None, help="where logs, private FLWR_HOMEs, certificates and node keys go (default: a temp dir)"),
+    insecure: bool = typer.Option(False, "--insecure", help="no TLS and no SuperNode authentication: any process may join (warns)"),
+    open_control: bool = typer.Option(
+        False, "--open-control", help="let any client that reaches the port submit runs (default: loopback only)"
+    ),
+    register: list[str] = typer.Option(
+        [], "--register", help="public key file (OpenSSH, EC) of a SuperNode on another machine to admit (repeatable)"
+    ),
 ) -> None:
-    """Start a Flower SuperLink and N SuperNodes on this machine; Ctrl-C stops them all."""
+    """Start a Flower SuperLink and N SuperNodes on this machine; Ctrl-C stops them all.
+
+    Secure by default: TLS (certificates made in WORKDIR/certs unless --tls-dir), SuperNode
+    authentication (one registered key per node: no other node can join), and job submission
+    from this machine only.
+    """
     import signal
     import time
+    import warnings
 
     from fedsqueeze.runtime.flower_deploy import Federation, TLSFiles
 
@@ -108,12 +127,32 @@ def federation(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
 
+    if insecure and tls_dir:
+        raise ConfigError("--insecure and --tls-dir: choose one")
     tls = TLSFiles.from_dir(tls_dir) if tls_dir else None
-    fed = Federation(nodes=nodes, host=host, port=port, tls=tls, workdir=workdir)
-    with fed:
-        err.print(f"SuperLink on {fed.address} ({'TLS' if tls else 'insecure'}), {nodes} SuperNodes; logs in {fed.workdir}")
-        extra = f" --root-certificates {tls.ca}" if tls else ""
-        err.print(f"run against it:  fedsqueeze run --runtime flower --superlink {fed.address} --clients {nodes}{extra} ...")
+    fed = Federation(
+        nodes=nodes,
+        host=host,
+        port=port,
+        tls=tls,
+        workdir=workdir,
+        insecure=insecure,
+        tls_names=tuple(tls_name),
+        open_control=open_control,
+        public_keys=tuple(register),
+    )
+    if insecure:
+        err.print("[yellow]warning:[/yellow] --insecure: no TLS, no SuperNode authentication; anyone who reaches the port can join")
+    if open_control:
+        err.print("[yellow]warning:[/yellow] --open-control: anyone who reaches the port can submit a run (code runs on this machine)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # printed above, as one line
+        fed.start()
+    try:
+        mode = "insecure" if insecure else f"TLS, CA {fed.root_certificates}, SuperNode authentication"
+        err.print(escape(f"SuperLink on {host}:{fed.port} ({mode}), {nodes} SuperNodes; logs in {fed.workdir}"))
+        extra = f" --root-certificates {fed.root_certificates}" if fed.root_certificates else " --insecure"
+        err.print(escape(f"run against it:  fedsqueeze run --runtime flower --superlink {fed.address} --clients {nodes}{extra} ..."))
         err.print("Ctrl-C stops every process started here")
         try:
             while all(p.poll() is None for p in fed.procs):
@@ -121,6 +160,8 @@ def federation(
             err.print("[red]a Flower process exited; stopping the rest[/red]")
         except KeyboardInterrupt:
             pass
+    finally:
+        fed.stop()
 
 
 @app.command()
@@ -137,8 +178,9 @@ def compare(
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars or tables"),
     superlink: str = typer.Option("127.0.0.1:9093", help="--runtime flower: the SuperLink's address host:port"),
     root_certificates: Optional[str] = typer.Option(
-        None, help="--runtime flower: CA certificate (ca.crt) of a TLS SuperLink; insecure without it"
+        None, help="--runtime flower: CA certificate (ca.crt) of the SuperLink; a run without it is refused unless --insecure"
     ),
+    insecure: bool = typer.Option(False, "--insecure", help="--runtime flower: connect without TLS (plain text; warns)"),
     **flags: Any,
 ) -> None:
     """Run several methods on the same task and seed; write OUT/report.md, pareto.png, accuracy.png, bpp.png."""
@@ -164,6 +206,7 @@ def compare(
         command=_command_line(),
         superlink=superlink,
         root_certificates=root_certificates,
+        insecure=insecure,
     )
     _print_summary(done)
     if done["failed"]:

@@ -28,6 +28,7 @@ def run(
     superlink: str = DEFAULT_SUPERLINK,
     root_certificates: str | None = None,
     resume: Any = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` on its runtime (from the checkpoint ``resume`` if given); results.json's content.
 
@@ -49,7 +50,12 @@ def run(
         from fedsqueeze.runtime.flower import run_flower
 
         results = run_flower(
-            cfg, superlink=superlink, root_certificates=root_certificates, show_progress=show_progress, resume=resume is not None
+            cfg,
+            superlink=superlink,
+            root_certificates=root_certificates,
+            show_progress=show_progress,
+            resume=resume is not None,
+            insecure=insecure,
         )
         if results is None:
             raise FedsqueezeError(
@@ -63,13 +69,17 @@ def run(
 
 
 def resume(
-    out_dir: str | Path, show_progress: bool = True, superlink: str = DEFAULT_SUPERLINK, root_certificates: str | None = None
+    out_dir: str | Path,
+    show_progress: bool = True,
+    superlink: str = DEFAULT_SUPERLINK,
+    root_certificates: str | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """Continue the killed run in ``out_dir`` on the runtime it ran on, from its last checkpoint."""
     from fedsqueeze.runtime.engine import load_resume
 
     cfg, ckpt = load_resume(out_dir)
-    return run(cfg, show_progress, superlink, root_certificates, resume=ckpt)
+    return run(cfg, show_progress, superlink, root_certificates, resume=ckpt, insecure=insecure)
 
 
 # ---- compare ---------------------------------------------------------------------------------------
@@ -143,6 +153,7 @@ def run_compare(
     command: str | None = None,
     superlink: str = DEFAULT_SUPERLINK,
     root_certificates: str | None = None,
+    insecure: bool = False,
 ) -> dict[str, Any]:
     """Run every method on ``base``'s task and runtime, one after the other, then write the report and plots."""
     from rich.console import Console
@@ -161,7 +172,7 @@ def run_compare(
             console.rule(f"compare: run {i}/{len(configs)}: {cfg.method} ({cfg.runtime})")
         try:
             # each run builds a fresh task: setup() changes the model (freezing, adapters)
-            res = run(cfg, show_progress=show_progress, superlink=superlink, root_certificates=root_certificates)
+            res = run(cfg, show_progress=show_progress, superlink=superlink, root_certificates=root_certificates, insecure=insecure)
         except Exception as exc:  # one failing method must not throw away the others' (long) runs
             log.error("compare: method %s failed: %s: %s", cfg.method, type(exc).__name__, exc)
             failed.append({"method": cfg.method, "error": f"{type(exc).__name__}: {exc}"})

@@ -188,12 +188,28 @@ def run_flower(
     wait_nodes_s: float = 120.0,
     timeout_s: float | None = None,
     resume: bool = False,
+    insecure: bool = False,
 ) -> dict[str, Any] | None:
     """Start ``cfg`` on a running SuperLink with ``flwr run`` and wait for it to finish.
 
+    The connection is TLS, verified against ``root_certificates`` (the federation's ca.crt);
+    without it the run is refused unless ``insecure`` is True (plain text, with a warning).
     The ServerApp writes results.json and rounds.csv to ``cfg.out`` on the SuperLink's machine;
     they are returned when that is this machine (None otherwise).
     """
+    if root_certificates and insecure:
+        raise FedsqueezeError("--root-certificates and --insecure: choose one")
+    if not root_certificates and not insecure:
+        raise FedsqueezeError(
+            f"refusing an unencrypted connection to the SuperLink {superlink}: give --root-certificates CA.crt "
+            "(the federation's ca.crt; `fedsqueeze federation` prints it), or --insecure for a SuperLink without TLS"
+        )
+    if root_certificates and not Path(root_certificates).expanduser().is_file():
+        raise FedsqueezeError(f"--root-certificates {root_certificates}: no such file")
+    if insecure:
+        logging.getLogger("fedsqueeze").warning(
+            "--insecure: the run and its models travel to %s unencrypted, and the SuperLink is not verified", superlink
+        )
     cfg = _with_absolute_out(cfg)
     results_path = Path(cfg.out) / "results.json"
     started = time.time()

@@ -16,11 +16,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedsqueeze.errors import FedsqueezeError
 from fedsqueeze.runtime.flower import flower_bin, flower_env
+from fedsqueeze.runtime.superlink_guard import OPEN_CONTROL_ENV
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -39,9 +41,110 @@ def _proc_or_none(pid: int):
         return None
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def make_certs(directory: str | Path, names: list[str] | tuple[str, ...] = ()) -> TLSFiles:
+    """A private CA and a SuperLink certificate signed by it, as scripts/make_certs.sh makes them.
+
+    The certificate is valid for localhost, 127.0.0.1, ::1 and every extra host name or IP in
+    ``names`` (the SuperLink's address as SuperNodes on other machines dial it). ``ca.key`` and
+    ``server.key`` are written 0600.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = Path(directory).expanduser().resolve()
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=365)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("fedsqueeze-ca"))
+        .issuer_name(name("fedsqueeze-ca"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)  # key_cert_sign, crl_sign
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    sans: list[x509.GeneralName] = []
+    for host in ["localhost", "127.0.0.1", "::1", *names]:
+        if host in WILDCARD_HOSTS:
+            continue
+        try:
+            entry: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            entry = x509.DNSName(host)
+        if entry not in sans:
+            sans.append(entry)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name("fedsqueeze-superlink"))
+        .issuer_name(ca.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    key_format = dict(encoding=pem, format=serialization.PrivateFormat.PKCS8, encryption_algorithm=serialization.NoEncryption())
+    _write_private(d / "ca.key", ca_key.private_bytes(**key_format))  # type: ignore[arg-type]
+    _write_private(d / "server.key", server_key.private_bytes(**key_format))  # type: ignore[arg-type]
+    (d / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (d / "server.pem").write_bytes(server.public_bytes(pem))
+    return TLSFiles(str(d / "ca.crt"), str(d / "server.pem"), str(d / "server.key"))
+
+
+def make_node_key(path: str | Path) -> tuple[str, str]:
+    """A SuperNode authentication key pair (EC P-384, OpenSSH format): ``path`` (0600) and ``path.pub``.
+
+    The SuperNode signs with the private key (``--auth-supernode-private-key``); the SuperLink
+    admits it only once its public key is registered (``flwr supernode register path.pub``).
+    """
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = Path(path).expanduser().resolve()
+    public = private.with_name(private.name + ".pub")
+    _write_private(
+        private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+    )
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n")
+    return str(private), str(public)
+
+
 @dataclass
 class TLSFiles:
-    """Certificates made by scripts/make_certs.sh: a CA and a server certificate signed by it."""
+    """A CA and a SuperLink certificate signed by it (:func:`make_certs` or scripts/make_certs.sh)."""
 
     ca: str
     cert: str
@@ -56,11 +159,30 @@ class TLSFiles:
                 raise FedsqueezeError(f"TLS file {f} is missing; create them with scripts/make_certs.sh {d}")
         return files
 
+    @classmethod
+    def ensure(cls, directory: str | Path, names: list[str] | tuple[str, ...] = ()) -> TLSFiles:
+        """The certificates in ``directory``, made there first if none of them exist yet."""
+        d = Path(directory).expanduser().resolve()
+        if not any((d / f).exists() for f in ("ca.crt", "server.pem", "server.key")):
+            return make_certs(d, names)
+        return cls.from_dir(d)
 
-def superlink_command(host: str, port: int, tls: TLSFiles | None) -> list[str]:
-    cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+
+def superlink_command(
+    host: str, port: int, tls: TLSFiles | None, node_auth: bool = True, guard: bool = True, database: str | None = None
+) -> list[str]:
+    """The SuperLink's command: TLS with ``tls`` (and SuperNode authentication unless ``node_auth`` is
+    False), ``--insecure`` without. With ``guard`` it runs through :mod:`fedsqueeze.runtime.superlink_guard`,
+    whose Control and Runtime APIs answer loopback clients only."""
+    import sys
+
+    exe = [sys.executable, "-m", "fedsqueeze.runtime.superlink_guard"] if guard else [flower_bin("flower-superlink")]
+    cmd = exe + ["--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if database:
+        cmd += ["--database", database]
     if tls:
-        return cmd + ["--ssl-ca-certfile", tls.ca, "--ssl-certfile", tls.cert, "--ssl-keyfile", tls.key]
+        cmd += ["--ssl-ca-certfile", tls.ca, "--ssl-certfile", tls.cert, "--ssl-keyfile", tls.key]
+        return cmd + (["--enable-supernode-auth"] if node_auth else [])
     return cmd + ["--insecure"]
 
 
@@ -71,29 +193,81 @@ def supernode_command(
     runtime_port: int,
     tls: TLSFiles | None,
     state_dir: str | None = None,
+    node_key: str | None = None,
 ) -> list[str]:
-    """A SuperNode holding ``partition``; with ``state_dir`` it keeps its client state there (resumable runs)."""
+    """A SuperNode holding ``partition``; with ``state_dir`` it keeps its client state there (resumable runs).
+
+    With ``tls`` it verifies the SuperLink against ``tls.ca``; ``node_key`` is its private
+    authentication key (:func:`make_node_key`), whose public half the SuperLink must have registered.
+    """
     node_config = f"partition-id={partition} num-partitions={partitions}"
     if state_dir:
         node_config += f' state-dir="{state_dir}"'
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config]
+    if node_key:
+        cmd += ["--auth-supernode-private-key", node_key]
     return cmd + (["--root-certificates", tls.ca] if tls else ["--insecure"])
+
+
+def flwr_command(args: list[str], superlink: str, tls: TLSFiles | None, home: Path, timeout_s: float = 60.0) -> str:
+    """Run ``flwr ARGS... fedsqueeze`` against ``superlink`` from a private FLWR_HOME; its stdout."""
+    from fedsqueeze.runtime.flower import CONNECTION, write_flwr_config
+
+    write_flwr_config(home, superlink, tls.ca if tls else None)
+    proc = subprocess.run(
+        [flower_bin("flwr"), *args, CONNECTION],
+        env=flower_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        start_new_session=True,
+    )
+    if proc.returncode != 0:
+        raise FedsqueezeError(f"`flwr {' '.join(args)}` failed ({proc.returncode}): {(proc.stdout + proc.stderr).strip()[-2000:]}")
+    return proc.stdout
+
+
+def list_nodes(superlink: str, tls: TLSFiles | None, home: Path) -> list[dict]:
+    """The SuperLink's SuperNodes (``flwr supernode list --format json``): node-id, status, ..."""
+    import json
+
+    out = flwr_command(["supernode", "list", "--format", "json"], superlink, tls, home)
+    data = json.loads(out[out.index("{") :])
+    return list(data.get("nodes", []))
 
 
 @dataclass
 class Federation:
-    """A SuperLink and ``nodes`` SuperNodes on this machine; use as a context manager."""
+    """A SuperLink and ``nodes`` SuperNodes on this machine; use as a context manager.
+
+    Secure by default: TLS (certificates from ``tls``, else made in ``WORKDIR/certs`` valid for
+    ``host`` and ``tls_names``), SuperNode authentication (a key pair per node in
+    ``WORKDIR/node-keys``, each public key registered with the SuperLink before its node starts,
+    so no other node can join), and Control and Runtime APIs that answer loopback clients only.
+    ``insecure=True`` turns all of it off, with a warning.
+    """
 
     nodes: int
     host: str = "127.0.0.1"
     port: int = 0  # 0: a free port
     tls: TLSFiles | None = None
-    workdir: str | None = None  # logs and FLWR_HOME; a temporary directory if None
+    workdir: str | None = None  # logs, FLWR_HOMEs, certificates and node keys; a temporary directory if None
+    insecure: bool = False
+    tls_names: tuple[str, ...] = ()  # extra host names / IPs for a generated certificate
+    open_control: bool = False  # True: the Control API answers any client that reaches the port
+    public_keys: tuple[str, ...] = ()  # SuperNodes on other machines to admit: their OpenSSH public key files
     procs: list[subprocess.Popen] = field(default_factory=list)
+    node_keys: list[str] = field(default_factory=list)
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        """The address this machine's clients dial (loopback when the SuperLink listens on all interfaces)."""
+        host = "127.0.0.1" if self.host in WILDCARD_HOSTS else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    @property
+    def root_certificates(self) -> str | None:
+        return self.tls.ca if self.tls else None
 
     def _spawn(self, cmd: list[str], name: str, env: dict[str, str]) -> subprocess.Popen:
         assert self.workdir is not None  # set by start()
@@ -105,17 +279,71 @@ class Federation:
         self.procs.append(proc)
         return proc
 
+    def _secure_setup(self) -> None:
+        assert self.workdir is not None
+        if self.insecure:
+            if self.tls:
+                raise FedsqueezeError("insecure=True and TLS files: choose one")
+            if self.public_keys:
+                raise FedsqueezeError("SuperNode authentication (registered public keys) needs TLS: drop --insecure")
+            warnings.warn(
+                "insecure Flower federation: no TLS, no SuperNode authentication; any process that reaches "
+                f"{self.host}:{self.port} can join as a node or read the traffic",
+                stacklevel=3,
+            )
+            return
+        if self.tls is None:
+            names = [*self.tls_names]
+            if self.host not in LOOPBACK_HOSTS and self.host not in WILDCARD_HOSTS:
+                names.append(self.host)
+            elif self.host in WILDCARD_HOSTS:
+                names.append(socket.gethostname())
+            self.tls = TLSFiles.ensure(Path(self.workdir) / "certs", names)
+        keys = Path(self.workdir) / "node-keys"
+        self.node_keys = []
+        for i in range(self.nodes):
+            key = keys / f"node-{i}"
+            if not key.is_file():
+                make_node_key(key)
+            self.node_keys.append(str(key))
+
+    def register_node(self, public_key: str) -> None:
+        """Admit the SuperNode whose public key (OpenSSH format) is in ``public_key`` (Control API, loopback)."""
+        assert self.workdir is not None
+        flwr_command(["supernode", "register", public_key], self.address, self.tls, Path(self.workdir) / "cli-home")
+
+    def list_nodes(self) -> list[dict]:
+        """The SuperLink's SuperNodes as ``flwr supernode list`` reports them (node-id, status, ...)."""
+        assert self.workdir is not None
+        return list_nodes(self.address, self.tls, Path(self.workdir) / "cli-home")
+
     def start(self, ready_timeout_s: float = 60.0) -> Federation:
-        """Start the SuperLink, wait until it listens, then start the SuperNodes."""
-        self.workdir = self.workdir or tempfile.mkdtemp(prefix="fsq-federation-")
+        """Start the SuperLink, wait until it listens, register the node keys, then start the SuperNodes."""
+        self.workdir = str(Path(self.workdir or tempfile.mkdtemp(prefix="fsq-federation-")).expanduser().resolve())
         Path(self.workdir).mkdir(parents=True, exist_ok=True)
-        self.port = self.port or free_port(self.host)
+        self.port = self.port or free_port("127.0.0.1" if self.host in WILDCARD_HOSTS else self.host)
+        self._secure_setup()
+        env = flower_env(Path(self.workdir) / "superlink-home")
+        if self.open_control:
+            env[OPEN_CONTROL_ENV] = "1"
         try:
-            self._spawn(superlink_command(self.host, self.port, self.tls), "superlink", flower_env(Path(self.workdir) / "superlink-home"))
+            self._spawn(superlink_command(self.host, self.port, self.tls, node_auth=not self.insecure), "superlink", env)
             self._wait_listening(ready_timeout_s)
+            for key in self.node_keys:
+                self.register_node(key + ".pub")
+            for public in self.public_keys:
+                self.register_node(str(Path(public).expanduser().resolve()))
             for i in range(self.nodes):
                 self._spawn(
-                    supernode_command(self.address, i, self.nodes, free_port(), self.tls, str(Path(self.workdir) / f"node-{i}-state")),
+                    supernode_command(
+                        self.address,
+                        i,
+                        self.nodes,
+                        free_port(),
+                        self.tls,
+                        str(Path(self.workdir) / f"node-{i}-state"),
+                        node_key=self.node_keys[i] if self.node_keys else None,
+                    ),
                     f"supernode-{i}",
                     flower_env(Path(self.workdir) / f"supernode-{i}-home"),
                 )
@@ -130,7 +358,7 @@ class Federation:
             if self.procs[0].poll() is not None:
                 raise FedsqueezeError(f"flower-superlink exited early; see {self.workdir}/superlink.log")
             try:
-                with socket.create_connection((self.host, self.port), timeout=1.0):
+                with socket.create_connection((self.address.rsplit(":", 1)[0].strip("[]"), self.port), timeout=1.0):
                     return
             except OSError:
                 time.sleep(0.3)
