@@ -8,6 +8,7 @@ from fedsqueeze.codecs.base import (
     RawCodec,
     decode_tensors,
     encode_tensors,
+    expect_tensors,
     get_codec,
     register_codec,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "RawCodec",
     "decode_tensors",
     "encode_tensors",
+    "expect_tensors",
     "frame",
     "get_codec",
     "register_codec",

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from fedsqueeze.codecs.framing import frame, unframe
+from fedsqueeze.codecs.framing import MAX_META_BYTES, frame, unframe
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.options import option, parse_options
 
@@ -47,11 +47,34 @@ class CodecContext:
 
     ``state`` is the encoder's memory between rounds (e.g. error-feedback residuals); the caller
     owns it and keeps one per client. ``max_elements`` caps what a decoder may allocate.
+    ``expect`` (name -> ``(dtype, shape)``), when a server knows what it must receive, makes every
+    tensor table of a payload name only those tensors, each with exactly that dtype and shape,
+    before anything is allocated.
     """
 
     seed: int = 0
     state: dict[str, Any] = field(default_factory=dict)
     max_elements: int | None = None
+    expect: dict[str, tuple[str, tuple[int, ...]]] | None = None
+
+    def budget(self, used: int) -> CodecContext:
+        """The context for a payload's second table: what is left of the cap after ``used`` elements."""
+        left = None if self.max_elements is None else self.max_elements - used
+        return CodecContext(max_elements=left, expect=self.expect)
+
+
+def meta_bound(expect: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """A generous cap on the JSON header of a payload holding the ``expect`` tensors: every codec's
+    header is a few tables and lists with one entry per tensor, so it grows with their number and
+    names, never with their sizes (a 1000-tensor table sent to a 2-tensor server is not parsed)."""
+    per_tensor = sum(3 * (len(name) + len(dt) + 24 * (len(shape) + 1) + 64) for name, (dt, shape) in expect.items())
+    return min(MAX_META_BYTES, 16384 + per_tensor)
+
+
+def expect_tensors(shapes: dict[str, tuple[int, ...]], dtype: Any = "float32") -> dict[str, tuple[str, tuple[int, ...]]]:
+    """An ``expect`` table: every named tensor with one dtype."""
+    dt = str(np.dtype(dtype))
+    return {name: (dt, tuple(int(d) for d in shape)) for name, shape in shapes.items()}
 
 
 # codecs declare options with the one option system (fedsqueeze.options); the old name stays for them
@@ -104,6 +127,13 @@ class Codec(ABC):
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         """Invert :meth:`encode`; raise :class:`PayloadError` on anything inconsistent."""
 
+    def check_header(self, meta: dict[str, Any]) -> None:
+        """Raise PayloadError if ``meta`` declares coding parameters other than this codec's options.
+
+        A server decodes with the codec it configured (``decode_tensors(..., codec=...)``), so a
+        header may not pick a bucket, chunk or fraction of its own. Default: nothing to compare.
+        """
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
@@ -147,11 +177,22 @@ def decode_tensors(
     ctx: CodecContext | None = None,
     *,
     allowed: set[str] | None = None,
+    codec: Codec | None = None,
     max_body_bytes: int | None = None,
+    max_meta_bytes: int | None = None,
 ) -> tuple[Tensors, dict[str, Any]]:
-    """Decode a framed payload with the codec it names; return ``(tensors, extra)``."""
+    """Decode a framed payload; return ``(tensors, extra)``.
+
+    With ``codec`` (what a server configured for this direction) the payload must name that codec,
+    its header must declare that codec's options (:meth:`Codec.check_header`), and it is decoded by
+    that instance. Without it, any registered codec (or one of ``allowed``) decodes it.
+    """
     ctx = ctx or CodecContext()
-    kind, meta, body = unframe(data, expect_kind=allowed, max_body_bytes=max_body_bytes)
+    if codec is not None:
+        allowed = {codec.codec_id} if allowed is None else allowed & {codec.codec_id}
+    if max_meta_bytes is None:
+        max_meta_bytes = MAX_META_BYTES if ctx.expect is None else meta_bound(ctx.expect)
+    kind, meta, body = unframe(data, expect_kind=allowed, max_body_bytes=max_body_bytes, max_meta_bytes=max_meta_bytes)
     if kind not in CODECS:
         raise PayloadError(f"payload names unknown codec {kind!r}; this build knows: {', '.join(sorted(CODECS))}")
     config = meta.get("config", {})
@@ -161,7 +202,10 @@ def decode_tensors(
     if not isinstance(extra, dict):
         raise PayloadError("payload 'extra' header is not an object")
     try:
-        codec = CODECS[kind].from_config(config)
+        if codec is None:
+            codec = CODECS[kind].from_config(config)
+        else:
+            codec.check_header(meta)
         tensors = codec.decode(meta, body, ctx)
     except PayloadError:
         raise
@@ -183,8 +227,9 @@ def tensor_table(tensors: Tensors) -> list[list[Any]]:
 def check_table(table: Any, ctx: CodecContext) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
     """Validate a tensor table from a header; return ``(name, dtype, shape, numel)`` rows.
 
-    Rejects unknown dtypes, negative or absurd shapes, duplicate names, and totals above
-    ``ctx.max_elements`` before anything is allocated.
+    Rejects unknown dtypes, negative or absurd shapes, duplicate names, totals above
+    ``ctx.max_elements`` and, given ``ctx.expect``, any tensor whose name, dtype or shape is not the
+    expected one, before anything is allocated.
     """
     if not isinstance(table, list):
         raise PayloadError("tensor table is not a list")
@@ -205,6 +250,12 @@ def check_table(table: Any, ctx: CodecContext) -> list[tuple[str, np.dtype, tupl
         total += numel
         if ctx.max_elements is not None and total > ctx.max_elements:
             raise PayloadError(f"payload declares {total} elements, over the cap of {ctx.max_elements}")
+        if ctx.expect is not None:
+            want = ctx.expect.get(name)
+            if want is None:
+                raise PayloadError(f"payload carries tensor {name!r}, which is not expected")
+            if dtype != want[0] or tuple(shape) != tuple(want[1]):
+                raise PayloadError(f"tensor {name!r} has dtype {dtype} and shape {tuple(shape)}, expected {want[0]} and {tuple(want[1])}")
         seen.add(name)
         rows.append((name, np.dtype(dtype), tuple(shape), numel))
     return rows

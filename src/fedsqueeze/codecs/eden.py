@@ -122,6 +122,10 @@ class EdenCodec(Codec):
         }
         return meta, b"".join([s_bytes, b_bytes, e_blob])
 
+    def check_header(self, meta: dict[str, Any]) -> None:
+        if meta.get("chunk") != self.opts.chunk:
+            raise PayloadError(f"eden payload declares chunk={meta.get('chunk')!r}; this side uses chunk={self.opts.chunk}")
+
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         rows = check_table(meta.get("rotated"), ctx)
         chunk, seed = meta.get("chunk"), meta.get("seed")
@@ -139,8 +143,7 @@ class EdenCodec(Codec):
         scales = np.frombuffer(s_bytes, "<f4")
         if not np.isfinite(scales).all() or (scales < 0).any():
             raise PayloadError("eden payload holds an invalid scale")
-        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in rows)
-        out = unpack_lossless(meta.get("exact"), e_blob, CodecContext(max_elements=budget))
+        out = unpack_lossless(meta.get("exact"), e_blob, ctx.budget(sum(r[3] for r in rows)))
         gen = torch.Generator().manual_seed(seed)
         s_pos = b_pos = 0
         for (name, dt, shape, numel), c, nb in zip(rows, sizes, n_blocks):
@@ -149,7 +152,7 @@ class EdenCodec(Codec):
             signs = torch.from_numpy(unpack_signs(b_bytes[b_pos : b_pos + nb * c // 8], nb * c)).view(nb, c)
             q = signs * torch.from_numpy(scales[s_pos : s_pos + nb].copy())[:, None]
             x = hadamard(q) * rademacher(gen, nb * c).view(nb, c)
-            out[name] = x.reshape(-1)[:numel].numpy().astype(dt).reshape(shape)
+            out[name] = x.reshape(-1)[:numel].numpy().astype(dt, copy=False).reshape(shape)
             s_pos += nb
             b_pos += nb * c // 8
         return out

@@ -44,8 +44,7 @@ class FP16Codec(Codec):
 
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         half_rows = check_table(meta.get("half"), ctx)
-        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in half_rows)
-        exact_rows = check_table(meta.get("exact"), CodecContext(max_elements=budget))
+        exact_rows = check_table(meta.get("exact"), ctx.budget(sum(r[3] for r in half_rows)))
         h_part, e_part = split_body(body, meta.get("lengths"), 2)
         if len(h_part) != 2 * sum(r[3] for r in half_rows):
             raise PayloadError("fp16 part has the wrong length for its table")

@@ -53,8 +53,13 @@ def unframe(
     *,
     expect_kind: str | set[str] | None = None,
     max_body_bytes: int | None = None,
+    max_meta_bytes: int = MAX_META_BYTES,
 ) -> tuple[str, dict[str, Any], memoryview]:
-    """Validate a frame and return ``(kind, meta, body)``; ``body`` is a view into ``data``."""
+    """Validate a frame and return ``(kind, meta, body)``; ``body`` is a view into ``data``.
+
+    ``max_meta_bytes`` (at most :data:`MAX_META_BYTES`) caps the JSON header before it is parsed:
+    a receiver that knows how many tensors it expects passes a bound that follows from them.
+    """
     view = memoryview(data).cast("B")
     n = len(view)
     if n < _FIXED.size + 4 + 8 + 4:
@@ -74,7 +79,7 @@ def unframe(
     pos += kind_len
     (meta_len,) = struct.unpack_from("<I", view, pos)
     pos += 4
-    if meta_len > MAX_META_BYTES or pos + meta_len + 8 > n:
+    if meta_len > min(max_meta_bytes, MAX_META_BYTES) or pos + meta_len + 8 > n:
         raise PayloadError(f"payload meta length {meta_len} does not fit the {n}-byte payload")
     meta_b = bytes(view[pos : pos + meta_len])
     pos += meta_len

@@ -27,7 +27,7 @@ from fedsqueeze.codecs.base import (
     split_body,
     tensor_table,
 )
-from fedsqueeze.codecs.zstd import pack_lossless, unpack_lossless, zstd_compress, zstd_decompress
+from fedsqueeze.codecs.zstd import ZstdReader, pack_lossless, unpack_lossless, zstd_compress
 from fedsqueeze.errors import ConfigError, PayloadError
 
 
@@ -93,33 +93,51 @@ class QSGDCodec(Codec):
         }
         return meta, q_blob + e_blob
 
+    def check_header(self, meta: dict[str, Any]) -> None:
+        if meta.get("levels") != self.opts.levels or meta.get("bucket") != self.opts.bucket:
+            raise PayloadError(
+                f"qsgd payload declares levels={meta.get('levels')!r}, bucket={meta.get('bucket')!r}; "
+                f"this side uses levels={self.opts.levels}, bucket={self.opts.bucket}"
+            )
+
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         rows = check_table(meta.get("quantized"), ctx)
         s, bucket = meta.get("levels"), meta.get("bucket")
         if not (isinstance(s, int) and 1 <= s <= 32767 and isinstance(bucket, int) and 1 <= bucket <= 1 << 20):
             raise PayloadError("qsgd payload has bad levels or bucket")
         q_part, e_part = split_body(body, meta.get("lengths"), 2)
-        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in rows)
-        out = unpack_lossless(meta.get("exact"), e_part, CodecContext(max_elements=budget))
+        out = unpack_lossless(meta.get("exact"), e_part, ctx.budget(sum(r[3] for r in rows)))
         n_buckets = [-(-numel // bucket) for *_, numel in rows]
         if any(numel == 0 or not np.issubdtype(dt, np.floating) for _, dt, _, numel in rows):
             raise PayloadError("qsgd payload declares an empty or non-float quantized tensor")
+        if len(set(r[0] for r in rows)) != len(rows) or any(r[0] in out for r in rows):
+            raise PayloadError("a tensor appears twice in the qsgd payload")
         ldt = level_dtype(s)
         n_norms = sum(n_buckets)
         need = 4 * n_norms + ldt.itemsize * bucket * n_norms
-        raw = zstd_decompress(q_part, need) if need else b""
-        norms = np.frombuffer(raw, "<f4", count=n_norms)
-        codes = np.frombuffer(raw, ldt, offset=4 * n_norms)
-        if not np.isfinite(norms).all() or (norms < 0).any() or (np.abs(codes.astype(np.int32)) > s).any():
+        if not need:
+            if len(q_part):
+                raise PayloadError("qsgd payload holds quantized bytes but no quantized tensors")
+            return out
+        # Streamed: the padding of each tensor's last bucket is read and dropped, never held, so
+        # what is allocated follows the tensors' sizes (the header's bucket does not multiply it).
+        reader = ZstdReader(q_part, need)
+        norms = np.frombuffer(reader.read(4 * n_norms), "<f4")
+        if not np.isfinite(norms).all() or (norms < 0).any():
             raise PayloadError("qsgd payload holds invalid norms or levels")
+        step = norms.astype(np.float64) / s  # float64: r / s underflows float32 for a subnormal norm
         nb_pos = 0
         for (name, dt, shape, numel), nb in zip(rows, n_buckets):
-            if name in out:
-                raise PayloadError(f"tensor {name!r} appears twice in the qsgd payload")
-            r = norms[nb_pos : nb_pos + nb]
-            c = codes[nb_pos * bucket : (nb_pos + nb) * bucket].reshape(nb, bucket)
-            # float64: r / s underflows float32 for a subnormal norm (and c · r could overflow it)
-            values = c.astype(np.float64) * (r.astype(np.float64) / s)[:, None]
-            out[name] = values.reshape(-1)[:numel].astype(dt).reshape(shape)
+            codes = np.frombuffer(reader.read(ldt.itemsize * numel), ldt)
+            reader.skip(ldt.itemsize * (nb * bucket - numel))
+            if codes.size and (int(codes.max()) > s or int(codes.min()) < -s):  # no widened copy of the levels
+                raise PayloadError("qsgd payload holds invalid norms or levels")
+            values = np.empty(numel, dtype=dt)
+            # in pieces, so the float64 products never take more than a few MB
+            for lo in range(0, numel, 1 << 16):
+                hi = min(numel, lo + (1 << 16))
+                r = step[nb_pos + np.arange(lo, hi) // bucket]
+                values[lo:hi] = (codes[lo:hi].astype(np.float64) * r).astype(dt)
+            out[name] = values.reshape(shape)
             nb_pos += nb
         return out

@@ -38,8 +38,10 @@ class SignOptions:
 
 def unpack_signs(bits: memoryview | bytes, numel: int) -> np.ndarray:
     """±1.0 (float32) from packed sign bits."""
-    b = np.unpackbits(np.frombuffer(bits, np.uint8), count=numel, bitorder="little")
-    return b.astype(np.float32) * 2.0 - 1.0
+    out = np.unpackbits(np.frombuffer(bits, np.uint8), count=numel, bitorder="little").astype(np.float32)
+    out *= 2.0  # in place: one float32 array, not three
+    out -= 1.0
+    return out
 
 
 @register_codec
@@ -81,12 +83,13 @@ class SignCodec(Codec):
         scales = np.frombuffer(s_bytes, "<f4")
         if not np.isfinite(scales).all() or (scales < 0).any():
             raise PayloadError("sign payload holds an invalid scale")
-        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in rows)
-        out = unpack_lossless(meta.get("exact"), e_blob, CodecContext(max_elements=budget))
+        out = unpack_lossless(meta.get("exact"), e_blob, ctx.budget(sum(r[3] for r in rows)))
         pos = 0
         for (name, dt, shape, numel), nb, scale in zip(rows, nbytes, scales):
             if name in out:
                 raise PayloadError(f"tensor {name!r} appears twice in the sign payload")
-            out[name] = (unpack_signs(b_bytes[pos : pos + nb], numel) * scale).astype(dt).reshape(shape)
+            values = unpack_signs(b_bytes[pos : pos + nb], numel)
+            values *= scale
+            out[name] = values.astype(dt, copy=False).reshape(shape)
             pos += nb
         return out

@@ -139,15 +139,21 @@ class SZ3Codec(Codec):
                 return np.packbits(nonzero).tobytes(), sz3_compress(values, sz3_config("abs", bound, o.algo)), rows
         return b"", sz3_compress(a.reshape(-1), sz3_config(o.mode, o.bound, o.algo)), 0
 
+    def check_header(self, meta: dict[str, Any]) -> None:
+        if meta.get("mode") != self.opts.mode or meta.get("bound") != self.opts.bound:
+            raise PayloadError(
+                f"sz3 payload declares mode={meta.get('mode')!r}, bound={meta.get('bound')!r}; "
+                f"this side uses mode={self.opts.mode!r}, bound={self.opts.bound}"
+            )
+
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         lossy_rows = check_table(meta.get("lossy"), ctx)
         exact_table = meta.get("exact")
-        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in lossy_rows)
         parts = split_body(body, meta.get("lengths"))
         kept = meta.get("rows")
         if len(parts) != 2 * len(lossy_rows) + 1 or not (isinstance(kept, list) and len(kept) == len(lossy_rows)):
             raise PayloadError("sz3 payload has a stream count that disagrees with its table")
-        out = unpack_lossless(exact_table, parts[0], CodecContext(max_elements=budget))
+        out = unpack_lossless(exact_table, parts[0], ctx.budget(sum(r[3] for r in lossy_rows)))
         for i, (name, dt, shape, numel) in enumerate(lossy_rows):
             if dt not in (np.float32, np.float64):
                 raise PayloadError(f"sz3 stream for {name!r} declares dtype {dt}")

@@ -83,6 +83,18 @@ class TopKCodec(Codec):
         meta = {"sparse": tensor_table(floats), "counts": counts, "exact": exact_table, "lengths": [len(i_blob), len(v_bytes), len(e_blob)]}
         return meta, b"".join([i_blob, v_bytes, e_blob])
 
+    def check_header(self, meta: dict[str, Any]) -> None:
+        """Each tensor's count must be the one this side's ``k`` gives: ``max(1, ceil(k · numel))``."""
+        rows, counts = meta.get("sparse"), meta.get("counts")
+        if not (isinstance(rows, list) and isinstance(counts, list) and len(rows) == len(counts)):
+            raise PayloadError("topk payload has bad per-tensor counts")
+        for row, c in zip(rows, counts):
+            shape = row[2] if isinstance(row, list) and len(row) == 3 else None
+            if not (isinstance(shape, list) and all(type(d) is int and 0 <= d < 1 << 40 for d in shape)):
+                raise PayloadError("topk payload has a malformed sparse table")
+            if c != max(1, math.ceil(self.opts.k * math.prod(shape))):
+                raise PayloadError(f"topk payload sends {c!r} values of a tensor of shape {shape}; k={self.opts.k} sends a different count")
+
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         rows = check_table(meta.get("sparse"), ctx)
         counts = meta.get("counts")
@@ -100,8 +112,7 @@ class TopKCodec(Codec):
             raise PayloadError("topk values have the wrong length")
         gaps = unshuffle_bytes(zstd_decompress(i_blob, 4 * total), np.uint32, (total,)) if total else np.zeros(0, np.uint32)
         values = np.frombuffer(v_bytes, "<f4")
-        budget = None if ctx.max_elements is None else ctx.max_elements - sum(r[3] for r in rows)
-        out = unpack_lossless(meta.get("exact"), e_blob, CodecContext(max_elements=budget))
+        out = unpack_lossless(meta.get("exact"), e_blob, ctx.budget(sum(r[3] for r in rows)))
         pos = 0
         for (name, dt, shape, numel), c in zip(rows, counts):
             if name in out:

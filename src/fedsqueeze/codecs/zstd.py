@@ -49,6 +49,47 @@ def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
     return out
 
 
+class ZstdReader:
+    """A zstd frame of exactly ``size`` bytes, read piece by piece (so a caller can skip padding
+    without ever holding the whole output)."""
+
+    def __init__(self, data: bytes | memoryview, size: int) -> None:
+        try:
+            declared = zstandard.frame_content_size(data)
+        except zstandard.ZstdError as exc:
+            raise PayloadError(f"zstd frame header is invalid: {exc}") from exc
+        if declared != size:
+            raise PayloadError(f"zstd frame declares {declared} bytes where {size} are expected")
+        self._reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
+        self.left = size
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` bytes of the frame's content (all of them, or a PayloadError)."""
+        if n > self.left:
+            raise PayloadError("zstd read past the declared content")
+        parts, got = [], 0
+        try:
+            while got < n:
+                chunk = self._reader.read(n - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+        except zstandard.ZstdError as exc:
+            raise PayloadError(f"zstd data is corrupt: {exc}") from exc
+        if got != n:
+            raise PayloadError(f"zstd data ends after {got} of {n} bytes")
+        self.left -= n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def skip(self, n: int, piece: int = 1 << 20) -> None:
+        """Read and drop ``n`` bytes, at most ``piece`` at a time."""
+        while n > 0:
+            step = min(n, piece)
+            self.read(step)
+            n -= step
+
+
 def little_endian(a: np.ndarray) -> np.ndarray:
     """``a`` as a contiguous little-endian array (a copy only when needed)."""
     return np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
@@ -85,14 +126,19 @@ def unpack_lossless(table: Any, blob: bytes | memoryview, ctx: CodecContext, shu
         if len(blob):
             raise PayloadError("lossless part holds bytes but no tensors")
         return {}
-    raw = memoryview(zstd_decompress(blob, need))
+    # streamed one tensor (one byte plane, when shuffled) at a time: the output plus one plane is
+    # all that is held, never the whole decompressed body next to its unshuffled copy
+    reader = ZstdReader(blob, need)
     out: Tensors = {}
-    pos = 0
     for name, dt, shape, numel in rows:
-        nbytes = numel * dt.itemsize
-        chunk = raw[pos : pos + nbytes]
-        out[name] = unshuffle_bytes(chunk, dt, shape) if shuffle else np.frombuffer(chunk, dt.newbyteorder("<")).reshape(shape)
-        pos += nbytes
+        le = dt.newbyteorder("<")
+        if shuffle and dt.itemsize > 1:
+            planes = np.empty((numel, dt.itemsize), dtype=np.uint8)
+            for j in range(dt.itemsize):
+                planes[:, j] = np.frombuffer(reader.read(numel), dtype=np.uint8)
+            out[name] = planes.reshape(-1).view(le).reshape(shape)
+        else:
+            out[name] = np.frombuffer(reader.read(numel * dt.itemsize), dtype=le).reshape(shape)
     return out
 
 
@@ -117,6 +163,10 @@ class ZstdCodec(Codec):
     def encode(self, tensors: Tensors, ctx: CodecContext) -> tuple[dict[str, Any], bytes]:
         table, blob = pack_lossless(tensors, self.opts.level, self.opts.shuffle)
         return {"tensors": table, "shuffle": self.opts.shuffle}, blob
+
+    def check_header(self, meta: dict[str, Any]) -> None:
+        if meta.get("shuffle") is not self.opts.shuffle:
+            raise PayloadError(f"zstd payload declares shuffle={meta.get('shuffle')!r}; this side uses shuffle={self.opts.shuffle}")
 
     def decode(self, meta: dict[str, Any], body: memoryview, ctx: CodecContext) -> Tensors:
         shuffle = meta.get("shuffle")

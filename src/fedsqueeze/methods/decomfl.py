@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec
+from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, expect_tensors, get_codec
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register_method
 from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_uplink, encode_downlink, encode_uplink
 from fedsqueeze.methods.head import evaluate_probe, head_names, train_probe
 from fedsqueeze.methods.peft import inject_lora
-from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, of_type
+from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, example_count, of_type
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.methods.zo import Perturber, local_zo
 from fedsqueeze.models import Classifier
@@ -177,12 +177,15 @@ class DeComFL(Method):
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate | ZOUpdate:
         if not self.is_warm(ctx.round):
             return ZOUpdate(decode_uplink(payload, self.wire, ctx.round))
-        tensors, extra = decode_tensors(payload, CodecContext(max_elements=self.head_elements), allowed={"raw"})
+        tensors, extra = decode_tensors(payload, self._head_ctx(), codec=self.raw)
         self._check_head(tensors, "warm-start update")
-        n = extra.get("n")
-        if not isinstance(n, int) or n < 1:
-            raise PayloadError(f"warm-start update carries no valid example count (n={n!r})")
+        n = example_count(extra.get("n"), client, self.task.client_sizes(), "warm-start update")
         return TensorUpdate({k: v.astype(np.float32) for k, v in tensors.items()}, n)
+
+    def _head_ctx(self) -> CodecContext:
+        """Warm-start messages carry only the head, in the warm-start dtype (checked before reading)."""
+        shapes = {n: tuple(self.named[n].shape) for n in self.head}
+        return CodecContext(max_elements=self.head_elements, expect=expect_tensors(shapes, self.warm_dtype))
 
     def _check_head(self, tensors: Tensors, what: str) -> None:
         if set(tensors) != set(self.head):
@@ -293,7 +296,7 @@ class DeComFL(Method):
 
     def _warm_update(self, message: bytes, client: int, synced: int, ctx: RoundContext, t0: float) -> ClientOutput:
         """Federated linear probing on cached features: head down, head delta up."""
-        tensors, extra = decode_tensors(message, CodecContext(max_elements=self.head_elements), allowed={"raw"})
+        tensors, extra = decode_tensors(message, self._head_ctx(), codec=self.raw)
         if extra.get("round") != ctx.round:
             raise PayloadError("warm-start message is for another round")
         if tensors:

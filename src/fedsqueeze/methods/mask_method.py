@@ -147,7 +147,7 @@ class MaskMethod(Method):
         return self.uniforms(ctx, client, self.stratum(ctx, client) if self.opts.stratify else None)
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> MaskUpdate:
-        up = self.wire.decode_uplink(self.uplink_kind, payload)
+        up = self.wire.decode_uplink(self.uplink_kind, payload, client, self.task.client_sizes())
         return MaskUpdate(up.n, up.head_delta, self.decode_mask(up.mask_meta, up.mask_body, state, ctx))
 
     def aggregate(

@@ -21,11 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs import CodecContext, RawCodec
+from fedsqueeze.codecs import CodecContext, RawCodec, expect_tensors
 from fedsqueeze.codecs.ans import decode_symbols, encode_symbols
 from fedsqueeze.codecs.base import split_body
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import PayloadError
+from fedsqueeze.methods.updates import example_count
 
 Tensors = dict[str, np.ndarray]
 DOWN_KIND = "mask-down"
@@ -78,7 +79,12 @@ class MaskWire:
         if not isinstance(meta, dict):
             raise PayloadError(f"{what}: no head table")
         cap = sum(int(np.prod(s)) for s in self.head_shapes.values())
-        tensors = RawCodec().decode(meta, body, CodecContext(max_elements=cap))
+        # exactly the head's names, the wire dtype and shapes, checked before anything is read
+        expect = expect_tensors(self.head_shapes, self.head_dtype)
+        try:
+            tensors = RawCodec().decode(meta, body, CodecContext(max_elements=cap, expect=expect))
+        except PayloadError as exc:
+            raise PayloadError(f"{what}: head tensor table: {exc}") from None
         if set(tensors) != set(self.head_shapes):
             raise PayloadError(f"{what}: head tensors {sorted(tensors)} are not {list(self.head_shapes)}")
         out = {}
@@ -133,11 +139,10 @@ class MaskWire:
         meta = {"n": n, "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
         return frame(kind, meta, mask_body + head_body)
 
-    def decode_uplink(self, kind: str, payload: bytes) -> MaskUplink:
-        """Parse and check an upload's frame, count and head; the mask section is returned as is."""
+    def decode_uplink(self, kind: str, payload: bytes, client: int, partition_sizes: list[int]) -> MaskUplink:
+        """Parse and check an upload's frame, count (at most ``client``'s partition size) and head;
+        the mask section is returned as is."""
         _, meta, body = unframe(payload, expect_kind=kind)
-        n = meta.get("n")
-        if not isinstance(n, int) or n < 1:
-            raise PayloadError(f"client update carries no valid example count (n={n!r})")
+        n = example_count(meta.get("n"), client, partition_sizes)
         mask_body, head_body = split_sections(body, meta.get("sections"), 2)
         return MaskUplink(n, meta.get("mask"), mask_body, self.decode_head(meta.get("head"), head_body, "client update"))

@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors
+from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors, expect_tensors
 from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
-from fedsqueeze.methods.updates import TensorUpdate
+from fedsqueeze.methods.updates import TensorUpdate, example_count
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, option
@@ -46,6 +46,11 @@ def weight_codec_ids() -> list[str]:
     return sorted(cid for cid, cls in CODECS.items() if cls.for_weights)
 
 
+def update_norm(tensors: Tensors) -> float:
+    """The L2 norm of all the tensors together, summed in float64 (no overflow for float32 values)."""
+    return float(np.sqrt(sum(float(np.einsum("i,i->", a.reshape(-1), a.reshape(-1), dtype=np.float64)) for a in tensors.values())))
+
+
 @dataclass
 class TensorOptions:
     uplink_codec: str = option("raw", "codec for the client update (see `fedsqueeze methods`)", choices=codec_ids)
@@ -58,6 +63,11 @@ class TensorOptions:
     dp_clip: float = option(0.0, "DP-FedAvg: clip each client update to this L2 norm C (0 = no DP)", check=at_least(0.0))
     dp_noise: float = option(0.0, "DP-FedAvg: noise multiplier σ; Gaussian noise σ·C is added to the sum", check=at_least(0.0))
     dp_delta: float = option(1e-5, "DP-FedAvg: δ at which ε is reported", check=between(0.0, 1.0, lo_open=True, hi_open=True))
+    max_update_norm: float = option(
+        0.0,
+        "reject a client update whose L2 norm exceeds this (0 = no bound); guards the model against huge finite updates",
+        check=at_least(0.0),
+    )
 
     def validate(self) -> None:
         if self.dp_noise > 0 and self.dp_clip <= 0:
@@ -107,6 +117,8 @@ class TensorMethod(Method):
         self.params = list(self.named.values())
         self.shapes = {n: tuple(p.shape) for n, p in self.named.items()}
         self.max_elements = sum(p.numel() for p in self.params)
+        # what a payload in either direction must hold: these tensors, float32, these shapes
+        self.expect = expect_tensors(self.shapes, np.float32)
 
     def trainable_params(self) -> int:
         return self.max_elements
@@ -119,11 +131,13 @@ class TensorMethod(Method):
         for n, a in tensors.items():
             if tuple(a.shape) != self.shapes[n]:
                 raise PayloadError(f"{what}: tensor {n!r} has shape {tuple(a.shape)}, expected {self.shapes[n]}")
+            if a.dtype != np.float32:
+                raise PayloadError(f"{what}: tensor {n!r} is {a.dtype}, expected float32")
             if not np.all(np.isfinite(a)):
                 raise PayloadError(f"{what}: tensor {n!r} holds NaN or infinity")
 
     def _decode_ctx(self, seed: int) -> CodecContext:
-        return CodecContext(seed=seed, max_elements=self.max_elements)
+        return CodecContext(seed=seed, max_elements=self.max_elements, expect=self.expect)
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
@@ -137,13 +151,19 @@ class TensorMethod(Method):
         return self._downlink.get((ctx.round, ctx.seed, state_digest(state["weights"])), encode)
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate:
-        tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")))
+        # only the uplink codec this server configured, with its options, float32 of the expected
+        # shapes (checked before anything is allocated), finite
+        tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")), codec=self.up_codec)
         self._check_tensors(tensors, "client update")
+        n = example_count(extra.get("n"), client, self.task.client_sizes())
         if self.uplink_sends_weights:
             tensors = {n: tensors[n].astype(np.float32) - state["weights"][n] for n in self.names}
-        n = extra.get("n")
-        if not isinstance(n, int) or n < 1:
-            raise PayloadError(f"client update carries no valid example count (n={n!r})")
+            self._check_tensors(tensors, "client update (as a delta)")
+        bound = self.opts.max_update_norm
+        if bound > 0:
+            norm = update_norm(tensors)
+            if not norm <= bound:
+                raise PayloadError(f"client update has L2 norm {norm:.4g}, over the bound max_update_norm={bound:g}")
         return TensorUpdate(tensors, n)
 
     def aggregate(
@@ -207,7 +227,7 @@ class TensorMethod(Method):
 
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
-        weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")))
+        weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")), codec=self.down_codec)
         self._check_tensors(weights, "server message")
         load_weights(self.named, weights)
         codec_s = time.perf_counter() - t0

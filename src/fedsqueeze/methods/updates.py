@@ -22,6 +22,7 @@ from typing import TypeVar, Union
 import numpy as np
 
 from fedsqueeze.codecs.fusefilter import Filter, query_universe
+from fedsqueeze.errors import PayloadError
 
 Tensors = dict[str, np.ndarray]
 
@@ -96,6 +97,22 @@ class ZOUpdate:
     """DeComFL: one client's K×P float32 scalars (row = local step, column = perturbation)."""
 
     scalars: np.ndarray
+
+
+def example_count(n: object, client: int, partition_sizes: list[int], what: str = "client update") -> int:
+    """A client's reported example count ``n``, checked against what the server assigned it.
+
+    ``n`` must be an int in ``[1, partition_sizes[client]]``: a client claiming more examples than
+    its partition holds would take more than its share of the weighted mean. Anything else is a
+    PayloadError.
+    """
+    if type(n) is not int or n < 1:
+        raise PayloadError(f"{what} carries no valid example count (n={n!r})")
+    if type(client) is not int or not 0 <= client < len(partition_sizes):
+        raise PayloadError(f"{what} comes from client {client!r}, which has no partition")
+    if n > partition_sizes[client]:
+        raise PayloadError(f"{what} claims n={n} examples; client {client}'s partition holds {partition_sizes[client]}")
+    return n
 
 
 U = TypeVar("U")
