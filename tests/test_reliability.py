@@ -32,6 +32,7 @@ KILL_RUN = dict(
     local_steps=2,
     batch_size=4,
     seed=3,
+    threads=1,  # the killed run and the reference run in another process: the same float sums
 )
 
 
@@ -43,7 +44,7 @@ def _cli_args(out: Path) -> list[str]:
     args = ["run", "--quiet", "--out", str(out)]
     for key in ("method", "model", "rounds", "clients", "seed"):
         args += [f"--{key}", str(KILL_RUN[key])]
-    for key in ("clients_per_round", "train_size", "test_size", "local_steps", "batch_size"):
+    for key in ("clients_per_round", "train_size", "test_size", "local_steps", "batch_size", "threads"):
         args += ["--set", f"{key}={KILL_RUN[key]}"]
     return args
 

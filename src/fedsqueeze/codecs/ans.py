@@ -96,6 +96,8 @@ def encode_symbols(symbols: np.ndarray, alphabet: int) -> tuple[dict[str, Any], 
 
 def decode_symbols(meta: dict[str, Any], body: memoryview | bytes, count: int, alphabet: int) -> np.ndarray:
     """Invert :func:`encode_symbols`; ``count`` and ``alphabet`` come from the caller, not the peer."""
+    if not isinstance(meta, dict):  # a peer's header field, e.g. "theta": null
+        raise PayloadError(f"symbol header must be an object, got {type(meta).__name__}")
     hist = meta.get("hist")
     if not (
         isinstance(hist, list)

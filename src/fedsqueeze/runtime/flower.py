@@ -94,7 +94,7 @@ def run_flower_sim(
 
     settings = ServerSettings(
         runtime="flower-sim",
-        wait_nodes_s=60.0,
+        wait_nodes_s=600.0,  # virtual nodes always come; a loaded machine only makes them slow to build their task
         show_progress=show_progress,
         state_dir=str(Path(cfg.out) / CLIENT_STATE_DIR),
         resume=resume,
