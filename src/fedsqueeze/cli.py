@@ -343,6 +343,13 @@ def methods(
         console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))
 
 
+def os_error_text(exc: OSError) -> str:
+    """One line for an OSError: what went wrong and on which path ("No space left on device: 'runs/x/rounds.csv'")."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    paths = [repr(str(p)) for p in (exc.filename, exc.filename2) if p is not None]
+    return " ".join(f"{what}: {' -> '.join(paths)}".split()) if paths else " ".join(what.split())
+
+
 def main() -> None:
     """Console entry point: typed errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -351,6 +358,9 @@ def main() -> None:
     except FedsqueezeError as exc:
         # one line, however long (no wrapping), and the message is text, not rich markup ("got [1, 2]")
         err.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        sys.exit(2)
+    except OSError as exc:  # --out is a file or unwritable, the disk is full...: the user's to fix, not a bug
+        err.print(f"[red]error:[/red] {escape(os_error_text(exc))}", soft_wrap=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")

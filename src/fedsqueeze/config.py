@@ -149,13 +149,17 @@ def build_config(
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: {exc.strerror or exc}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
         for key, value in data.items():
             if key == "options":
                 if not isinstance(value, dict):
-                    raise ConfigError("[options] in the config file must be a table")
+                    raise ConfigError(f"[options] in the config file must be a table; got {value!r}")
                 options.update(value)
             elif key in names:
                 values[key] = value

@@ -3,7 +3,7 @@
 An option is a dataclass field made with :func:`option`; its metadata carries the help text, the
 allowed ``choices`` and a range or other :class:`Check`. :func:`parse_options` turns a dict of raw
 values (TOML literals, ``--set`` strings) into an options object: unknown names, renamed names,
-wrong types, non-members and out-of-range values are each a one-line :class:`ConfigError` that
+wrong types, non-finite numbers, non-members and out-of-range values are each a one-line :class:`ConfigError` that
 names the option and its valid values. A class may add cross-field checks in a ``validate()``
 method (called after every field passed). ``RunConfig``, every method's ``Options`` and every
 codec's ``Options`` use these same functions, and ``fedsqueeze methods`` and the CLI flags are
@@ -86,10 +86,16 @@ def kind_of(f: Field) -> type:
 
 
 def coerce(value: Any, kind: type, name: str, owner: str) -> Any:
-    """``value`` as ``kind`` (bool, int, float or str); a ConfigError when it is not one."""
+    """``value`` as ``kind`` (bool, int, float or str); a ConfigError when it is not one.
+
+    A float must be finite: NaN slips through every range check (``nan >= 0`` is False, but so is
+    ``nan < 0``) and infinity through every lower bound, so both are refused here, for every option.
+    """
     out = _convert(value, kind)
     if out is _BAD:
         raise ConfigError(f"option {name!r} of {owner} must be {_KIND_WORDS.get(kind, kind.__name__)}; got {value!r}")
+    if kind is float and not math.isfinite(out):  # no option means NaN or infinity; range checks would pass inf
+        raise ConfigError(f"option {name!r} of {owner} must be a finite number; got {value!r}")
     return out
 
 

@@ -7,7 +7,9 @@ Every random draw in fedsqueeze comes from a generator derived from
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -32,3 +34,16 @@ def torch_gen(seed: int, round_: int, client: int, purpose: str) -> torch.Genera
     g = torch.Generator()
     g.manual_seed(seed_int(seed, round_, client, purpose))
     return g
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Run the block with torch's global RNG (CPU, and CUDA where initialised) seeded with ``seed``.
+
+    For code that draws from the global generator and takes none of its own (``nn.Linear``'s
+    initialisation, HF peft's tuners): the draws are reproducible, and the caller's global state
+    is restored afterwards, so nothing else is disturbed.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        yield

@@ -37,6 +37,7 @@ from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, names_list, option
+from fedsqueeze.seeding import SERVER, seed_int, seeded_torch
 
 
 def added_parameters(model: nn.Module, inject: Callable[[], object]) -> list[str]:
@@ -62,8 +63,18 @@ class PeftMethod(TensorMethod):
         """Change the model (add tuner modules) and return the names of the new trainable parameters."""
         return []
 
+    def init_seed(self) -> int:
+        """The seed of this method's tuner initialisation: from (run seed, round 0, SERVER, purpose).
+
+        Every party of a run (server, clients, any process or runtime) builds the same tuner.
+        """
+        return seed_int(self.cfg.seed, 0, SERVER, f"init:{self.name}")
+
     def prepare_model(self, model: Classifier) -> None:
-        self.added = self.inject(model)
+        # tuners (peft's, nn.Linear's init) draw from torch's global RNG: seed a fork of it, so the
+        # run's seed decides the initial values and no other draw is disturbed
+        with seeded_torch(self.init_seed()):
+            self.added = self.inject(model)
 
     def select_trainable(self, model: Classifier) -> list[str]:
         return list(self.added) + head_names(model)
@@ -102,7 +113,8 @@ class Lora(PeftMethod):
 
     def inject(self, model: Classifier) -> list[str]:
         o = self.opts
-        return inject_lora(model, o.rank, o.lora_alpha, split_modules(o.target_modules), self.name, dropout=o.lora_dropout)
+        targets = split_modules(o.target_modules)
+        return inject_lora(model, o.rank, o.lora_alpha, targets, self.name, dropout=o.lora_dropout, seed=self.init_seed())
 
 
 def inject_lora(
@@ -133,8 +145,7 @@ def inject_lora(
     )
     if seed is None:
         return _inject_peft(model, config, method)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded_torch(seed):
         return _inject_peft(model, config, method)
 
 
@@ -216,7 +227,8 @@ class Adapter(PeftMethod):
                 parent = model.backbone.get_submodule(parent_name) if parent_name else model.backbone
                 setattr(parent, attr, AdaptedLinear(module, self.opts.bottleneck))
 
-        return added_parameters(model, place)
+        with seeded_torch(self.init_seed()):  # nn.Linear's and the down-projection's init draw from the global RNG
+            return added_parameters(model, place)
 
 
 # ---- Prompt / prefix tuning ---------------------------------------------------------------------

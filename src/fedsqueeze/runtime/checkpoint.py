@@ -79,6 +79,9 @@ def decode_checkpoint(data: bytes | bytearray | memoryview) -> Checkpoint:
         raise PayloadError("not a fedsqueeze checkpoint")
     if tree.get("version") != VERSION:
         raise PayloadError(f"checkpoint format version {tree.get('version')!r} is not {VERSION} (written by another version)")
+    missing = [k for k in ("config", "round", "server_state", "client_states", "rounds_json") if k not in tree]
+    if missing:
+        raise PayloadError(f"checkpoint lacks {', '.join(missing)}")
     round_, config, clients = tree.get("round"), tree.get("config"), tree.get("client_states")
     records = tree.get("rounds_json")
     if type(round_) is not int or round_ < 0:
@@ -100,6 +103,26 @@ def decode_checkpoint(data: bytes | bytearray | memoryview) -> Checkpoint:
     ):
         raise PayloadError("checkpoint client state versions are malformed")
     return Checkpoint(config, round_, tree.get("server_state"), clients, rounds, {c: (v[0], v[1]) for c, v in versions.items()})
+
+
+def check_checkpoint(ckpt: Checkpoint, rounds: int, clients: int) -> None:
+    """PayloadError unless ``ckpt`` fits a run of ``rounds`` rounds over ``clients`` clients.
+
+    decode_checkpoint checks a checkpoint on its own; this checks it against the run's config (a
+    checkpoint whose frame is sound can still be of another run, or edited). The server state is
+    checked against the method, in :func:`fedsqueeze.runtime.engine.check_resume`.
+    """
+    if ckpt.round > rounds:
+        raise PayloadError(f"it is at round {ckpt.round}, beyond the run's rounds={rounds}")
+    numbers = [r.get("round") for r in ckpt.rounds]
+    if numbers != list(range(1, ckpt.round + 1)):
+        raise PayloadError(f"its round records are numbered {numbers[:5]}, not 1 to {ckpt.round}")
+    strays = sorted(c for c in {*ckpt.client_states, *ckpt.state_versions} if not 0 <= c < clients)
+    if strays:
+        raise PayloadError(f"it holds states of clients {strays[:3]}, outside the run's clients 0 to {clients - 1}")
+    late = sorted(c for c, (r, a) in ckpt.state_versions.items() if not (0 <= r <= ckpt.round and a >= 0))
+    if late:
+        raise PayloadError(f"client {late[0]}'s state version {ckpt.state_versions[late[0]]} is not of a finished round")
 
 
 def save_checkpoint(out_dir: str | Path, data: bytes) -> Path:

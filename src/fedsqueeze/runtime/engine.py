@@ -30,13 +30,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedsqueeze.config import RunConfig, build_config, to_toml
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import Method, RoundContext, get_method
 from fedsqueeze.results import ResultsWriter, atomic_write_text
-from fedsqueeze.runtime.checkpoint import CONFIG_FILE, Checkpoint, encode_checkpoint, load_checkpoint, save_checkpoint
+from fedsqueeze.runtime.checkpoint import (
+    CONFIG_FILE,
+    Checkpoint,
+    check_checkpoint,
+    encode_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedsqueeze.runtime.common import round_record, run_header, sample_clients, simulated_round_time
 from fedsqueeze.runtime.faults import drops_out, inject_faults, straggler_delay
 from fedsqueeze.runtime.progress import RunProgress
@@ -250,6 +258,7 @@ class Engine:
         state = method.init_server()
         done: list[dict[str, Any]] = []
         if resume is not None:
+            check_resume(resume, cfg, method, state)
             state, done = resume.server_state, list(resume.rounds)
             self.transport.restore(dict(resume.client_states))
             self.state_versions = {int(c): (int(v[0]), int(v[1])) for c, v in resume.state_versions.items()}
@@ -311,4 +320,66 @@ def load_resume(out_dir: str | Path) -> tuple[RunConfig, Checkpoint | None]:
         if saved != cfg.to_dict():
             changed = sorted(k for k in saved if saved.get(k) != cfg.to_dict().get(k))
             raise ConfigError(f"{config_file} no longer matches the checkpoint (differs in {changed}); restore it to resume")
+        try:  # early, before the model is built; the server state is checked once the method exists (check_resume)
+            check_checkpoint(ckpt, cfg.rounds, cfg.clients)
+        except PayloadError as exc:
+            raise _bad_checkpoint(cfg, exc) from exc
     return cfg, ckpt
+
+
+def _bad_checkpoint(cfg: RunConfig, exc: Exception) -> ConfigError:
+    return ConfigError(f"the checkpoint in {cfg.out!r} does not fit its run ({exc}); start the run again without --resume")
+
+
+def check_resume(ckpt: Checkpoint, cfg: RunConfig, method: Method, fresh: Any) -> None:
+    """ConfigError unless ``ckpt`` can continue this run: it fits the config, and its server state has
+    the structure, dtypes and shapes of ``fresh`` (the method's ``init_server()``)."""
+    try:
+        check_checkpoint(ckpt, cfg.rounds, cfg.clients)
+        check_state_like(ckpt.server_state, fresh, "server state")
+    except PayloadError as exc:
+        raise _bad_checkpoint(cfg, exc) from exc
+
+
+def _brief(value: Any) -> str:
+    """A short one-line description of a value for an error message."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, bytes, np.generic)) else ""
+    return f"{text} ({type(value).__name__})" if text and len(text) <= 40 and "\n" not in text else type(value).__name__
+
+
+def check_state_like(saved: Any, fresh: Any, where: str = "state") -> None:
+    """PayloadError unless the tree ``saved`` is shaped like ``fresh``, a state the method built itself.
+
+    Arrays must match in dtype and shape; dicts in keys and lists in length, each entry alike in
+    turn. A state's parts that grow as the run goes are free: an empty dict or list in ``fresh``
+    takes any dict or list, and None (not set yet) anything. Scalars must be of the same kind.
+    """
+    if fresh is None:
+        return
+    if isinstance(fresh, np.ndarray):
+        if not isinstance(saved, np.ndarray):
+            raise PayloadError(f"{where} is {type(saved).__name__}, not an array")
+        if saved.dtype != fresh.dtype or saved.shape != fresh.shape:
+            raise PayloadError(f"{where} is {saved.dtype}{list(saved.shape)}, expected {fresh.dtype}{list(fresh.shape)}")
+    elif isinstance(fresh, dict):
+        if not isinstance(saved, dict):
+            raise PayloadError(f"{where} is {type(saved).__name__}, not a dict")
+        if fresh and set(saved) != set(fresh):
+            missing, extra = sorted(map(str, set(fresh) - set(saved))), sorted(map(str, set(saved) - set(fresh)))
+            raise PayloadError(f"{where} has the wrong keys (missing {missing[:3]}, unexpected {extra[:3]})")
+        for key, value in fresh.items():
+            check_state_like(saved[key], value, f"{where}[{key!r}]")
+    elif isinstance(fresh, (list, tuple)):
+        if not isinstance(saved, (list, tuple)):
+            raise PayloadError(f"{where} is {type(saved).__name__}, not a list")
+        if fresh and len(saved) != len(fresh):
+            raise PayloadError(f"{where} has {len(saved)} entries, expected {len(fresh)}")
+        for i, value in enumerate(fresh):
+            check_state_like(saved[i], value, f"{where}[{i}]")
+    else:
+        kinds = (bool, (int, np.integer), (float, np.floating), str, bytes)
+        for kind in kinds:
+            if isinstance(fresh, kind):
+                if not isinstance(saved, kind) or (kind is not bool and isinstance(saved, bool)):
+                    raise PayloadError(f"{where} is {_brief(saved)}, expected {type(fresh).__name__}")
+                return
