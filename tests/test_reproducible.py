@@ -21,12 +21,12 @@ TASK = ("--model", "tiny", "--clients", "4", "--clients-per-round", "2", "--roun
 SETS = ("train_size=200", "test_size=100", "local_steps=3", "batch_size=8", "seed=3")
 
 
-def _run(method: str, out: Path) -> dict:
+def _run(method: str, out: Path, runtime: str = "local", env_extra: dict[str, str] | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
-    sets = [a for s in SETS for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--method", method, *TASK, *sets, "--out", str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr
+    sets = [a for s in (*SETS, "threads=1") for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", method, *TASK, *sets]
+    p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env={**env, **(env_extra or {})}, timeout=400)
+    assert p.returncode == 0, p.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
 
@@ -60,3 +60,18 @@ def test_tuner_init_is_seeded_and_leaves_the_global_rng_alone():
         assert first.keys() == again.keys()
         assert all(torch.equal(first[n], again[n]) for n in first)
         assert any(not torch.equal(first[n], other[n]) for n in first if "head" not in n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "adapter"])
+def test_local_and_flower_sim_give_bit_identical_round_records(tmp_path, method):
+    """Slow (Ray start-up): the tuner init and every draw are the same on Flower's simulation engine."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="fsq-", dir="/tmp")  # Ray's socket paths must stay short
+    sim = _run(method, tmp_path / "sim", "flower-sim", {"TMPDIR": ray_tmp})
+    local = _run(method, tmp_path / "local")
+    assert sim["runtime"] == "flower-sim"
+    for ra, rb in zip(local["rounds"], sim["rounds"], strict=True):
+        for key in SAME:
+            assert ra[key] == rb[key], (method, ra["round"], key, ra[key], rb[key])
