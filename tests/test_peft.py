@@ -120,15 +120,17 @@ def test_lora_uplink_goes_through_any_registered_codec(tiny_cfg):
         codec_id = "test-half"
         lossless = False
 
+        # the table describes what decode returns (float32, checked against what the server expects);
+        # the body holds the float16 values
         def encode(self, tensors, ctx):
             half = {n: a.astype(np.float16) for n, a in tensors.items()}
-            return {"tensors": tensor_table(half)}, b"".join(a.tobytes() for a in half.values())
+            return {"tensors": tensor_table(tensors)}, b"".join(a.tobytes() for a in half.values())
 
         def decode(self, meta, body, ctx):
             rows = check_table(meta.get("tensors"), ctx)
             out, pos = {}, 0
-            for name, dt, shape, numel in rows:
-                out[name] = np.frombuffer(body[pos : pos + 2 * numel], dtype=dt).reshape(shape).astype(np.float32)
+            for name, _dt, shape, numel in rows:
+                out[name] = np.frombuffer(body[pos : pos + 2 * numel], dtype="<f2").reshape(shape).astype(np.float32)
                 pos += 2 * numel
             return out
 
