@@ -99,9 +99,9 @@ def test_sigkill_after_round_2_then_resume_equals_uninterrupted(tmp_path):
 def test_resume_of_a_finished_run_changes_nothing(tiny_cfg):
     cfg = tiny_cfg(method="head", rounds=2)
     first = run_local(cfg, show_progress=False)
-    from fedsqueeze.runtime import resume_local
+    from fedsqueeze.runners import resume
 
-    again = resume_local(cfg.out, show_progress=False)
+    again = resume(cfg.out, show_progress=False)
     assert again["rounds"] == json.loads(json.dumps(first["rounds"]))
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, FedsqueezeError
+from fedsqueeze.runtime.checkpoint import Checkpoint
 from fedsqueeze.runtime.support import check_runtime
 
 log = logging.getLogger("fedsqueeze")
@@ -27,7 +28,7 @@ def run(
     show_progress: bool = True,
     superlink: str = DEFAULT_SUPERLINK,
     root_certificates: str | None = None,
-    resume: Any = None,
+    resume: Checkpoint | None = None,
     insecure: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg`` on its runtime (from the checkpoint ``resume`` if given); results.json's content.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["prepare", "resume_local", "run_local", "run_round"]
+__all__ = ["prepare", "run_local", "run_round"]
 
 
 def __getattr__(name: str) -> Any:

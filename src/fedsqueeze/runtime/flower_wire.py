@@ -156,11 +156,18 @@ def reply_error(msg: Message, error: str) -> Message:
     return Message(RecordDict({CONFIG: ConfigRecord({"error": error})}), reply_to=msg)
 
 
+def finite_numbers(metrics: Any) -> dict[str, float]:
+    """The entries of ``metrics`` that are finite scalar numbers, as floats (anything else is dropped)."""
+    return {
+        str(k): float(v)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+    }
+
+
 def reply_update(msg: Message, payload: bytes, metrics: dict[str, Any]) -> Message:
     """The reply of a client that trained: its payload bytes and its numeric metrics."""
-    numeric: dict[str, int | float | list[int] | list[float]] = {
-        k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
+    numeric: dict[str, int | float | list[int] | list[float]] = dict(finite_numbers(metrics))
     return Message(RecordDict({PAYLOAD: bytes_record(payload), METRICS: MetricRecord(numeric)}), reply_to=msg)
 
 
@@ -172,9 +179,4 @@ def read_reply(reply: Message) -> tuple[bytes | None, dict[str, float], str | No
     conf = reply.content.config_records.get(CONFIG)
     if conf is not None and "error" in conf:
         return None, {}, str(conf["error"])[:500]
-    record = reply.content.metric_records.get(METRICS)
-    metrics: dict[str, float] = {}
-    for key, value in (record or {}).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
-            metrics[str(key)] = float(value)
-    return record_bytes(reply.content), metrics, None
+    return record_bytes(reply.content), finite_numbers(reply.content.metric_records.get(METRICS)), None

@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.methods import ClientOutput, Method, RoundContext
 from fedsqueeze.runtime.checkpoint import Checkpoint
-from fedsqueeze.runtime.engine import ClientCall, ClientReply, Engine, Transport, load_resume, prepare
+from fedsqueeze.runtime.engine import ClientCall, ClientReply, Engine, Transport, prepare
 from fedsqueeze.runtime.faults import ClientFault, call_with_timeout, with_injected_faults
 from fedsqueeze.runtime.progress import RunProgress
 from fedsqueeze.task import Task
 
-__all__ = ["ClientFault", "LocalTransport", "call_with_timeout", "prepare", "resume_local", "run_local", "run_round"]
+__all__ = ["ClientFault", "LocalTransport", "call_with_timeout", "prepare", "run_local", "run_round"]
 
 
 def reply_of(out: Any, compute_s: float) -> ClientReply:
@@ -90,9 +89,3 @@ def run_local(cfg: RunConfig, show_progress: bool = True, resume: Checkpoint | N
     method, task = prepare(cfg)
     engine = Engine(cfg, method, task, LocalTransport(method, cfg), runtime="local", show_progress=show_progress)
     return engine.run(resume)
-
-
-def resume_local(out_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
-    """Continue the local run saved in ``out_dir`` (its config.toml and checkpoint) to its last round."""
-    cfg, ckpt = load_resume(out_dir)
-    return run_local(cfg, show_progress, resume=ckpt)
