@@ -79,10 +79,13 @@ def train_local(
     generator: torch.Generator,
     optimizer: str = "adamw",
     forward: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Run ``steps`` optimizer steps of cross-entropy on ``params``; return mean loss and counts.
 
-    ``forward`` maps a batch's inputs to logits; by default ``model(**inputs)``.
+    ``forward`` maps a batch's inputs to logits; by default ``model(**inputs)``. ``penalty()``, if
+    given, is added to every step's loss (e.g. FedProx's :func:`proximal_penalty`); the reported
+    ``train_loss`` is the cross-entropy alone.
     """
     forward = forward or (lambda inputs: model(**inputs))
     opt = make_optimizer(params, optimizer, lr)
@@ -92,12 +95,22 @@ def train_local(
         logits = forward(batch_inputs(data, idx))
         loss = F.cross_entropy(logits, data.labels[idx])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + penalty() if penalty is not None else loss).backward()
         opt.step()
         total += loss.item() * len(idx)
         examples += len(idx)
     model.eval()
     return {"train_loss": total / max(examples, 1), "steps": float(steps), "examples": float(examples)}
+
+
+def proximal_penalty(params: list[torch.Tensor], mu: float) -> Callable[[], torch.Tensor]:
+    """FedProx (Li et al. 2020): ``μ/2 · Σ‖w − w₀‖²`` over ``params``, w₀ their values now (the global model)."""
+    anchors = [p.detach().clone() for p in params]
+
+    def penalty() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))  # type: ignore[return-value]
+
+    return penalty
 
 
 @torch.no_grad()

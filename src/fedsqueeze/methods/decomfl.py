@@ -41,11 +41,12 @@ from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register
 from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_uplink, encode_downlink, encode_uplink
 from fedsqueeze.methods.head import evaluate_probe, head_names, train_probe
 from fedsqueeze.methods.peft import inject_lora
+from fedsqueeze.methods.robust import SCALAR_RULES
 from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, example_count, of_type
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.methods.zo import Perturber, local_zo
 from fedsqueeze.models import Classifier
-from fedsqueeze.options import above, at_least, option
+from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.task import Task
 from fedsqueeze.training import batch_inputs, iterate_batches
@@ -67,7 +68,12 @@ class DeComFLOptions:
     difference: str = option(
         "central", "'central' (f(w+μz) − f(w−μz)) / 2μ or 'forward' (f(w+μz) − f(w)) / μ", choices=("central", "forward")
     )
-    aggregate: str = option("mean", "how the server combines the clients' scalars: 'mean' or 'median' (robust)", choices=("mean", "median"))
+    aggregate: str = option(
+        "mean", "how the server combines the clients' scalars: 'mean', or robust 'median' / 'trimmed_mean'", choices=tuple(SCALAR_RULES)
+    )
+    trim_beta: float = option(
+        0.1, "aggregate=trimmed_mean: fraction β of scalars trimmed from each end", check=between(0.0, 0.5, hi_open=True)
+    )
     params: str = option(
         "lora",
         "what trains: 'lora' (LoRA on query/value + head), 'full' (every weight), 'head' (classifier only); "
@@ -227,8 +233,8 @@ class DeComFL(Method):
 
     def _aggregate_zo(self, state: dict[str, Any], scalars: list[np.ndarray], ctx: RoundContext) -> dict[str, float]:
         stacked = np.stack(scalars)
-        combined = np.median(stacked, axis=0) if self.opts.aggregate == "median" else stacked.mean(axis=0)
-        record = {"round": ctx.round, "seeds": self.round_seeds(ctx), "scalars": combined.astype(np.float32)}
+        combined = SCALAR_RULES[self.opts.aggregate](stacked, self.opts.trim_beta)
+        record: dict[str, Any] = {"round": ctx.round, "seeds": self.round_seeds(ctx), "scalars": combined.astype(np.float32)}
         load_weights(self.named, state["weights"])
         self.perturber.apply_record(record["seeds"], record["scalars"], self.lr_at(ctx.round))
         state["weights"] = read_weights(self.named)

@@ -43,6 +43,7 @@ def train_probe(
     lr: float,
     generator: torch.Generator,
     optimizer: str = "adamw",
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train the head's ``params`` on ``client``'s cached backbone features; the training metrics."""
     idx = torch.from_numpy(task.client_indices[client])
@@ -57,6 +58,7 @@ def train_probe(
         generator=generator,
         optimizer=optimizer,
         forward=probe_forward(head),
+        penalty=penalty,
     )
 
 
@@ -86,6 +88,7 @@ class Head(TensorMethod):
             lr=self.lr,
             generator=generator,
             optimizer=self.opts.optimizer,
+            penalty=self.prox_penalty(),
         )
 
     def evaluate(self, state) -> tuple[float, float]:

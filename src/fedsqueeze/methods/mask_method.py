@@ -26,6 +26,7 @@ from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, sh
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.mask_wire import MaskWire
+from fedsqueeze.methods.robust import cap_flips, trimmed_votes
 from fedsqueeze.methods.updates import MaskCode, MaskUpdate
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.options import above, at_least, between, option
@@ -52,6 +53,16 @@ class MaskOptions:
     head_dtype: str = option("float32", "head weights and deltas on the wire", choices=("float32", "float16"))
     stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
     aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)", choices=AGGREGATES)
+    flip_cap: float = option(
+        0.0,
+        "robust: a client whose mask differs from its reference in more than this fraction of positions is ignored (0 = off)",
+        check=between(0.0, 1.0),
+    )
+    vote_trim: float = option(
+        0.0,
+        "robust: per-position trimmed vote, dropping this fraction β of the votes at each end (0 = plain sum)",
+        check=between(0.0, 0.5, hi_open=True),
+    )
 
     def validate(self) -> None:
         if self.aggregate == "delta" and self.carry_priors:
@@ -160,15 +171,24 @@ class MaskMethod(Method):
         delta = self.opts.aggregate == "delta"
         counts = np.zeros(self.n, dtype=np.int32)  # Σm (beta) or Σ(m − ref) (delta)
         extra: dict[str, list[float]] = {}
+        cap, trim = self.opts.flip_cap, self.opts.vote_trim
+        votes = []  # per-client votes, kept only for a trimmed vote
         for client, upd in updates.items():
-            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference) else None
+            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference or cap > 0) else None
             mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
-            counts += mask
-            if delta:
-                assert ref is not None  # drawn above whenever the rule is delta
-                counts -= ref
+            if cap > 0:
+                assert ref is not None  # drawn above whenever a cap is set
+                mask, capped = cap_flips(mask, ref.astype(mask.dtype), cap)
+                stats = {**stats, "flip_capped": float(capped)}
+            vote = mask - ref if delta else mask
+            if trim > 0:
+                votes.append(vote.astype(np.int8))
+            else:
+                counts += vote
             for k, v in stats.items():
                 extra.setdefault(k, []).append(v)
+        if trim > 0:
+            counts = np.rint(trimmed_votes(np.stack(votes), trim)).astype(np.int32)
         self._update_theta(state, counts, theta_start, len(updates))
         total = sum(u.n for u in updates.values())
         for name in self.head_names:

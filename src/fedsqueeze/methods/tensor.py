@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,13 +26,15 @@ from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tenso
 from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
+from fedsqueeze.methods.robust import TENSOR_RULES, RobustRule
+from fedsqueeze.methods.server_opt import SERVER_OPTIMIZERS, ServerOpt
 from fedsqueeze.methods.updates import TensorUpdate, example_count
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
-from fedsqueeze.training import Encoded, num_local_steps, train_local
+from fedsqueeze.training import Encoded, num_local_steps, proximal_penalty, train_local
 
 Tensors = dict[str, np.ndarray]
 
@@ -56,7 +59,24 @@ class TensorOptions:
     uplink_codec: str = option("raw", "codec for the client update (see `fedsqueeze methods`)", choices=codec_ids)
     downlink_codec: str = option("raw", "codec for the global tensors sent to clients", choices=weight_codec_ids)
     optimizer: str = option("adamw", "local optimizer", choices=OPTIMIZERS)
-    server_lr: float = option(1.0, "server step size on the averaged update", check=above(0.0))
+    server_opt: str = option(
+        "none", "server optimizer on the combined update: none (FedAvg), avgm, adam, yogi, adagrad", choices=SERVER_OPTIMIZERS
+    )
+    server_lr: float = option(
+        0.0, "server step size η on the combined update; 0 = the server_opt's default (1 for none/avgm, 0.01 adaptive)", check=at_least(0.0)
+    )
+    server_momentum: float = option(0.9, "FedAvgM: server momentum μ (server_opt=avgm)", check=between(0.0, 1.0, hi_open=True))
+    beta1: float = option(0.9, "FedAdam/FedYogi/FedAdagrad: first-moment decay β1", check=between(0.0, 1.0, hi_open=True))
+    beta2: float = option(0.99, "FedAdam/FedYogi: second-moment decay β2", check=between(0.0, 1.0, hi_open=True))
+    tau: float = option(1e-3, "FedAdam/FedYogi/FedAdagrad: adaptivity τ (v starts at τ²)", check=above(0.0))
+    robust: str = option(
+        "mean", "how the server combines the client updates: mean (FedAvg) or a Byzantine-robust rule", choices=tuple(TENSOR_RULES)
+    )
+    trim_beta: float = option(0.1, "robust=trimmed_mean: fraction β of values trimmed from each end", check=between(0.0, 0.5, hi_open=True))
+    krum_f: int = option(1, "robust=krum/multi_krum: number f of attackers tolerated", check=at_least(0))
+    krum_m: int = option(0, "robust=multi_krum: updates averaged (0 = clients − f)", check=at_least(0))
+    norm_bound: float = option(0.0, "clip each client update to this L2 norm before combining (0 = off)", check=at_least(0.0))
+    prox_mu: float = option(0.0, "FedProx: proximal term μ/2·‖w − w_global‖² in local training (0 = off)", check=at_least(0.0))
     head_lr: float = option(
         1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr", check=at_least(0.0)
     )
@@ -72,6 +92,8 @@ class TensorOptions:
     def validate(self) -> None:
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
+        if self.dp_clip > 0 and (self.robust != "mean" or self.norm_bound > 0):
+            raise ConfigError("robust rules and norm_bound do not compose with DP-FedAvg (dp_clip already bounds each update)")
 
 
 class TensorMethod(Method):
@@ -94,6 +116,9 @@ class TensorMethod(Method):
         self.up_codec, self.down_codec = link_codecs(
             self.opts.uplink_codec, self.opts.downlink_codec, codec_opts, self.uplink_codec_defaults
         )
+        o = self.opts
+        self.server_opt = ServerOpt(o.server_opt, o.server_lr, o.server_momentum, o.beta1, o.beta2, o.tau)
+        self.rule = RobustRule(o.robust, o.trim_beta, o.krum_f, o.krum_m, o.norm_bound)
 
     # ---- what trains ----------------------------------------------------------------------------
     def prepare_model(self, model: Classifier) -> None:
@@ -141,7 +166,10 @@ class TensorMethod(Method):
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
-        return {"weights": read_weights(self.named)}
+        weights = read_weights(self.named)
+        if self.server_opt.rule == "none":
+            return {"weights": weights}
+        return {"weights": weights, "server_opt": self.server_opt.init_state(weights)}
 
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
         # every client of a round gets the same bytes: encode once per round, as a real server would
@@ -169,30 +197,28 @@ class TensorMethod(Method):
     def aggregate(
         self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext
     ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Combine the updates (DP mean, or the ``robust`` rule), then step with the server optimizer."""
         if self.opts.dp_clip > 0:
-            return self._aggregate_private(state, updates, ctx)
-        if not updates:
+            combined, metrics = self._private_mean(updates, state, ctx)
+        elif not updates:
             return state, {}
-        total = sum(u.n for u in updates.values())
-        for name in self.names:
-            avg = sum(u.delta[name].astype(np.float32) * (u.n / total) for u in updates.values())
-            state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg).astype(np.float32)
-        return state, {}
+        else:
+            ordered = list(updates.values())
+            combined, metrics = self.rule.combine([u.delta for u in ordered], [u.n for u in ordered])
+        opt_state = state.setdefault("server_opt", self.server_opt.init_state(state["weights"])) if self.server_opt.rule != "none" else {}
+        self.server_opt.step(state["weights"], combined, opt_state)
+        return state, metrics
 
-    def _aggregate_private(
-        self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext
-    ) -> tuple[dict[str, Any], dict[str, float]]:
+    def _private_mean(self, updates: dict[int, TensorUpdate], state: dict[str, Any], ctx: RoundContext) -> tuple[Tensors, dict[str, Any]]:
         """DP-FedAvg (see :mod:`fedsqueeze.privacy`): clip, sum, add noise, divide by clients_per_round."""
         rng = ctx.rng(SERVER, "dp-noise")
         deltas = [u.delta for u in updates.values()]
         avg, dp_metrics = private_mean(deltas, state["weights"], self.opts.dp_clip, self.opts.dp_noise, self.cfg.clients_per_round, rng)
-        for name in self.names:
-            state["weights"][name] = (state["weights"][name] + self.opts.server_lr * avg[name]).astype(np.float32)
         metrics: dict[str, Any] = dict(dp_metrics)
         eps = dp_epsilon(self.cfg.clients_per_round / self.cfg.clients, self.opts.dp_noise, ctx.round, self.opts.dp_delta)
         metrics["dp_epsilon"] = eps if np.isfinite(eps) else None  # None: no noise, no guarantee
         metrics["dp_delta"] = self.opts.dp_delta
-        return state, metrics
+        return avg, metrics
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
         return evaluate_weights(self.task, self.named, state["weights"])
@@ -223,7 +249,12 @@ class TensorMethod(Method):
             lr=self.lr,
             generator=generator,
             optimizer=self.opts.optimizer,
+            penalty=self.prox_penalty(),
         )
+
+    def prox_penalty(self) -> Callable[[], torch.Tensor] | None:
+        """FedProx's proximal term anchored at the trainable tensors' current (global) values, if ``prox_mu`` > 0."""
+        return proximal_penalty(self.params, self.opts.prox_mu) if self.opts.prox_mu > 0 else None
 
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()

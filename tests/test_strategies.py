@@ -1,0 +1,239 @@
+"""Server strategies pinned by hand: server optimizers, robust rules, FedProx (see docs/strategies.md).
+
+Each rule's expected value is recomputed here in float64 from the formulas of its paper, on
+hand-made 2- to 5-client cases that go through the method's real payloads and ``decode_update``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from handmade import build, shared_task
+
+from fedsqueeze.codecs import CodecContext, encode_tensors
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.methods.base import RoundContext
+from fedsqueeze.methods.robust import SCALAR_RULES, RobustRule, cap_flips, krum_scores, trimmed_votes
+
+
+@pytest.fixture(scope="module")
+def task():
+    return shared_task()
+
+
+def _round(m, state, deltas, counts, round_):
+    """Aggregate one round of the hand-made ``deltas`` (sent as the method's real payloads)."""
+    ctx = RoundContext(round=round_, rounds=2, seed=1)
+    updates = {}
+    for c, (d, n) in enumerate(zip(deltas, counts)):
+        payload = encode_tensors(m.up_codec, d, CodecContext(seed=ctx.seed_for(c, "uplink")), n=n)
+        updates[c] = m.decode_update(payload, c, state, ctx)
+    return m.aggregate(state, updates, ctx)
+
+
+def _hand(m, values):
+    """Every trainable tensor filled with one hand-chosen value per client."""
+    return [{n: np.full(m.shapes[n], v, dtype=np.float32) for n in m.names} for v in values]
+
+
+# two rounds of two clients (3 and 1 examples): weighted means 0.25 then −0.5
+ROUNDS = [([0.4, -0.2], [3, 1]), ([-0.6, -0.2], [3, 1])]
+MEANS = [0.25, -0.5]
+
+
+def _expected(rule, eta, *, mu=0.9, b1=0.9, b2=0.99, tau=1e-3):
+    """x after the two rounds from x = 0, by the published update rules (scalars: all coordinates alike)."""
+    x, m, v = 0.0, 0.0, tau**2
+    for d in MEANS:
+        if rule == "none":
+            x += eta * d
+        elif rule == "avgm":
+            m = mu * m + d
+            x += eta * m
+        else:
+            m = b1 * m + (1 - b1) * d
+            if rule == "adagrad":
+                v = v + d * d
+            elif rule == "adam":
+                v = b2 * v + (1 - b2) * d * d
+            else:  # yogi
+                v = v - (1 - b2) * d * d * np.sign(v - d * d)
+            x += eta * m / (np.sqrt(v) + tau)
+    return x
+
+
+@pytest.mark.parametrize(
+    "rule,opts",
+    [
+        ("none", {"server_lr": 0.5}),
+        ("avgm", {"server_lr": 0.5, "server_momentum": 0.7}),
+        ("adagrad", {"server_lr": 0.1, "beta1": 0.5, "tau": 0.01}),
+        ("adam", {"server_lr": 0.1, "beta1": 0.5, "beta2": 0.9, "tau": 0.01}),
+        ("yogi", {"server_lr": 0.1, "beta1": 0.5, "beta2": 0.9, "tau": 0.01}),
+    ],
+)
+def test_server_optimizer_follows_its_rule_over_two_rounds(task, rule, opts):
+    m = build("head", task, server_opt=rule, **opts)
+    state = m.init_server()
+    start = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    for r, (values, counts) in enumerate(ROUNDS, start=1):
+        state, _ = _round(m, state, _hand(m, values), counts, r)
+    kw = {
+        k: v
+        for k, v in {"mu": opts.get("server_momentum"), "b1": opts.get("beta1"), "b2": opts.get("beta2"), "tau": opts.get("tau")}.items()
+        if v
+    }
+    x = _expected(rule, opts["server_lr"], **kw)
+    for n in m.names:
+        np.testing.assert_allclose(state["weights"][n], start[n] + x, rtol=1e-5, atol=1e-6)
+    if rule != "none":  # the state is numpy arrays only (checkpointable), named like the weights
+        assert set(state["server_opt"]["m"]) == set(m.names)
+        assert all(isinstance(a, np.ndarray) and a.dtype == np.float32 for a in state["server_opt"]["m"].values())
+
+
+def test_adaptive_default_server_lr_is_small(task):
+    assert build("head", task, server_opt="adam").server_opt.eta == 1e-2
+    assert build("head", task).server_opt.eta == 1.0
+
+
+def test_yogi_differs_from_adam_where_v_exceeds_the_square(task):
+    # v0 = τ² = 1 > Δ² = 0.25: adam shrinks v by (1−β2)(v−Δ²), yogi by (1−β2)Δ² → different steps
+    a = _expected("adam", 1.0, b1=0.0, b2=0.5, tau=1.0)
+    y = _expected("yogi", 1.0, b1=0.0, b2=0.5, tau=1.0)
+    assert abs(a - y) > 1e-3
+
+
+# ---- robust tensor rules ---------------------------------------------------------------------------
+
+FOUR = [0.1, 0.2, 0.3, 9.0]  # three honest clients and one outlier (the tiny task has 4 clients)
+COUNTS = [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(
+    "opts,expected",
+    [
+        ({}, sum(v * n for v, n in zip(FOUR, COUNTS)) / sum(COUNTS)),  # weighted mean: the outlier dominates
+        ({"robust": "median"}, 0.25),
+        ({"robust": "trimmed_mean", "trim_beta": 0.25}, (0.2 + 0.3) / 2),  # ⌊0.25·4⌋ = 1 from each end
+        ({"robust": "trimmed_mean", "trim_beta": 0.2}, sum(FOUR) / 4),  # ⌊0.8⌋ = 0 trimmed
+    ],
+)
+def test_coordinate_rules(task, opts, expected):
+    m = build("head", task, server_lr=1.0, **opts)
+    state = m.init_server()
+    start = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    state, _ = _round(m, state, _hand(m, FOUR), COUNTS, 1)
+    for n in m.names:
+        np.testing.assert_allclose(state["weights"][n], start[n] + expected, rtol=1e-5, atol=1e-6)
+
+
+def test_median_is_per_coordinate_and_averages_the_middle_pair():
+    deltas = [{"w": np.array([1.0, 10.0], np.float32)}, {"w": np.array([2.0, 0.0], np.float32)},
+              {"w": np.array([5.0, 3.0], np.float32)}, {"w": np.array([7.0, 4.0], np.float32)}]  # fmt: skip
+    out, _ = RobustRule("median").combine(deltas, [1, 1, 1, 1])
+    np.testing.assert_array_equal(out["w"], [3.5, 3.5])
+
+
+def test_krum_scores_and_selection():
+    pts = [0.0, 1.0, 3.0, 10.0]  # one coordinate per client, in two tensors (distances add up)
+    deltas = [{"a": np.array([p], np.float32), "b": np.array([0.0], np.float32)} for p in pts]
+    # k=4, f=1: each client's 4−1−2 = 1 nearest other
+    np.testing.assert_allclose(krum_scores(deltas, 1), [1.0, 1.0, 4.0, 49.0])
+    out, metrics = RobustRule("krum", f=1).combine(deltas, [1, 1, 1, 1])
+    assert out["a"][0] == 0.0 and metrics["krum_first"] == 0  # tie between 0 and 1: the first
+    # f=0: 2 nearest; scores 0:1+9, 1:1+4, 2:4+9, 3:49+81 → multi_krum m=0 keeps k−f=4, m=2 keeps {1,0}
+    np.testing.assert_allclose(krum_scores(deltas, 0), [10.0, 5.0, 13.0, 130.0])
+    out, metrics = RobustRule("multi_krum", f=0, m=2).combine(deltas, [1, 3, 1, 1])
+    assert metrics["krum_selected"] == 2
+    np.testing.assert_allclose(out["a"], [(0.0 * 1 + 1.0 * 3) / 4])
+
+
+def test_norm_bound_clips_each_update_before_the_rule():
+    deltas = [{"w": np.array([3.0, 4.0], np.float32)}, {"w": np.array([0.3, 0.4], np.float32)}]
+    out, metrics = RobustRule("mean", norm_bound=1.0).combine(deltas, [1, 1])
+    np.testing.assert_allclose(out["w"], [(0.6 + 0.3) / 2, (0.8 + 0.4) / 2], rtol=1e-6)
+    assert metrics["norm_bounded"] == 1
+
+
+def test_robust_rules_refuse_dp(task):
+    with pytest.raises(ConfigError, match="do not compose"):
+        build("head", task, robust="median", dp_clip=1.0)
+
+
+# ---- ZO scalars and mask votes ----------------------------------------------------------------------
+
+
+def test_scalar_rules():
+    s = np.array([[1.0, -4.0], [2.0, 0.0], [3.0, 1.0], [1e4, 2.0], [4.0, 3.0]], np.float32)
+    np.testing.assert_allclose(SCALAR_RULES["mean"](s, 0.2), s.mean(axis=0))
+    np.testing.assert_allclose(SCALAR_RULES["median"](s, 0.2), [3.0, 1.0])
+    np.testing.assert_allclose(SCALAR_RULES["trimmed_mean"](s, 0.2), [3.0, 1.0])  # middle three: (2+3+4)/3, (0+1+2)/3
+
+
+def test_mask_vote_rules():
+    ref = np.array([1, 1, 0, 0], np.int32)
+    all_flipped = 1 - ref
+    capped, was = cap_flips(all_flipped, ref, 0.5)
+    assert was and np.array_equal(capped, ref)
+    one = np.array([0, 1, 0, 0], np.int32)
+    assert np.array_equal(cap_flips(one, ref, 0.25)[0], one)  # 1 of 4 flips: at the cap, kept
+    votes = np.array([[1, 0, 1], [1, 0, 0], [1, 1, 0], [0, 1, 1], [1, 1, 1]], np.int32)
+    np.testing.assert_allclose(trimmed_votes(votes, 0.2), [3 * 5 / 3, 2 * 5 / 3, 2 * 5 / 3])
+
+
+def test_decomfl_trimmed_mean_of_the_scalars(task):
+    from fedsqueeze.codecs import frame
+
+    m = build("decomfl", task, params="head", warm_start_rounds=0, perturbations=2, aggregate="trimmed_mean", trim_beta=0.25)
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=9)
+    scale = {0: 1.0, 1: 2.0, 2: 3.0, 3: 1e4}  # one client sends huge scalars
+    base = np.arange(m.k * m.p, dtype=np.float32).reshape(m.k, m.p) + 1
+    body = {c: (base * s).astype("<f4").tobytes() for c, s in scale.items()}
+    ups = {c: m.decode_update(frame("decomfl-up", {"round": 1, "k": m.k, "p": m.p, "n": 5}, b), c, state, ctx) for c, b in body.items()}
+    state, _ = m.aggregate(state, ups, ctx)
+    np.testing.assert_allclose(state["history"][-1]["scalars"], base * 2.5, rtol=1e-6)  # middle two of 1, 2, 3, 1e4
+
+
+def _mask_round(m, keeps_of, ctx):
+    """One round of fedpm/deltamask clients whose masks are ``keeps_of(ref)``; the new θ and θ_start."""
+    from handmade import hand_head, mask_payload
+
+    state = m.init_server()
+    theta_start = m.start_theta(m.theta_of(state["theta_sym"], state["levels"]))
+    ups, refs = {}, {}
+    for c, make in keeps_of.items():
+        refs[c] = m.server_uniforms(ctx, c) < theta_start
+        ups[c] = m.decode_update(mask_payload(m, state, ctx, c, make(refs[c]), hand_head(m, c), 4), c, state, ctx)
+    state, metrics = m.aggregate(state, ups, ctx)
+    return state, theta_start, refs, metrics
+
+
+def test_mask_flip_cap_ignores_a_client_that_flips_everything(task):
+    m = build("fedpm", task, aggregate="delta", flip_cap=0.5)
+    ctx = RoundContext(round=1, rounds=2, seed=4)
+    few = np.arange(0, m.n, 97)
+
+    def honest(ref):
+        keep = ref.copy()
+        keep[few] ^= True
+        return keep
+
+    state, theta_start, refs, metrics = _mask_round(m, {0: honest, 1: lambda ref: ~ref}, ctx)
+    change = (honest(refs[0]).astype(np.float32) - refs[0]) / np.float32(2)  # client 1 votes "no change"
+    expected = np.rint(np.clip(theta_start + change, 0, 1) * 255).astype(np.uint8)
+    np.testing.assert_array_equal(state["theta_sym"], expected)
+    assert metrics["flip_capped"] == 0.5  # one of the two clients
+
+
+def test_mask_trimmed_votes(task):
+    m = build("fedpm", task, vote_trim=0.25)  # beta rule: θ = trimmed Σm / K
+    ctx = RoundContext(round=1, rounds=2, seed=4)
+    rng = np.random.default_rng(3)
+    masks = {c: rng.random(m.n) < p for c, p in ((0, 0.9), (1, 0.8), (2, 0.7))}
+    makers = {c: (lambda ref, k=k: k) for c, k in masks.items()}
+    makers[3] = lambda ref: np.zeros(m.n, bool)  # an attacker votes to drop every weight
+    state, _, _, _ = _mask_round(m, makers, ctx)
+    votes = np.sort(np.stack([masks[0], masks[1], masks[2], np.zeros(m.n, bool)]).astype(np.float64), axis=0)
+    expected = np.rint(votes[1:3].mean(axis=0) * 4)
+    np.testing.assert_array_equal(state["theta_sym"].astype(np.int64), expected.astype(np.int64))
