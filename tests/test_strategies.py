@@ -237,3 +237,34 @@ def test_mask_trimmed_votes(task):
     votes = np.sort(np.stack([masks[0], masks[1], masks[2], np.zeros(m.n, bool)]).astype(np.float64), axis=0)
     expected = np.rint(votes[1:3].mean(axis=0) * 4)
     np.testing.assert_array_equal(state["theta_sym"].astype(np.int64), expected.astype(np.int64))
+
+
+# ---- FedProx ----------------------------------------------------------------------------------------
+
+
+def test_proximal_penalty_value():
+    import torch
+
+    from fedsqueeze.training import proximal_penalty
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    penalty = proximal_penalty([w], 0.5)
+    with torch.no_grad():
+        w += torch.tensor([3.0, -4.0])
+    assert float(penalty()) == pytest.approx(0.5 * 0.5 * 25.0)
+
+
+@pytest.mark.parametrize("name", ["head", "bitfit"])
+def test_prox_mu_keeps_the_local_model_near_the_global_one(task, name):
+    from handmade import fresh
+
+    from fedsqueeze.codecs import decode_tensors
+    from fedsqueeze.methods.tensor import update_norm
+
+    norms = []
+    for mu in (0.0, 50.0):
+        m = build(name, fresh(task), prox_mu=mu, optimizer="sgd")
+        ctx = RoundContext(round=1, rounds=1, seed=0)
+        out = m.client_update(m.downlink(m.init_server(), ctx, 0), 0, None, ctx)
+        norms.append(update_norm(decode_tensors(out.payload)[0]))
+    assert norms[1] < 0.8 * norms[0]
