@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "fedsqueeze"
 RANK = {
     "errors": 0,
     "options": 1,
+    "plugins": 1,
     "seeding": 1,
     "config": 2,
     "codecs": 2,
@@ -27,6 +28,7 @@ RANK = {
     "report": 7,
     "runners": 8,
     "cli": 9,
+    "api": 9,
     "__main__": 10,
     "__init__": 10,
 }

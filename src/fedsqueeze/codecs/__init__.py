@@ -13,6 +13,7 @@ from fedsqueeze.codecs.base import (
     register_codec,
 )
 from fedsqueeze.codecs.framing import frame, unframe
+from fedsqueeze.plugins import CODEC_GROUP, load_group
 
 __all__ = [
     "CODECS",
@@ -27,3 +28,6 @@ __all__ = [
     "register_codec",
     "unframe",
 ]
+
+# third-party codecs (entry point group "fedsqueeze.codecs"), after the built-in ones so none is replaced
+load_group(CODEC_GROUP, CODECS, Codec, "codec_id")
