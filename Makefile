@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint bench data clean mutants
+.PHONY: setup run test lint bench results data clean mutants
 
 setup: $(STAMP) data
 
@@ -43,6 +43,9 @@ bench: setup  ## speed/size benchmarks; JSON lands in benchmarks/results/
 	PYTHONPATH=src $(PY) benchmarks/round_time.py
 	PYTHONPATH=src $(PY) benchmarks/flower_runtimes.py
 	PYTHONPATH=src $(PY) benchmarks/reliability.py
+
+results: setup  ## fill the default benchmark suite (resumable: stored runs are skipped), then docs/results and the README table
+	$(VENV)/bin/fedsqueeze bench benchmarks/suites/default.toml
 
 mutants: setup  ## mutation-testing benchmark (not part of `make test`); MUTANTS_ARGS="--files ... --sample 0.2"
 	$(PY) -m pip install -q -r requirements-dev.txt

@@ -266,6 +266,56 @@ def plot(paths: list[str] = _REPORT_PATHS, out: str = _REPORT_OUT, target: Optio
     _report(paths, out, target)
 
 
+@app.command()
+def bench(
+    suite_file: str = typer.Argument(..., help="suite TOML (benchmarks/suites/*.toml)"),
+    report_only: bool = typer.Option(False, "--report-only", help="run nothing: rebuild the report and README table from the store"),
+    only: list[str] = typer.Option([], "--only", help="run only entries whose id TASK/SETTING/METHOD/sSEED matches this glob (repeatable)"),
+    bytes_axis: str = typer.Option("total", "--bytes", help="figures' byte axis: 'total' (uplink + downlink) or 'uplink'"),
+    store: Optional[str] = typer.Option(None, help="results store directory (default: the suite's `store`)"),
+    report_dir: Optional[str] = typer.Option(
+        None, "--report-dir", help="where report.md and the figures go (default: the suite's `report`)"
+    ),
+    readme: Optional[str] = typer.Option(None, help="README whose marked table is regenerated (default: the suite's `readme`)"),
+    no_readme: bool = typer.Option(False, "--no-readme", help="leave the README alone"),
+    import_run: Optional[str] = typer.Option(None, "--import-run", help="store this pre-pipeline results.json (needs --as and --source)"),
+    as_entry: Optional[str] = typer.Option(None, "--as", help="--import-run: the entry id it stands in for, TASK/SETTING/METHOD/sSEED"),
+    source: Optional[str] = typer.Option(None, "--source", help="--import-run: where the file came from, recorded as given"),
+    quiet: bool = typer.Option(False, "--quiet", help="no per-run progress bars"),
+) -> None:
+    """Fill a benchmark suite (runs missing from its results store, resumable), then write its report and README table."""
+    from pathlib import Path
+
+    from fedsqueeze import bench as bench_mod
+    from fedsqueeze import store as store_mod
+    from fedsqueeze.report.suite import shown, write_suite_report
+
+    if bytes_axis not in ("total", "uplink"):
+        raise ConfigError(f"--bytes must be 'total' or 'uplink', got {bytes_axis!r}")
+    suite = bench_mod.load_suite(suite_file)
+    suite.store = Path(store) if store else suite.store
+    suite.report = Path(report_dir) if report_dir else suite.report
+    suite.readme = Path(readme) if readme else suite.readme
+    if import_run is not None:
+        if not as_entry or not source:
+            raise ConfigError("--import-run needs --as TASK/SETTING/METHOD/sSEED and --source TEXT")
+        path = bench_mod.import_run(suite, Path(import_run), as_entry, source)
+        err.print(f"stored {import_run} as {as_entry} (epoch {store_mod.PRE_PIPELINE}) → {path}")
+        return
+    failed: list[dict[str, str]] = []
+    if not report_only:
+        done = bench_mod.fill(suite, only=only, show_progress=not quiet)
+        failed = done["failed"]
+        err.print(f"bench {suite.name}: ran {len(done['ran'])}, already stored {done['skipped']}, failed {len(failed)}")
+    found = bench_mod.match(suite.entries, store_mod.read_store(suite.store) if suite.store.is_dir() else [])
+    written = write_suite_report(suite, found, f"fedsqueeze bench {shown(Path(suite_file))} --report-only", bytes_axis, not no_readme)
+    err.print(
+        f"→ {written['report']}  " + "  ".join(str(p) for p in written["figures"]) + (f"  {written['readme']}" if written["readme"] else "")
+    )
+    if failed:
+        raise FedsqueezeError("bench: failed: " + "; ".join(f"{f['id']}: {f['error']}" for f in failed))
+
+
 def _options_table(title: str, rows: list[tuple[str, str, str]]):
     from rich.table import Table
 
