@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from fedsqueeze.methods import get_method
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.zo import Perturber
+from fedsqueeze.methods.zo_wire import compact_frame
 from fedsqueeze.privacy import dp_epsilon
 from fedsqueeze.seeding import SERVER, np_rng, seed_int, torch_gen
 from fedsqueeze.task import build_task
@@ -434,10 +436,7 @@ def test_decomfl_combines_the_scalars_and_replays_them(task, aggregation):
     ctx = RoundContext(round=1, rounds=2, seed=9)
     k, p = m.k, m.p
     scalars = {c: np.arange(k * p, dtype=np.float32).reshape(k, p) * s + s for c, s in ((0, 1.0), (1, 2.0), (3, 30.0))}
-    ups = {
-        c: m.decode_update(frame("decomfl-up", {"round": 1, "k": k, "p": p, "n": 5}, g.astype("<f4").tobytes()), c, state, ctx)
-        for c, g in scalars.items()
-    }
+    ups = {c: m.decode_update(compact_frame("decomfl-up", 1, [], g.astype("<f4").tobytes()), c, state, ctx) for c, g in scalars.items()}
     state, metrics = m.aggregate(state, ups, ctx)
     stack = np.stack(list(scalars.values())).astype(np.float64)
     combined = np.median(stack, axis=0) if aggregation == "median" else stack.mean(axis=0)
@@ -446,14 +445,13 @@ def test_decomfl_combines_the_scalars_and_replays_them(task, aggregation):
     for n in m.names:
         np.testing.assert_allclose(state["weights"][n], expected[n], rtol=1e-5, atol=1e-6)
     assert metrics["zo_scalar_abs_mean"] == pytest.approx(np.abs(combined).mean(), rel=1e-6)
-    # the next message to a client that missed round 1 carries exactly that record (our own parse)
-    _, meta, body = parse_frame(m.downlink(state, RoundContext(2, 2, 9), 2))
-    assert meta["records"] == [1] and meta["head"] is False
-    assert np.array_equal(np.frombuffer(body[: 8 * k], "<u8"), seeds)
-    np.testing.assert_array_equal(np.frombuffer(body[8 * k : 8 * k + 4 * k * p], "<f4").reshape(k, p), combined.astype(np.float32))
-    assert np.array_equal(
-        np.frombuffer(body[8 * k + 4 * k * p :], "<u8"), np_rng(9, 2, SERVER, "decomfl-seeds").integers(0, 1 << 63, size=k, dtype=np.uint64)
-    )
+    # the next message to a client that missed round 1 carries exactly that record (our own parse):
+    # tag (kind 2, version 1), round 2, no head, one run of 1 record ending 0 rounds back, K·P float32, CRC
+    msg = m.downlink(state, RoundContext(2, 2, 9), 2)
+    assert msg[:6] == bytes([0x21, 2, 0, 1, 0, 1])
+    np.testing.assert_array_equal(np.frombuffer(msg[6:-4], "<f4").reshape(k, p), combined.astype(np.float32))
+    assert msg[-4:] == zlib.crc32(msg[:-4]).to_bytes(4, "little")
+    assert np.array_equal(m.step_seeds(1, 9), seeds)  # the seeds are derived, never sent
 
 
 def test_decomfl_warm_start_is_weighted_and_rounded_to_the_wire_dtype(task):

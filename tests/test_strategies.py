@@ -182,7 +182,7 @@ def test_mask_vote_rules():
 
 
 def test_decomfl_trimmed_mean_of_the_scalars(task):
-    from fedsqueeze.codecs import frame
+    from fedsqueeze.methods.zo_wire import compact_frame
 
     m = build("decomfl", task, params="head", warm_start_rounds=0, perturbations=2, aggregate="trimmed_mean", trim_beta=0.25)
     state = m.init_server()
@@ -190,7 +190,7 @@ def test_decomfl_trimmed_mean_of_the_scalars(task):
     scale = {0: 1.0, 1: 2.0, 2: 3.0, 3: 1e4}  # one client sends huge scalars
     base = np.arange(m.k * m.p, dtype=np.float32).reshape(m.k, m.p) + 1
     body = {c: (base * s).astype("<f4").tobytes() for c, s in scale.items()}
-    ups = {c: m.decode_update(frame("decomfl-up", {"round": 1, "k": m.k, "p": m.p, "n": 5}, b), c, state, ctx) for c, b in body.items()}
+    ups = {c: m.decode_update(compact_frame("decomfl-up", 1, [], b), c, state, ctx) for c, b in body.items()}
     state, _ = m.aggregate(state, ups, ctx)
     np.testing.assert_allclose(state["history"][-1]["scalars"], base * 2.5, rtol=1e-6)  # middle two of 1, 2, 3, 1e4
 

@@ -5,8 +5,10 @@ from fedsqueeze.methods import (  # noqa: F401  (registration)
     decomfl,
     deltamask,
     fedavg,
+    fedkseed,
     fedpm,
     fedsz,
+    feedsign,
     head,
     peft,
 )

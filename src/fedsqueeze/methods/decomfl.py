@@ -1,23 +1,29 @@
-"""DeComFL: zeroth-order federated fine-tuning where only seeds and scalars travel.
+"""DeComFL: zeroth-order federated fine-tuning where only scalars travel (and the base of every ZO method).
 
-After Li, Ying, Liu, Dong, Yang (ICLR 2025). Each round the server draws one seed per local step.
-A sampled client first catches up: it replays every (seeds, averaged scalars) record of the rounds
-it missed, which makes its weights bit-identical to the server's. Then it runs K local
-zeroth-order steps with P perturbations each (z regenerated from the seed, never stored; see
-:mod:`fedsqueeze.methods.zo`) and uploads only the K·P directional-derivative scalars. The server
-averages them per (step, perturbation), applies the record to its own weights by the same replay,
-and keeps the records back to its stalest client. The wire formats are in
-:mod:`fedsqueeze.methods.decomfl_wire`.
+After Li, Ying, Liu, Dong, Yang (ICLR 2025). Each round has one seed per local step, derived from
+the run seed and the round (so no seed travels). A sampled client first catches up: it replays
+every record (the averaged scalars of a round) it missed, which makes its weights bit-identical
+to the server's. Then it runs K local zeroth-order steps with P perturbations each (z regenerated
+from the seed, never stored; see :mod:`fedsqueeze.methods.zo`) and uploads only the K·P
+directional-derivative scalars. The server averages them per (step, perturbation), applies the
+record to its own weights by the same replay, and keeps the records back to its stalest client.
+The wire formats are in :mod:`fedsqueeze.methods.decomfl_wire`.
 
-What trains (``params``): LoRA on the query/value projections plus the head (the LoRA injection of
-:mod:`fedsqueeze.methods.peft`, seeded by the run so every party builds the same adapters), every
-weight, or the head alone (evaluated like :mod:`fedsqueeze.methods.head`'s linear probe).
+:class:`ZOMethod` holds what every seed-and-scalar method shares (fedkseed and feedsign subclass
+it): what trains (``params``: LoRA on the query/value projections plus the head, every weight, or
+the head alone), the warm start, the client's own copy of the weights, the learning-rate schedule,
+and the loss of a zeroth-order step.
 
 Warm start (``warm_start_rounds`` > 0): a random head makes zeroth-order training crawl, so the
 first rounds are federated linear probing on the frozen backbone's cached features (the head
 method's probe): the head goes down and its delta comes up through the raw codec, as float16 by
 default (counted in the same results). A client that missed them receives the warm-started head
 once, inside its first zeroth-order message.
+
+Differential privacy (``dp_clip`` > 0): the server clips each client's K·P scalars to L2 norm C,
+sums them, adds Gaussian noise σ·C per scalar and divides by ``clients_per_round`` (the DP-FedAvg
+mechanism of :mod:`fedsqueeze.privacy` on the scalar vector); warm-start rounds go through the
+same mechanism on the head delta (``dp_warm_clip``), and ε counts every round.
 
 Simulator note: clients share one model object, so each client's own weights (what it would keep
 in memory) live in its client state as ``{"synced": round, "weights": ...}``; a client loads them,
@@ -47,6 +53,7 @@ from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_par
 from fedsqueeze.methods.zo import Perturber, local_zo
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, option
+from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.task import Task
 from fedsqueeze.training import batch_inputs, iterate_batches
@@ -59,20 +66,12 @@ WARM_DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 @dataclass
-class DeComFLOptions:
-    # old option names (before the names were made the same across methods) say what they are now
-    renamed: ClassVar[dict[str, str]] = {"aggregation": "aggregate", "lora_r": "rank"}
+class ZOOptions:
+    """The options every zeroth-order method shares."""
 
-    perturbations: int = option(1, "P: random perturbations per local step (each uploads one float32)", check=at_least(1))
     mu: float = option(1e-3, "μ: finite-difference step", check=above(0.0))
     difference: str = option(
         "central", "'central' (f(w+μz) − f(w−μz)) / 2μ or 'forward' (f(w+μz) − f(w)) / μ", choices=("central", "forward")
-    )
-    aggregate: str = option(
-        "mean", "how the server combines the clients' scalars: 'mean', or robust 'median' / 'trimmed_mean'", choices=tuple(SCALAR_RULES)
-    )
-    trim_beta: float = option(
-        0.1, "aggregate=trimmed_mean: fraction β of scalars trimmed from each end", check=between(0.0, 0.5, hi_open=True)
     )
     params: str = option(
         "lora",
@@ -95,17 +94,45 @@ class DeComFLOptions:
     lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' (update scaled by alpha / r)", check=above(0.0))
 
 
-@register_method
-class DeComFL(Method):
-    name = "decomfl"
-    summary = "zeroth-order FL: seeds down, K·P scalars up; communication independent of model size"
-    Options = DeComFLOptions
-    default_lr = DEFAULT_LR["lora"]  # of the default params; `fedsqueeze methods` shows it
+@dataclass
+class DeComFLOptions(ZOOptions):
+    # old option names (before the names were made the same across methods) say what they are now
+    renamed: ClassVar[dict[str, str]] = {"aggregation": "aggregate", "lora_r": "rank"}
+
+    perturbations: int = option(1, "P: random perturbations per local step (each uploads one float32)", check=at_least(1))
+    aggregate: str = option(
+        "mean", "how the server combines the clients' scalars: 'mean', or robust 'median' / 'trimmed_mean'", choices=tuple(SCALAR_RULES)
+    )
+    trim_beta: float = option(
+        0.1, "aggregate=trimmed_mean: fraction β of scalars trimmed from each end", check=between(0.0, 0.5, hi_open=True)
+    )
+    dp_clip: float = option(0.0, "DP: clip each client's K·P scalars to this L2 norm C (0 = no DP)", check=at_least(0.0))
+    dp_noise: float = option(0.0, "DP: noise multiplier σ; Gaussian noise σ·C is added to each summed scalar", check=at_least(0.0))
+    dp_warm_clip: float = option(0.1, "DP: L2 clip of a warm-start head delta (same σ)", check=above(0.0))
+    dp_delta: float = option(1e-5, "DP: δ at which ε is reported", check=between(0.0, 1.0, lo_open=True, hi_open=True))
+
+    def validate(self) -> None:
+        if self.dp_noise > 0 and self.dp_clip <= 0:
+            raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
+        if self.dp_clip > 0 and self.aggregate != "mean":
+            raise ConfigError("DP (dp_clip > 0) needs aggregate='mean': the noise calibration is for a sum")
+
+
+class ZOMethod(Method):
+    """What the zeroth-order methods share; subclasses define the zeroth-order rounds' messages.
+
+    Hooks: :meth:`zo_downlink`, :meth:`zo_decode`, :meth:`zo_aggregate` (server) and
+    :meth:`zo_catch_up`, :meth:`zo_train` (client). Server state: ``weights``, ``history`` (the
+    records, each with its ``round``), ``synced`` (the round each client holds), ``warm_head``.
+    """
+
+    Options: ClassVar[type] = ZOOptions
+    perturbations_per_step: int = 1
 
     # ---- set-up ---------------------------------------------------------------------------------
     def check_run(self, cfg) -> None:
         if cfg.local_steps < 1:
-            raise ConfigError(f"method 'decomfl' needs local_steps >= 1 (one zeroth-order step each); got {cfg.local_steps}")
+            raise ConfigError(f"method {self.name!r} needs local_steps >= 1 (one zeroth-order step each); got {cfg.local_steps}")
 
     def setup(self, task: Task) -> None:
         o = self.opts
@@ -118,10 +145,11 @@ class DeComFL(Method):
         self.named = named_params(model, self.names)
         self.perturber = Perturber(list(self.named.values()))
         self.k = self.cfg.local_steps
-        self.p = o.perturbations
+        self.p = self.perturbations_per_step
         self.warm_dtype = WARM_DTYPES[o.warm_start_dtype]
         self.head_elements = sum(self.named[n].numel() for n in self.head)
-        self.wire = ZOShape(self.k, self.p, {n: tuple(self.named[n].shape) for n in self.head}, np.dtype(self.warm_dtype))
+        head_shapes = {n: tuple(self.named[n].shape) for n in self.head}
+        self.wire = ZOShape(self.k, self.p, head_shapes, np.dtype(self.warm_dtype), max(1, self.cfg.rounds))
         self.initial = read_weights(self.named)  # the pre-trained weights every party starts from
         self.raw = get_codec("raw")
         model.eval()
@@ -156,15 +184,17 @@ class DeComFL(Method):
     def is_warm(self, round_: int) -> bool:
         return round_ <= self.opts.warm_start_rounds
 
-    def round_seeds(self, ctx: RoundContext) -> np.ndarray:
-        """The K step seeds the server draws for this round."""
-        return ctx.rng(SERVER, "decomfl-seeds").integers(0, 1 << 63, size=self.k, dtype=np.uint64)
+    def step_seeds(self, round_: int, seed: int) -> np.ndarray:
+        """The K step seeds of ``round_``: a function of the run seed, so they never travel."""
+        return (
+            RoundContext(round_, self.cfg.rounds, seed).rng(SERVER, f"{self.name}-seeds").integers(0, 1 << 63, size=self.k, dtype=np.uint64)
+        )
 
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
         return {
             "weights": {n: a.copy() for n, a in self.initial.items()},
-            "history": [],  # [{"round", "seeds" uint64[K], "scalars" float32[K, P]}], oldest first
+            "history": [],  # the records of the rounds some client still lacks, oldest first
             "synced": np.zeros(self.cfg.clients, dtype=np.int64),  # global round each client holds
             "warm_head": {},  # the head after the warm start, in its wire dtype
         }
@@ -177,12 +207,15 @@ class DeComFL(Method):
                 head = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
             return encode_tensors(self.raw, head, round=ctx.round)
         warm_head = state["warm_head"] if synced < self.opts.warm_start_rounds else None
-        records = [r for r in state["history"] if r["round"] > synced]
-        return encode_downlink(self.wire, ctx.round, records, self.round_seeds(ctx), warm_head)
+        return self.zo_downlink(state, ctx, synced, warm_head)
+
+    def missed(self, state: dict[str, Any], synced: int) -> list[dict[str, Any]]:
+        """The records of the rounds after ``synced``, oldest first."""
+        return [r for r in state["history"] if r["round"] > synced]
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate | ZOUpdate:
         if not self.is_warm(ctx.round):
-            return ZOUpdate(decode_uplink(payload, self.wire, ctx.round))
+            return self.zo_decode(payload, client, state, ctx)
         tensors, extra = decode_tensors(payload, self._head_ctx(), codec=self.raw)
         self._check_head(tensors, "warm-start update")
         n = example_count(extra.get("n"), client, self.task.client_sizes(), "warm-start update")
@@ -208,38 +241,58 @@ class DeComFL(Method):
         updates: dict[int, TensorUpdate] | dict[int, ZOUpdate],
         ctx: RoundContext,
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Warm rounds: average the head deltas. Zeroth-order rounds: combine the scalars into a record."""
+        """Warm rounds: average the head deltas. Zeroth-order rounds: the subclass's rule makes a record."""
         for client in updates:
             state["synced"][client] = ctx.round - 1  # it replied, so it holds the global model of round − 1
         metrics: dict[str, float] = {}
         if self.is_warm(ctx.round):
-            self._aggregate_warm(state, of_type(updates, TensorUpdate), ctx)
+            metrics = self._aggregate_warm(state, of_type(updates, TensorUpdate), ctx)
         elif updates:
-            metrics = self._aggregate_zo(state, [u.scalars for u in of_type(updates, ZOUpdate)], ctx)
+            zo = dict(zip(updates, of_type(updates, ZOUpdate)))
+            metrics = self.zo_aggregate(state, zo, ctx)
         oldest = max(int(state["synced"].min()), self.opts.warm_start_rounds)
         state["history"] = [r for r in state["history"] if r["round"] > oldest]  # nobody needs the rest
         metrics["history_records"] = float(len(state["history"]))
         return state, metrics
 
-    def _aggregate_warm(self, state: dict[str, Any], updates: list[TensorUpdate], ctx: RoundContext) -> None:
-        if updates:
-            total = sum(u.n for u in updates)
+    def _aggregate_warm(self, state: dict[str, Any], updates: list[TensorUpdate], ctx: RoundContext) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if updates or self.dp_on:
+            like = {n: state["weights"][n] for n in self.head}
+            if self.dp_on:  # uniform weights and a fixed denominator, as DP-FedAvg
+                avg, metrics = private_mean(
+                    [u.delta for u in updates],
+                    like,
+                    self.opts.dp_warm_clip,
+                    self.opts.dp_noise,
+                    self.cfg.clients_per_round,
+                    ctx.rng(SERVER, "dp-noise"),
+                )
+                metrics.update(self.dp_metrics(ctx))
+            else:
+                total = sum(u.n for u in updates)
+                avg = {n: np.sum([u.delta[n] * (u.n / total) for u in updates], axis=0) for n in self.head}
             for n in self.head:
-                avg = sum(u.delta[n] * (u.n / total) for u in updates)
                 # round to the wire dtype so the server holds exactly what clients will receive
-                state["weights"][n] = (state["weights"][n] + avg).astype(self.warm_dtype).astype(np.float32)
+                state["weights"][n] = (state["weights"][n] + avg[n]).astype(self.warm_dtype).astype(np.float32)
         if ctx.round == self.opts.warm_start_rounds:
             state["warm_head"] = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
+        return metrics
 
-    def _aggregate_zo(self, state: dict[str, Any], scalars: list[np.ndarray], ctx: RoundContext) -> dict[str, float]:
-        stacked = np.stack(scalars)
-        combined = SCALAR_RULES[self.opts.aggregate](stacked, self.opts.trim_beta)
-        record: dict[str, Any] = {"round": ctx.round, "seeds": self.round_seeds(ctx), "scalars": combined.astype(np.float32)}
+    @property
+    def dp_on(self) -> bool:
+        return getattr(self.opts, "dp_clip", 0.0) > 0
+
+    def dp_metrics(self, ctx: RoundContext) -> dict[str, Any]:
+        """ε after ``ctx.round`` rounds of the subsampled Gaussian mechanism (None: no noise, no guarantee)."""
+        eps = dp_epsilon(self.cfg.clients_per_round / self.cfg.clients, self.opts.dp_noise, ctx.round, self.opts.dp_delta)
+        return {"dp_epsilon": eps if np.isfinite(eps) else None, "dp_delta": self.opts.dp_delta}
+
+    def apply_to_server(self, state: dict[str, Any], apply: Any) -> None:
+        """Run ``apply()`` (a replay of one record) on the server's weights."""
         load_weights(self.named, state["weights"])
-        self.perturber.apply_record(record["seeds"], record["scalars"], self.lr_at(ctx.round))
+        apply()
         state["weights"] = read_weights(self.named)
-        state["history"].append(record)
-        return {"zo_scalar_abs_mean": float(np.abs(record["scalars"]).mean()), "zo_lr": self.lr_at(ctx.round)}
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
         if self.opts.params == "head":
@@ -248,36 +301,35 @@ class DeComFL(Method):
         return evaluate_weights(self.task, self.named, state["weights"])
 
     # ---- client ---------------------------------------------------------------------------------
+    def init_client_state(self) -> dict[str, Any]:
+        """What a client holds before it first takes part: the pre-trained weights, synced to round 0."""
+        return {"synced": 0, "weights": self.initial}
+
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
-        synced, weights = (state["synced"], state["weights"]) if isinstance(state, dict) else (0, self.initial)
-        load_weights(self.named, weights)  # this client's own model (simulator: clients share one model object)
+        own = state if isinstance(state, dict) else self.init_client_state()
+        load_weights(self.named, own["weights"])  # this client's own model (simulator: clients share one model object)
         if self.is_warm(ctx.round):
-            return self._warm_update(message, client, synced, ctx, t0)
-        seeds = self.catch_up(message, synced, ctx)
-        view = read_weights(self.named)  # == the server's weights after round − 1, bit for bit
+            return self._warm_update(message, client, own, ctx, t0)
+        own = self.zo_catch_up(message, own, ctx)
+        view = read_weights(self.named)  # == the server's weights after round − 1
         codec_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        scalars, loss = self._local_zo(client, seeds, ctx)
+        payload, loss = self.zo_train(client, own, ctx)
         train_s = time.perf_counter() - t1
-        payload = encode_uplink(self.wire, ctx.round, len(self.task.client_indices[client]), scalars)
-        new_state = {"synced": ctx.round - 1, "weights": view}
+        new_state = {**own, "synced": ctx.round - 1, "weights": view}
         return ClientOutput(payload, new_state, {"train_s": train_s, "codec_s": codec_s, "train_loss": loss})
 
-    def catch_up(self, message: bytes, synced: int, ctx: RoundContext) -> np.ndarray:
-        """Bring the loaded model from round ``synced`` to round − 1 by replay; return this round's seeds."""
-        msg = decode_downlink(message, self.wire, ctx.round)
-        if msg.head is not None:
-            self._check_head(msg.head, "warm-start head")
-            load_weights(self.named, msg.head)
-            synced = self.opts.warm_start_rounds
-        if msg.rounds and msg.rounds[0] <= self.opts.warm_start_rounds or synced < self.opts.warm_start_rounds:
+    def load_warm_head(self, head: Tensors | None, synced: int, first_record: int | None) -> int:
+        """Load the warm-started head if the message brought it; return the round the client now holds."""
+        if head is not None:
+            self._check_head(head, "warm-start head")
+            load_weights(self.named, head)
+            synced = max(synced, self.opts.warm_start_rounds)
+        if first_record is not None and first_record <= self.opts.warm_start_rounds or synced < self.opts.warm_start_rounds:
             raise PayloadError("server message lacks the warm-start head this client needs")
-        for r, s, g in zip(msg.rounds, msg.seeds, msg.scalars):
-            if r > synced:  # records this client already applied are skipped
-                self.perturber.apply_record(s, g, self.lr_at(r))
-        return msg.round_seeds
+        return synced
 
     def _loss_fn(self, client: int) -> tuple[Any, int]:
         """``loss(idx) -> float`` on this client's data, and the number of its examples."""
@@ -291,16 +343,17 @@ class DeComFL(Method):
         model = self.task.model
         return (lambda idx: float(F.cross_entropy(model(**batch_inputs(data, idx)), data.labels[idx]))), len(data)
 
-    def _local_zo(self, client: int, seeds: np.ndarray, ctx: RoundContext) -> tuple[np.ndarray, float]:
+    def local_steps(self, client: int, seeds: np.ndarray, ctx: RoundContext, step: Any = None) -> tuple[np.ndarray, float]:
+        """Run one local zeroth-order step per seed; the K×P scalars and the mean loss."""
         loss_of, n = self._loss_fn(client)
         bs = self.opts.zo_batch_size
         bs = n if bs < 0 else (bs or self.cfg.batch_size)
         self.task.model.eval()  # no dropout: both evaluations of a perturbation must see the same function
-        batches = iterate_batches(n, bs, self.k, ctx.torch_gen(client, "batches"))
+        batches = iterate_batches(n, bs, len(seeds), ctx.torch_gen(client, "batches"))
         o = self.opts
-        return local_zo(self.perturber, loss_of, batches, seeds, self.p, o.mu, o.difference, self.lr_at(ctx.round))
+        return local_zo(self.perturber, loss_of, batches, seeds, self.p, o.mu, o.difference, self.lr_at(ctx.round), step)
 
-    def _warm_update(self, message: bytes, client: int, synced: int, ctx: RoundContext, t0: float) -> ClientOutput:
+    def _warm_update(self, message: bytes, client: int, own: dict[str, Any], ctx: RoundContext, t0: float) -> ClientOutput:
         """Federated linear probing on cached features: head down, head delta up."""
         tensors, extra = decode_tensors(message, self._head_ctx(), codec=self.raw)
         if extra.get("round") != ctx.round:
@@ -308,7 +361,7 @@ class DeComFL(Method):
         if tensors:
             self._check_head(tensors, "warm-start head")
             load_weights(self.named, tensors)
-        elif synced != ctx.round - 1:
+        elif own["synced"] != ctx.round - 1:
             raise PayloadError("warm-start message lacks the head this client needs")
         view = read_weights(self.named)
         before = {n: view[n] for n in self.head}
@@ -327,5 +380,80 @@ class DeComFL(Method):
         after = read_weights(self.named, self.head)
         delta = {n: (after[n] - before[n]).astype(self.warm_dtype) for n in self.head}
         payload = encode_tensors(self.raw, delta, n=len(self.task.client_indices[client]))
-        new_state = {"synced": ctx.round - 1, "weights": view}
+        new_state = {**own, "synced": ctx.round - 1, "weights": view}
         return ClientOutput(payload, new_state, {**metrics, "train_s": train_s, "codec_s": codec_s})
+
+    # ---- the zeroth-order rounds: defined by each method ----------------------------------------
+    def zo_downlink(self, state: dict[str, Any], ctx: RoundContext, synced: int, warm_head: Tensors | None) -> bytes:
+        raise NotImplementedError
+
+    def zo_decode(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> ZOUpdate:
+        raise NotImplementedError
+
+    def zo_aggregate(self, state: dict[str, Any], updates: dict[int, ZOUpdate], ctx: RoundContext) -> dict[str, float]:
+        raise NotImplementedError
+
+    def zo_catch_up(self, message: bytes, own: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        """Bring the loaded model (and ``own``'s extra state) to round − 1; return the updated ``own``."""
+        raise NotImplementedError
+
+    def zo_train(self, client: int, own: dict[str, Any], ctx: RoundContext) -> tuple[bytes, float]:
+        """This client's local zeroth-order steps: the payload and the mean loss."""
+        raise NotImplementedError
+
+
+@register_method
+class DeComFL(ZOMethod):
+    name = "decomfl"
+    summary = "zeroth-order FL: K·P scalars up, the missed rounds' scalars down; communication independent of model size"
+    Options = DeComFLOptions
+    default_lr = DEFAULT_LR["lora"]  # of the default params; `fedsqueeze methods` shows it
+
+    @property
+    def perturbations_per_step(self) -> int:  # type: ignore[override]
+        return self.opts.perturbations
+
+    def zo_downlink(self, state: dict[str, Any], ctx: RoundContext, synced: int, warm_head: Tensors | None) -> bytes:
+        return encode_downlink(self.wire, ctx.round, self.missed(state, synced), warm_head)
+
+    def zo_decode(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> ZOUpdate:
+        return ZOUpdate(decode_uplink(payload, self.wire, ctx.round))
+
+    def zo_aggregate(self, state: dict[str, Any], updates: dict[int, ZOUpdate], ctx: RoundContext) -> dict[str, float]:
+        scalars = [u.scalars for u in updates.values()]
+        metrics: dict[str, Any] = {}
+        if self.dp_on:
+            like = {"g": np.zeros((self.k, self.p), dtype=np.float32)}
+            noisy, metrics = private_mean(
+                [{"g": s} for s in scalars],
+                like,
+                self.opts.dp_clip,
+                self.opts.dp_noise,
+                self.cfg.clients_per_round,
+                ctx.rng(SERVER, "dp-noise"),
+            )
+            combined = noisy["g"]
+            metrics.update(self.dp_metrics(ctx))
+        else:
+            combined = SCALAR_RULES[self.opts.aggregate](np.stack(scalars), self.opts.trim_beta)
+        combined = combined.astype(np.float32)
+        record = {"round": ctx.round, "scalars": combined}
+        self.apply_to_server(state, lambda: self.replay(record, ctx.seed))
+        state["history"].append(record)
+        return {**metrics, "zo_scalar_abs_mean": float(np.abs(combined).mean()), "zo_lr": self.lr_at(ctx.round)}
+
+    def replay(self, record: dict[str, Any], seed: int) -> None:
+        """Apply one record to the loaded model: ``w ← w − lr/P · Σ g[k, i] · z(seed_k, i)``, step by step."""
+        self.perturber.apply_record(self.step_seeds(record["round"], seed), record["scalars"], self.lr_at(record["round"]))
+
+    def zo_catch_up(self, message: bytes, own: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
+        msg = decode_downlink(message, self.wire, ctx.round)
+        synced = self.load_warm_head(msg.head, int(own["synced"]), msg.rounds[0] if msg.rounds else None)
+        for r, g in zip(msg.rounds, msg.scalars):
+            if r > synced:  # records this client already applied are skipped
+                self.replay({"round": r, "scalars": g}, ctx.seed)
+        return own
+
+    def zo_train(self, client: int, own: dict[str, Any], ctx: RoundContext) -> tuple[bytes, float]:
+        scalars, loss = self.local_steps(client, self.step_seeds(ctx.round, ctx.seed), ctx)
+        return encode_uplink(self.wire, ctx.round, scalars), loss

@@ -1,4 +1,4 @@
-"""Zeroth-order primitives shared by every seed-and-scalar method (DeComFL): the estimator and the replay.
+"""Zeroth-order primitives shared by the seed-and-scalar methods (decomfl, fedkseed, feedsign): the estimator and the replay.
 
 A perturbation ``z ~ N(0, I)`` over the trainable tensors is never stored: it is a pure function of
 ``(step seed, perturbation index)`` and regenerated, tensor by tensor and chunk by chunk, each time
@@ -65,8 +65,12 @@ def estimate_step(
     mu: float,
     difference: str,
     lr: float,
+    step: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """One local zeroth-order step at the current weights; update them and return the P scalars.
+
+    The update is ``w ← w − lr/P · Σ_i step(g)_i · z_i``: ``step`` maps the estimated scalars to
+    what the update uses (default: themselves; feedsign: their signs).
 
     ``central``: g = (f(w+μz) − f(w−μz)) / 2μ (two forwards per perturbation);
     ``forward``: g = (f(w+μz) − f(w)) / μ (one forward per perturbation plus one per step).
@@ -74,6 +78,7 @@ def estimate_step(
     perturbation's restore and update are fused into one pass over the weights.
     """
     grads = np.zeros(perturbations, dtype=np.float32)
+    applied = grads
     base = loss() if difference == "forward" else 0.0
     for i in range(perturbations):
         perturber.add(seed, i, mu)
@@ -87,9 +92,11 @@ def estimate_step(
             grads[i] = (plus - base) / mu
             back = -mu
         last = i == perturbations - 1
-        perturber.add(seed, i, back - (lr * float(grads[i]) / perturbations if last else 0.0))
+        if last:
+            applied = step(grads) if step is not None else grads
+        perturber.add(seed, i, back - (lr * float(applied[i]) / perturbations if last else 0.0))
     for i in range(perturbations - 1):
-        perturber.add(seed, i, -lr * float(grads[i]) / perturbations)
+        perturber.add(seed, i, -lr * float(applied[i]) / perturbations)
     return grads
 
 
@@ -103,6 +110,7 @@ def local_zo(
     mu: float,
     difference: str,
     lr: float,
+    step: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, float]:
     """A client's local zeroth-order steps, one per seed, on ``batches`` (example indices).
 
@@ -117,6 +125,6 @@ def local_zo(
             calls.append(loss_of(idx))
             return calls[-1]
 
-        scalars[k] = estimate_step(perturber, loss, int(seeds[k]), perturbations, mu, difference, lr)
+        scalars[k] = estimate_step(perturber, loss, int(seeds[k]), perturbations, mu, difference, lr, step)
         losses.append(sum(calls) / len(calls))
     return scalars, float(np.mean(losses))
