@@ -14,7 +14,7 @@ from fedsqueeze import bench, store
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.report import stats
-from fedsqueeze.report.plots import FAMILIES, family_of, method_style, plot_order, run_styles
+from fedsqueeze.report.plots import FAMILIES, FAMILY_MARKERS, family_of, method_style, plot_order, run_styles
 from fedsqueeze.report.suite import MARK_BEGIN, MARK_END, Row, paired, render_readme_table, replace_between_markers, rows_by_table
 
 ROOT = Path(__file__).parent.parent
@@ -78,7 +78,10 @@ def test_no_two_methods_share_colour_and_marker():
     colours = [method_style(m)["color"] for m in listed]
     assert len(set(colours)) == len(colours)  # inside the families, even the colours are distinct
     for fam, (ms, cs) in FAMILIES.items():
-        assert len(ms) == len(cs), fam
+        assert len(ms) == len(cs) == len(FAMILY_MARKERS[fam]), fam
+    # families draw with markers of their own (codec and zo never share a marker: their colours are close)
+    assert not set(FAMILY_MARKERS["codec"]) & set(FAMILY_MARKERS["zo"])
+    assert not set(FAMILY_MARKERS["mask"]) & set(FAMILY_MARKERS["peft"])
 
 
 def test_plot_order_groups_by_family_and_runs_share_nothing():

@@ -19,7 +19,7 @@ from typing import Any
 PLOTS = ("pareto.png", "accuracy.png", "bpp.png")
 MARKERS = "osD^v<>ph*"
 
-# Families, each in shades of one hue; a method keeps its colour and marker in every plot.
+# Families, each in shades of one hue and with markers of its own; a method keeps its style in every plot.
 FAMILIES: dict[str, tuple[list[str], list[str]]] = {
     "full": (["fedavg"], ["#000000"]),
     "codec": (["fedsz", "qsgd", "signsgd", "eden", "topk"], ["#a63603", "#e6550d", "#fd8d3c", "#d94801", "#fdae6b"]),
@@ -28,8 +28,9 @@ FAMILIES: dict[str, tuple[list[str], list[str]]] = {
         ["#08519c", "#3182bd", "#6baed6", "#006d2c", "#31a354", "#74c476", "#9ecae1", "#00441b"],
     ),
     "mask": (["deltamask", "deltamask-exact", "fedpm"], ["#3f007d", "#756bb1", "#9e9ac8"]),
-    "zo": (["decomfl", "fedkseed", "feedsign"], ["#a50f15", "#ef3b2c", "#fc9272"]),
+    "zo": (["decomfl", "fedkseed", "feedsign"], ["#cb181d", "#ef3b2c", "#fc9272"]),
 }
+FAMILY_MARKERS = {"full": "o", "codec": "sD^v<", "peft": "osD^v<>p", "mask": "h*X", "zo": "PdH"}
 OTHER_COLOURS = ["#525252", "#969696", "#252525"]  # methods no family lists: greys, one marker each
 
 
@@ -48,7 +49,7 @@ def method_style(method: str, others: list[str] | None = None) -> dict[str, str]
     if fam != "other":
         names, colours = FAMILIES[fam]
         i = names.index(method)
-        return {"color": colours[i], "marker": MARKERS[i % len(MARKERS)]}
+        return {"color": colours[i], "marker": FAMILY_MARKERS[fam][i]}
     i = sorted(others or [method]).index(method) if method in (others or []) else 0
     return {"color": OTHER_COLOURS[i % len(OTHER_COLOURS)], "marker": MARKERS[(i // len(OTHER_COLOURS)) % len(MARKERS)]}
 
