@@ -12,7 +12,7 @@ import pytest
 
 from fedsqueeze import bench, store
 from fedsqueeze.config import RunConfig
-from fedsqueeze.errors import ConfigError
+from fedsqueeze.errors import ConfigError, FedsqueezeError
 from fedsqueeze.report import stats
 from fedsqueeze.report.plots import FAMILIES, FAMILY_MARKERS, family_of, method_style, plot_order, run_styles
 from fedsqueeze.report.suite import MARK_BEGIN, MARK_END, Row, paired, render_readme_table, replace_between_markers, rows_by_table
@@ -285,3 +285,22 @@ def test_a_killed_entry_continues_from_its_checkpoint(tmp_path, monkeypatch):
     assert stored["results"]["rounds"] == json.loads((scratch / "results.json").read_text())["rounds"]
     with pytest.raises(ConfigError, match="matches no entry"):
         bench.select(suite.entries, ["nope/*"])
+
+
+def test_import_run_stores_a_stale_stand_in_with_unknown_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    suite = bench.load_suite(_tiny_copy(tmp_path))
+    e = next(x for x in suite.entries if x.id == "wordnet/iid/head/s1")
+    res = _record("head", 1, 0.42, "unused")["results"]
+    res["config"] = {**e.config.to_dict(), "threads": 2}  # made with another setting: not the entry's config
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(res))
+    stored = bench.import_run(suite, path, e.id, "an old run")
+    rec = json.loads(stored.read_text())
+    assert rec["epoch"] == store.PRE_PIPELINE and rec["code"] == {"version": None, "commit": None, "dirty": None}
+    assert rec["source"] == "an old run" and rec["results"]["config"]["threads"] == 2
+    found = {f.entry.id: f for f in bench.match(suite.entries, store.read_store(suite.store))}
+    assert found[e.id].status == "stale" and found[e.id].record["key"] == rec["key"]
+    assert found["wordnet/iid/head/s0"].status == "missing"
+    with pytest.raises(FedsqueezeError, match="not wordnet/iid/fedavg/s1"):
+        bench.import_run(suite, path, "wordnet/iid/fedavg/s1", "x")
