@@ -21,6 +21,7 @@ RANK = {
     "training": 3,
     "privacy": 3,
     "results": 3,
+    "flower_compression": 3,
     "store": 4,
     "masking": 4,
     "task": 5,

@@ -8,6 +8,7 @@ report/ only reads results.json files.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from dataclasses import fields
 from pathlib import Path
@@ -41,6 +42,8 @@ def run(
 
     get_method(cfg.method)(cfg)  # the method and its options, checked before anything loads
     check_runtime(cfg)
+    if cfg.runtime != "local" and importlib.util.find_spec("flwr") is None:
+        raise FedsqueezeError(f"--runtime {cfg.runtime} needs Flower: pip install 'fedsqueeze[flower]'")
     if resume is None:
         check_out_free(cfg)  # here too: a Flower run would find out only once its ServerApp starts
     if cfg.runtime == "flower-sim":
