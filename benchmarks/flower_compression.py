@@ -34,11 +34,11 @@ CODECS = [
 def main() -> None:
     sys.path[:0] = [str(ROOT / "src"), str(ROOT / "examples" / "flower_compress")]
     torch.set_num_threads(1)
+    from flower_compress_example.client_app import app as client_app
+    from flower_compress_example.task import make_net
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
     from flwr.serverapp.strategy import FedAvg
     from flwr.supercore.task_identity import TaskIdentity
-    from flower_compress_example.client_app import app as client_app
-    from flower_compress_example.task import make_net
 
     from fedsqueeze.flower_compression import CompressedStrategy
 
