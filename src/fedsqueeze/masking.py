@@ -49,19 +49,25 @@ class MaskLayout:
 
 
 def select_masked(model: nn.Module, include_embeddings: bool = False) -> MaskLayout:
-    """Layout of the masked weights: every Linear weight of ``model.backbone`` (plus embeddings)."""
-    kinds: tuple[type, ...] = (nn.Linear, nn.Embedding) if include_embeddings else (nn.Linear,)
+    """Layout of the masked weights: every Linear weight of ``model.backbone`` (plus embeddings).
+
+    A model may name other module types to mask in ``model.masked_kinds`` (a CNN's ``nn.Conv2d``).
+    """
+    kinds: tuple[type, ...] = tuple(getattr(model, "masked_kinds", (nn.Linear,)))
+    if include_embeddings:
+        kinds += (nn.Embedding,)
     names, shapes, offsets, total = [], [], [], 0
     backbone = model.backbone
     assert isinstance(backbone, nn.Module)
     for mod_name, mod in backbone.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)) and isinstance(mod, kinds):
+        weight = getattr(mod, "weight", None)
+        if isinstance(mod, kinds) and isinstance(weight, nn.Parameter):
             names.append(f"backbone.{mod_name}.weight")
-            shapes.append(tuple(mod.weight.shape))
+            shapes.append(tuple(weight.shape))
             offsets.append(total)
-            total += mod.weight.numel()
+            total += weight.numel()
     if not names:
-        raise ValueError("the backbone has no Linear weights to mask")
+        raise ValueError(f"the backbone has no weights of {[k.__name__ for k in kinds]} to mask")
     return MaskLayout(names, shapes, offsets, total)
 
 

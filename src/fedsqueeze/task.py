@@ -13,24 +13,26 @@ import torch
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.data import RawDataset, RawSplit, load_dataset, partition
+from fedsqueeze.errors import ConfigError
 from fedsqueeze.models import Classifier, load_model
+from fedsqueeze.models.effnet import PIXEL_MEAN, PIXEL_STD
+from fedsqueeze.models.prompting import encode_prompts, label_words_for, template_for
 from fedsqueeze.seeding import SERVER, np_rng
 from fedsqueeze.training import Encoded, evaluate
 
-# Fashion-MNIST pixel statistics, so images enter the model roughly standardised
-_PIXEL_MEAN, _PIXEL_STD = 0.2860, 0.3530
 
-
-def encode_split(split: RawSplit, tokenizer, max_length: int) -> Encoded:
-    """Tokenize texts (padded to ``max_length``; batches trim later) or scale images."""
+def encode_split(split: RawSplit, tokenizer, max_length: int, template: str | None = None) -> Encoded:
+    """Tokenize texts (padded to ``max_length``; batches trim later), as prompts given a ``template``, or scale images."""
     labels = torch.from_numpy(split.labels.astype(np.int64))
+    if split.texts is not None and template is not None:
+        return Encoded(encode_prompts(tokenizer, split.texts, template, max_length), labels)
     if split.texts is not None:
         enc = tokenizer(split.texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
         return Encoded({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}, labels)
     if split.images is None:
         raise ValueError("a split holds either texts or images")
     pixels = torch.from_numpy(split.images.astype(np.float32) / 255.0)
-    pixels = ((pixels - _PIXEL_MEAN) / _PIXEL_STD).unsqueeze(1)
+    pixels = ((pixels - PIXEL_MEAN) / PIXEL_STD).unsqueeze(1)
     return Encoded({"pixel_values": pixels}, labels)
 
 
@@ -44,6 +46,8 @@ class Task:
     label_names: list[str]
     model_params: int
     dataset_kind: str
+    prompted: bool = False  # a causal LM classifying through a prompt and label words
+    zero_shot: tuple[float, float] | None = None  # prompted: test accuracy and loss of the untrained LM
     _features: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -86,10 +90,17 @@ def build_task(cfg: RunConfig, raw: RawDataset | None = None) -> Task:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     raw = raw or load_dataset(cfg.dataset, cfg.train_size, cfg.test_size, cfg.text_column, cfg.label_column)
-    loaded = load_model(cfg.model, raw.kind, raw.num_classes, cfg.seed)
-    train = encode_split(raw.train, loaded.tokenizer, cfg.max_length)
-    test = encode_split(raw.test, loaded.tokenizer, cfg.max_length)
+    words = label_words_for(raw.label_names, cfg.label_words) if raw.kind == "text" else None
+    loaded = load_model(cfg.model, raw.kind, raw.num_classes, cfg.seed, label_words=words, image_size=cfg.image_size)
+    template = template_for(cfg.dataset, cfg.prompt_template) if loaded.prompted else None
+    if not loaded.prompted and (cfg.prompt_template or cfg.label_words):
+        raise ConfigError(f"prompt_template and label_words apply to causal LMs (smollm2, tiny-lm); model {cfg.model!r} is not one")
+    train = encode_split(raw.train, loaded.tokenizer, cfg.max_length, template)
+    test = encode_split(raw.test, loaded.tokenizer, cfg.max_length, template)
     parts = partition(raw.train.labels, cfg.clients, cfg.partition, cfg.alpha, np_rng(cfg.seed, 0, SERVER, "partition"))
     model_params = sum(p.numel() for p in loaded.model.parameters())
     loaded.model.eval()
-    return Task(cfg, loaded.model, train, test, parts, raw.label_names, model_params, raw.kind)
+    task = Task(cfg, loaded.model, train, test, parts, raw.label_names, model_params, raw.kind, loaded.prompted)
+    if loaded.prompted:  # before any method changes the model: the LM's own (zero-shot) accuracy, "round 0"
+        task.zero_shot = task.evaluate()
+    return task

@@ -90,7 +90,10 @@ class BitFit(PeftMethod):
     default_lr = 5e-3
 
     def inject(self, model: Classifier) -> list[str]:
-        return [n for n, _ in model.backbone.named_parameters(prefix="backbone") if n.endswith(".bias")]
+        biases = [n for n, _ in model.backbone.named_parameters(prefix="backbone") if n.endswith(".bias")]
+        if not biases:  # e.g. Llama-style LMs: BitFit would be linear probing under another name
+            raise ConfigError("bitfit: this backbone has no biases to train; use --method head for the head alone")
+        return biases
 
 
 # ---- LoRA -------------------------------------------------------------------------------------
@@ -153,6 +156,10 @@ def _inject_peft(model: Classifier, config: Any, method: str) -> list[str]:
     """Inject a peft tuner into ``model.backbone`` in place; ConfigError if it matched nothing."""
     from peft import inject_adapter_in_model
 
+    # generic names (query, value, ...) as this backbone calls them (the model catalogue's aliases)
+    config.target_modules = set(model.module_names(config.target_modules))
+    if getattr(config, "feedforward_modules", None):
+        config.feedforward_modules = set(model.module_names(config.feedforward_modules))
     try:
         names = added_parameters(model, lambda: inject_adapter_in_model(config, model.backbone))
     except ValueError as exc:  # peft: "Target modules ... not found in the base model"
@@ -211,7 +218,7 @@ class Adapter(PeftMethod):
     default_lr = 2e-3
 
     def inject(self, model: Classifier) -> list[str]:
-        suffixes = tuple(split_modules(self.opts.after))
+        suffixes = tuple(model.module_names(split_modules(self.opts.after)))
         # one pass to find, then replace: never mutate a module tree while iterating it
         targets = [
             (name, module)
@@ -277,7 +284,7 @@ class Prompt(PeftMethod):
     def inject(self, model: Classifier) -> list[str]:
         from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-        if model.kind != "text":
+        if model.kind not in ("text", "lm"):
             raise ConfigError("prompt: prompt and prefix tuning need a text model")
         n = self.opts.virtual_tokens
         config: PromptTuningConfig | PrefixTuningConfig

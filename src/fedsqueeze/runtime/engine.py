@@ -267,6 +267,8 @@ class Engine:
             Path(cfg.out).mkdir(parents=True, exist_ok=True)
             atomic_write_text(Path(cfg.out) / CONFIG_FILE, to_toml(cfg))
         header = {**run_header(cfg, self.task.model_params, method.trainable_params(), self.runtime), **self.extra_header}
+        if self.task.zero_shot is not None:  # a prompted causal LM: its accuracy before any training
+            header["round0"] = {"round": 0, "accuracy": self.task.zero_shot[0], "loss": self.task.zero_shot[1]}
         writer = ResultsWriter(cfg.out, header, done)
         with RunProgress(cfg, self.task.model_params, method.trainable_params(), enabled=self.show_progress) as progress:
             if done and self.show_progress:

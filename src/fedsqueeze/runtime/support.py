@@ -41,6 +41,9 @@ FIELD_SUPPORT: dict[str, frozenset[str]] = {
             "eval_batch_size",
             "text_column",
             "label_column",
+            "prompt_template",
+            "label_words",
+            "image_size",
             "options",
         )
     },
