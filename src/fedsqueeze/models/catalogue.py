@@ -87,7 +87,7 @@ class ModelEntry:
         return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-LLAMA_ALIASES = {
+LLAMA_ALIASES: dict[str, tuple[str, ...]] = {
     "query": ("q_proj",),
     "key": ("k_proj",),
     "value": ("v_proj",),
