@@ -84,17 +84,22 @@ def test_payload_round_trip_rebuilds_the_client_mask(tiny_task, name, stratify):
         assert "fp_flips" in metrics
 
 
-def test_fedpm_mask_decodes_exactly(tiny_task):
-    method = _method("fedpm", tiny_task)
+@pytest.mark.parametrize("coder", ["levels", "context"])
+def test_fedpm_mask_decodes_exactly(tiny_task, coder):
+    from fedsqueeze.methods.updates import MaskUpdate
+
+    method = _method("fedpm", tiny_task, coder=coder)
     state = method.init_server()
     ctx = RoundContext(round=1, rounds=1, seed=3)
     sym = state["theta_sym"]
+    theta_start = method.start_theta(method.theta_of(sym, 255))
     rng = np.random.default_rng(0)
     mask = rng.random(method.n) < 0.9
-    meta, body, _ = method.encode_mask(rng.random(method.n, dtype=np.float32), mask.astype(np.float32), None, sym, 255, ctx)
-    decoded = method.decode_mask(meta, memoryview(body), state, ctx).bits
     # encode_mask draws u < θ; with θ in {0, 1} the mask is exactly `mask`
-    np.testing.assert_array_equal(decoded, mask)
+    meta, body, _ = method.encode_mask(method.server_uniforms(ctx, 0), mask.astype(np.float32), theta_start, sym, 255, ctx)
+    code = method.decode_mask(meta, memoryview(body), state, ctx, 0)
+    rebuilt, _ = method.rebuild_mask(MaskUpdate(1, {}, code), theta_start, None, 0, ctx)
+    np.testing.assert_array_equal(rebuilt.astype(bool), mask)
 
 
 @pytest.mark.parametrize("name", MASK_METHODS)

@@ -14,6 +14,7 @@ Constriction's ``perfect=False`` models are bit-identical on both sides for iden
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import constriction
@@ -43,43 +44,85 @@ def _bernoulli(ones: int, n: int) -> constriction.stream.model.Categorical:
     return constriction.stream.model.Categorical(np.array([1.0 - p, p]), perfect=False)
 
 
-def encode_grouped_bits(bits: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[dict[str, Any], bytes]:
-    """Code ``bits`` (bool) group by group; ``groups[i]`` in ``[0, num_groups)`` is known to the decoder."""
-    order = np.argsort(groups, kind="stable")
-    sizes = np.bincount(groups, minlength=num_groups)
-    ones = np.bincount(groups, weights=bits.astype(np.float64), minlength=num_groups).astype(np.int64)
-    sorted_bits = bits[order].astype(np.int32)
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
+def group_order(groups: np.ndarray, num_groups: int, counting: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(order, bounds)``: positions sorted by group, in position order within a group, and the group boundaries.
+
+    A counting sort: the groups are cast to the narrowest unsigned type that holds them, which numpy's
+    stable sort orders by radix (linear time) when it is 8 or 16 bits wide. ``counting=False`` keeps
+    the int64 key, a comparison sort, O(d log d) (0.58 s of a 1.05 s encode at d = 2.2e7): the same
+    order, kept to benchmark and test against.
+    """
+    narrow = np.uint8 if num_groups <= 1 << 8 else np.uint16 if num_groups <= 1 << 16 else np.int64
+    key = groups.astype(narrow if counting else np.int64, copy=False)
+    order = np.argsort(key, kind="stable")
+    bounds = np.zeros(num_groups + 1, dtype=np.int64)
+    np.cumsum(np.bincount(key, minlength=num_groups), out=bounds[1:])
+    return order, bounds
+
+
+def bernoulli_bits(ones: list[int] | np.ndarray, sizes: list[int] | np.ndarray) -> float:
+    """``Σ_g n_g H(ones_g / n_g)``: the empirical entropy of a grouped bit vector, the bound of its code."""
+    o = np.asarray(ones, dtype=np.float64)
+    n = np.asarray(sizes, dtype=np.float64)
+    coded = (o > 0) & (o < n)
+    p = o[coded] / n[coded]
+    return float(-(n[coded] * (p * np.log2(p) + (1 - p) * np.log2(1 - p))).sum())
+
+
+def grouped_bits_cap(entropy_bits: float, coded_groups: int) -> int:
+    """The most bytes an honest :func:`encode_grouped_bits` stream takes for ``entropy_bits`` of content.
+
+    rANS with 24-bit quantized probabilities stays well within 1% of the empirical entropy; each
+    coded group may add a few bits of quantization loss and the stream ends on a 64-bit state.
+    """
+    return 4 * (math.ceil((entropy_bits * 1.01 + 32 * coded_groups + 64) / 32) + 1)
+
+
+def encode_grouped_bits(bits: np.ndarray, groups: np.ndarray, num_groups: int, counting: bool = True) -> tuple[dict[str, Any], bytes]:
+    """Code ``bits`` (bool) group by group; ``groups[i]`` in ``[0, num_groups)`` is known to the decoder.
+
+    ``counting`` chooses the grouping sort (:func:`group_order`); the bytes are the same either way.
+    """
+    bits = np.asarray(bits, dtype=bool)
+    order, bounds = group_order(groups, num_groups, counting)
+    sizes = np.diff(bounds)
+    ones = np.bincount(groups[bits], minlength=num_groups).astype(np.int64)
     coder = constriction.stream.stack.AnsCoder()
     for g in range(num_groups - 1, -1, -1):  # a stack: encode last group first, decode first group first
         if 0 < ones[g] < sizes[g]:
-            coder.encode_reverse(sorted_bits[bounds[g] : bounds[g + 1]], _bernoulli(int(ones[g]), int(sizes[g])))
+            chunk = bits[order[bounds[g] : bounds[g + 1]]].astype(np.int32)
+            coder.encode_reverse(chunk, _bernoulli(int(ones[g]), int(sizes[g])))
     return {"ones": ones.tolist()}, _words(coder)
 
 
 def decode_grouped_bits(meta: dict[str, Any], body: memoryview | bytes, groups: np.ndarray, num_groups: int) -> np.ndarray:
-    """Invert :func:`encode_grouped_bits` given the same ``groups``."""
+    """Invert :func:`encode_grouped_bits` given the same ``groups``.
+
+    The body may be no longer than the header's counts can need (:func:`grouped_bits_cap`),
+    checked before the stream is read.
+    """
     ones = meta.get("ones")
-    sizes = np.bincount(groups, minlength=num_groups)
-    if not (isinstance(ones, list) and len(ones) == num_groups and all(isinstance(o, int) for o in ones)):
+    if not (isinstance(ones, list) and len(ones) == num_groups and all(type(o) is int for o in ones)):
         raise PayloadError("mask header has no valid per-group counts of ones")
+    order, bounds = group_order(groups, num_groups)
+    sizes = np.diff(bounds)
     if any(not 0 <= o <= s for o, s in zip(ones, sizes.tolist())):
         raise PayloadError("mask header counts more ones than a group holds")
+    coded = sum(1 for o, s in zip(ones, sizes.tolist()) if 0 < o < s)
+    cap = grouped_bits_cap(bernoulli_bits(ones, sizes), coded)
+    if len(body) > cap:
+        raise PayloadError(f"mask ANS stream of {len(body)} bytes is longer than its counts can need ({cap})")
     coder = _coder_from(body)
-    order = np.argsort(groups, kind="stable")
-    bounds = np.concatenate([[0], np.cumsum(sizes)])
-    sorted_bits = np.zeros(groups.size, dtype=bool)
+    bits = np.zeros(groups.size, dtype=bool)
     try:
         for g in range(num_groups):
             lo, hi = int(bounds[g]), int(bounds[g + 1])
             if ones[g] == sizes[g]:
-                sorted_bits[lo:hi] = True
+                bits[order[lo:hi]] = True
             elif ones[g] > 0:
-                sorted_bits[lo:hi] = coder.decode(_bernoulli(ones[g], int(sizes[g])), hi - lo) == 1
+                bits[order[lo:hi]] = coder.decode(_bernoulli(ones[g], int(sizes[g])), hi - lo) == 1
     except Exception as exc:
         raise PayloadError(f"mask ANS stream does not decode: {exc}") from exc
-    bits = np.empty(groups.size, dtype=bool)
-    bits[order] = sorted_bits
     return bits
 
 

@@ -24,6 +24,7 @@ tested position for position against the C ``contain``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,22 +129,33 @@ def filter_geometry(kind: str, size: int) -> dict[str, int]:
         return cf.geometry()
 
 
-def parse_filter(meta: dict, body: memoryview | bytes, max_keys: int) -> Filter:
-    """Validate a received filter's header and body; raise PayloadError on anything inconsistent."""
-    kind, size, seed, length = (meta.get(k) for k in ("kind", "size", "seed", "array_length"))
-    if kind not in FILTER_KINDS:
-        raise PayloadError(f"unknown filter kind {kind!r}")
+@functools.lru_cache(maxsize=64)
+def filter_bytes(kind: str, size: int) -> int:
+    """Bytes of the fingerprints of a ``kind`` filter over ``size`` keys (increasing in ``size``; memoized)."""
+    return filter_geometry(kind, size)["array_length"] * np.dtype(_FP_DTYPE[kind]).itemsize
+
+
+def parse_filter(meta: dict, body: memoryview | bytes, max_keys: int, kind: str | None = None) -> Filter:
+    """Validate a received filter's header and body; raise PayloadError on anything inconsistent.
+
+    ``kind`` (the receiver's configured filter) is the only kind accepted. The body length must match
+    the header's ``array_length`` and ``size`` be at most ``max_keys`` before the C code is asked
+    for the geometry of ``size`` keys (which allocates for them).
+    """
+    got, size, seed, length = (meta.get(k) for k in ("kind", "size", "seed", "array_length"))
+    if got not in FILTER_KINDS or (kind is not None and got != kind):
+        raise PayloadError(f"filter kind {got!r} where {kind or FILTER_KINDS!r} was expected")
     for name, v, hi in (("size", size, max_keys), ("seed", seed, (1 << 64) - 1), ("array_length", length, 1 << 34)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
             raise PayloadError(f"filter {name} {v!r} is not an integer in [0, {hi}]")
     assert isinstance(size, int) and isinstance(seed, int) and isinstance(length, int)  # just checked
-    geom = filter_geometry(kind, size)
-    if geom["array_length"] != length:
-        raise PayloadError(f"{kind} with {size} keys needs {geom['array_length']} fingerprints, header says {length}")
-    dt = np.dtype(_FP_DTYPE[kind]).newbyteorder("<")
+    dt = np.dtype(_FP_DTYPE[got]).newbyteorder("<")
     if len(body) != length * dt.itemsize:
         raise PayloadError(f"filter body is {len(body)} bytes, {length * dt.itemsize} expected")
-    return Filter(kind, size, seed, np.frombuffer(body, dtype=dt).astype(_FP_DTYPE[kind]))
+    geom = filter_geometry(got, size)
+    if geom["array_length"] != length:
+        raise PayloadError(f"{got} with {size} keys needs {geom['array_length']} fingerprints, header says {length}")
+    return Filter(got, size, seed, np.frombuffer(body, dtype=dt).astype(_FP_DTYPE[got]))
 
 
 def contain_c(flt: Filter, keys: np.ndarray) -> np.ndarray:

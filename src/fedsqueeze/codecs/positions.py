@@ -38,6 +38,18 @@ def entropy_bound_bits(n: int, universe: int) -> float:
     return (math.lgamma(universe + 1) - math.lgamma(n + 1) - math.lgamma(universe - n + 1)) / math.log(2)
 
 
+def code_bytes_cap(n: int, universe: int) -> int:
+    """The most bytes either coder takes for ``n`` of ``universe`` positions: ``n (5 + log2(universe/n))`` bits.
+
+    Rice at the k it picks costs at most ``Σ g >> k + n (1 + k)`` with ``2^k`` about the mean gap,
+    i.e. under ``n (5 + log2(universe / n))``; Elias-Fano under ``n (3 + log2(universe / n))``.
+    Increasing in ``n``, so the bound at a cap on ``n`` holds for every smaller set.
+    """
+    if n <= 0:
+        return 2
+    return math.ceil(n * (5 + math.log2(max(universe / n, 2.0))) / 8) + 2
+
+
 def _pack_low_bits(values: np.ndarray, k: int) -> bytes:
     if k == 0 or values.size == 0:
         return b""
@@ -109,7 +121,8 @@ def elias_fano_encode(positions: np.ndarray, universe: int) -> tuple[dict[str, A
     """Elias-Fano code of sorted, distinct ``positions``."""
     p = _check_positions(positions, universe)
     n = int(p.size)
-    low_bits = max(0, int(math.floor(math.log2(universe / n)))) if n else 0
+    # an empty set takes l = log2(universe) too, so its upper part is 2 bits, not universe + 1
+    low_bits = max(0, int(math.floor(math.log2(universe / max(n, 1))))) if universe else 0
     high = (p >> np.uint64(low_bits)).astype(np.int64)
     upper = np.zeros(n + (universe >> low_bits) + 1, dtype=np.uint8)
     upper[high + np.arange(n)] = 1
@@ -147,8 +160,15 @@ def encode_positions(positions: np.ndarray, universe: int, coder: str = "rice") 
     raise ValueError(f"unknown position coder {coder!r}; choose one of {POSITION_CODERS}")
 
 
-def decode_positions(meta: dict[str, Any], body: memoryview | bytes, max_universe: int) -> np.ndarray:
-    """Invert :func:`encode_positions`; the universe must not exceed ``max_universe``."""
+def decode_positions(
+    meta: dict[str, Any], body: memoryview | bytes, max_universe: int, *, max_n: int | None = None, coder: str | None = None
+) -> np.ndarray:
+    """Invert :func:`encode_positions`; the universe must not exceed ``max_universe``.
+
+    A receiver that knows more passes it: ``max_n`` caps the number of positions (the body may then
+    be no longer than :func:`code_bytes_cap` of it) and ``coder`` is the only coder accepted, both
+    checked before anything is decoded.
+    """
     n, universe = meta.get("n"), meta.get("universe")
     for name, v in (("n", n), ("universe", universe)):
         if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= max_universe:
@@ -156,6 +176,12 @@ def decode_positions(meta: dict[str, Any], body: memoryview | bytes, max_univers
     assert isinstance(n, int) and isinstance(universe, int)  # for the type checker: just checked
     if n > universe:
         raise PayloadError(f"{n} positions cannot fit a universe of {universe}")
+    if max_n is not None and n > max_n:
+        raise PayloadError(f"position set holds {n} positions, more than the {max_n} this round allows")
+    if len(body) > code_bytes_cap(n, universe):
+        raise PayloadError(f"position code of {len(body)} bytes is longer than {n} positions can need")
+    if coder is not None and meta.get("coder") != coder:
+        raise PayloadError(f"position coder {meta.get('coder')!r} where {coder!r} was configured")
     coder = meta.get("coder")
     if coder == "rice":
         return rice_decode(meta, body)

@@ -1,4 +1,4 @@
-"""DeltaMask: only the mask positions that moved travel, in a binary fuse filter (and an exact variant).
+"""DeltaMask: only the mask positions that moved travel, coded against side information or in a fuse filter.
 
 Everything but the uplink mask coding is FedPM's (:mod:`fedsqueeze.methods.fedpm`: frozen model,
 mask scores, Beta aggregation, coded downlink of θ).
@@ -11,19 +11,23 @@ Client, after local training (probabilities ``θc``; start/global probabilities 
 2. Keeps, of those flipped positions, the top ``κ_r · n`` by ``|θc − θg|`` (``n`` = masked
    weights). ``κ_r`` follows a schedule from ``kappa_start`` (round 1) to ``kappa_end`` (last
    round): ``linear`` or ``geometric``.
-3. ``deltamask``: inserts the kept positions as uint64 keys into a binary fuse filter (Fuse8 by
-   default; ``filter=fuse16|xor8``) built by pyfusefilter's C code and sends its fingerprints.
-   ``deltamask-exact``: codes the sorted positions exactly (Golomb-Rice gaps by default;
-   ``coder=elias-fano``), no false positives, at ~``log2 C(n, N)`` bits.
+3. Codes the kept positions. By default exactly, against the side information the server has
+   (``coder=context``: rANS of the flip bits per context of ``|u − θg|``, about ``n·H(F | C)`` bits,
+   :mod:`fedsqueeze.codecs.sideinfo`; or ``coder=rice|elias-fano``: the sorted positions at about
+   ``log2 C(n, N)`` bits). ``deltamask --set filter=fuse8`` (the paper; ``fuse16|xor8``) inserts
+   them as uint64 keys into a binary fuse filter built by pyfusefilter's C code and sends its
+   fingerprints. ``deltamask-exact`` never uses a filter.
 
-Server: rebuilds the reference mask, queries every position ``0..n−1`` against the filter with the
-vectorized query (:func:`fedsqueeze.codecs.fusefilter.query_universe`), flips the hits (false
+Server: rebuilds the reference mask, decodes the positions (a filter: queries every position
+``0..n−1`` with the vectorized query (:func:`fedsqueeze.codecs.fusefilter.query_universe`)), flips them (a filter's false
 positives included) and aggregates with the delta rule by default (``θ = θ_start + Σ(m − ref)/K``,
 :mod:`fedsqueeze.methods.fedpm`; ``aggregate=beta`` is the paper's FedPM rule). The filter header states how many keys it holds, so
 the false-positive flips are counted exactly: ``fp_flips = hits − keys`` (a filter has no false
 negatives). The round record carries ``fp_flips``, ``keys`` (means per client) and ``mask_bits_per_key``.
 
-Uplink body: ``[filter fingerprints | position code][head delta]``.
+Uplink body: ``[context code | position code | filter fingerprints][head delta]``. Every length
+its header claims is bounded by :meth:`DeltaMask.mask_limits` (the round's cap κ_r·n) before
+anything is allocated.
 """
 
 from __future__ import annotations
@@ -33,15 +37,19 @@ from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, parse_filter
-from fedsqueeze.codecs.positions import POSITION_CODERS, decode_positions, encode_positions, entropy_bound_bits
+from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, filter_bytes, parse_filter
+from fedsqueeze.codecs.positions import POSITION_CODERS, code_bytes_cap, decode_positions, encode_positions
+from fedsqueeze.codecs.sideinfo import flips_cap_bytes, flips_meta_bytes
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
 from fedsqueeze.methods.mask_method import AGGREGATES, MaskMethod, MaskOptions
+from fedsqueeze.methods.mask_wire import MaskLimits
 from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskUpdate
 from fedsqueeze.options import between, option
 
 KAPPA_SCHEDULES = ("linear", "geometric")
+DELTAMASK_FILTERS = (*FILTER_KINDS, "none")
+FLIP_CODERS = ("context", *POSITION_CODERS)
 
 
 @dataclass
@@ -53,8 +61,16 @@ class DeltaMaskOptions(MaskOptions):
     kappa_start: float = option(0.02, "round-1 cap on the flipped positions sent, as a fraction of masked weights", check=between(0.0, 1.0))
     kappa_end: float = option(0.01, "last-round cap (the schedule goes from kappa_start to kappa_end)", check=between(0.0, 1.0))
     kappa_schedule: str = option("linear", "how κ moves over the rounds", choices=KAPPA_SCHEDULES)
-    filter: str = option("fuse8", "filter for the flipped positions", choices=FILTER_KINDS)
-    coder: str = option("rice", "deltamask-exact position coder", choices=POSITION_CODERS)
+    filter: str = option(
+        "none",
+        "deltamask: filter for the flipped positions (fuse8 = the paper's); none = code them exactly with `coder`",
+        choices=DELTAMASK_FILTERS,
+    )
+    coder: str = option(
+        "context",
+        "exact flip coder: context (ANS given |u − θ_start|, the server's side information), rice or elias-fano (positions)",
+        choices=FLIP_CODERS,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -86,64 +102,57 @@ def top_flips(u: np.ndarray, theta_client: np.ndarray, theta_ref: np.ndarray, ca
 @register_method
 class DeltaMask(MaskMethod):
     name = "deltamask"
-    summary = "masks on a frozen model; top-κ flips vs a shared reference mask sent in a Fuse8 filter"
+    summary = "masks on a frozen model; top-κ flips vs a shared reference mask, coded against side information (or a Fuse8 filter)"
     Options = DeltaMaskOptions
     uplink_kind = "deltamask-up"
-    needs_reference = True
+
+    def needs_reference(self) -> bool:
+        return True
+
+    @property
+    def filter_kind(self) -> str | None:
+        """The filter the flips travel in, or None when they are coded exactly."""
+        return None if self.opts.filter == "none" else self.opts.filter
+
+    def flip_cap(self, ctx: RoundContext) -> int:
+        """The most flipped positions a client may send this round: ``κ_r · n``."""
+        return int(kappa_at(self.opts, ctx.round, ctx.rounds) * self.n)
 
     # ---- client ---------------------------------------------------------------------------------
     def encode_mask(self, u, theta_client, theta_start, sym, levels, ctx: RoundContext):
-        cap = int(kappa_at(self.opts, ctx.round, ctx.rounds) * self.n)
-        keys, total = top_flips(u, theta_client, theta_start, cap)
-        meta, body = self.encode_positions(keys)
-        return meta, body, {"flips_total": float(total), "keys": float(keys.size)}
-
-    def encode_positions(self, keys: np.ndarray) -> tuple[dict[str, Any], bytes]:
-        flt = build_filter(keys, self.opts.filter)
-        return flt.meta(), flt.body()
+        keys, total = top_flips(u, theta_client, theta_start, self.flip_cap(ctx))
+        stats = {"flips_total": float(total), "keys": float(keys.size)}
+        if self.filter_kind is not None:
+            flt = build_filter(keys, self.filter_kind)
+            return flt.meta(), flt.body(), stats
+        if self.opts.coder == "context":
+            flips = np.zeros(self.n, dtype=bool)
+            flips[keys.astype(np.int64)] = True
+            meta, body, more = self.encode_context_flips(flips, u, theta_start)
+            return meta, body, {**stats, **more}
+        meta, body = encode_positions(keys, self.n, self.opts.coder)
+        return meta, body, stats
 
     # ---- server ---------------------------------------------------------------------------------
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> FilterFlips | ExactFlips:
+    def mask_limits(self, state: dict[str, Any], ctx: RoundContext) -> MaskLimits:
+        cap = self.flip_cap(ctx)
+        if self.filter_kind is not None:
+            return MaskLimits(filter_bytes(self.filter_kind, cap), 256)
+        if self.opts.coder == "context":
+            return MaskLimits(flips_cap_bytes(self.n, cap), flips_meta_bytes())
+        return MaskLimits(code_bytes_cap(cap, self.n), 256)
+
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext, client: int) -> FilterFlips | ExactFlips:
         if not isinstance(meta, dict):
-            raise PayloadError("client update has no filter header")
-        return FilterFlips(parse_filter(meta, body, max_keys=self.n))
-
-    def rebuild_mask(
-        self,
-        update: MaskUpdate,
-        theta_start: np.ndarray,
-        ref: np.ndarray | None,
-        client: int,
-        ctx: RoundContext,
-    ) -> tuple[np.ndarray, dict[str, float]]:
-        code = update.mask
-        assert isinstance(code, (FilterFlips, ExactFlips))  # decode_mask made it
-        mask = (self.server_uniforms(ctx, client) < theta_start) if ref is None else ref.copy()
-        flips, keys = code.flips(self.n), code.keys
-        mask[flips] ^= True
-        hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
-        return mask.astype(np.int32), {
-            "keys": float(keys),
-            "fp_flips": float(hits - keys),
-            "mask_bits_per_key": 8.0 * code.nbytes / keys if keys else 0.0,
-        }
-
-
-@register_method
-class DeltaMaskExact(DeltaMask):
-    name = "deltamask-exact"
-    summary = "deltamask with the flipped positions coded exactly (Golomb-Rice gaps): no false positives"
-    uplink_kind = "deltamask-exact-up"
-
-    def encode_positions(self, keys: np.ndarray) -> tuple[dict[str, Any], bytes]:
-        return encode_positions(keys, self.n, self.opts.coder)
-
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> ExactFlips:
-        if not isinstance(meta, dict):
-            raise PayloadError("client update has no position header")
-        positions = decode_positions(meta, body, max_universe=self.n)
-        if meta["universe"] != self.n:
-            raise PayloadError(f"position set is over {meta['universe']} positions, the mask has {self.n}")
+            raise PayloadError("client update has no filter header" if self.filter_kind else "client update has no position header")
+        cap = self.flip_cap(ctx)
+        if self.filter_kind is not None:
+            return FilterFlips(parse_filter(meta, body, max_keys=cap, kind=self.filter_kind))
+        if self.opts.coder == "context":
+            return self.decode_context_flips(meta, body, state, ctx, client, cap)
+        if meta.get("universe") != self.n:
+            raise PayloadError(f"position set is over {meta.get('universe')!r} positions, the mask has {self.n}")
+        positions = decode_positions(meta, body, max_universe=self.n, max_n=cap, coder=self.opts.coder)
         return ExactFlips(positions.astype(np.int64), len(body))
 
     def rebuild_mask(
@@ -154,8 +163,16 @@ class DeltaMaskExact(DeltaMask):
         client: int,
         ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
-        mask, stats = super().rebuild_mask(update, theta_start, ref, client, ctx)
-        assert isinstance(update.mask, (FilterFlips, ExactFlips))  # decode_mask makes nothing else
-        keys = update.mask.keys
-        stats["bound_bits_per_key"] = entropy_bound_bits(keys, self.n) / keys if keys else 0.0
-        return mask, stats
+        assert isinstance(update.mask, (FilterFlips, ExactFlips))  # decode_mask made it
+        return self.apply_flips(update.mask, theta_start, ref, client, ctx)
+
+
+@register_method
+class DeltaMaskExact(DeltaMask):
+    name = "deltamask-exact"
+    summary = "deltamask with the flipped positions always coded exactly (context ANS, Rice or Elias-Fano): no false positives"
+    uplink_kind = "deltamask-exact-up"
+
+    @property
+    def filter_kind(self) -> str | None:
+        return None

@@ -21,10 +21,15 @@ Body: ``[θ symbols ANS words][head weights]``; meta: ``levels``, the histogram,
 tensor table, the section lengths and the client's ``stratum`` ``[k, K]`` (see below). The body is
 encoded once per round.
 
-Uplink (``kind = "fedpm-up"``): the mask bits, grouped by the level of ``θ_global`` at each
-position (both sides know it) and coded per group with a Bernoulli model at the group's
-empirical frequency of ones (:func:`fedsqueeze.codecs.ans.encode_grouped_bits`); then the head
-delta. The cost is about ``Σ_g n_g H(p_g)`` bits, far below one bit per weight when θ is near 1.
+Uplink (``kind = "fedpm-up"``), mask code by ``coder``, then the head delta:
+
+* ``context`` (default): the client's mask differs from the reference mask ``u < θ_start``, which
+  the server rebuilds, only where ``u`` lies between θ_start and θ_client. The flips are coded with
+  rANS per context ``(bin of |u − θ_start|, reference bit)`` at each context's empirical flip
+  frequency (:mod:`fedsqueeze.codecs.sideinfo`): about ``n · H(flips | context)`` bits.
+* ``levels`` (FedPM as published): the whole mask, grouped by the level of ``θ_global`` at each
+  position and coded per group with a Bernoulli model at the group's empirical frequency of ones
+  (:func:`fedsqueeze.codecs.ans.encode_grouped_bits`): about ``Σ_g n_g H(p_g)`` bits.
 
 The mask is drawn as ``u < θ_client`` with uniforms ``u`` the server can rebuild: independent per
 client by default, or stratified across the round's clients (``stratify=true``: the server gives
@@ -47,25 +52,46 @@ their mean), the deterministic mask ``θ_global > 0.5`` (``eval_mask=threshold``
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs.ans import decode_grouped_bits, encode_grouped_bits
+from fedsqueeze.codecs.ans import decode_grouped_bits, encode_grouped_bits, grouped_bits_cap
+from fedsqueeze.codecs.sideinfo import flips_cap_bytes, flips_meta_bytes
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
 from fedsqueeze.methods.mask_method import AGGREGATES, EVAL_MASKS, INIT_LEVELS, MaskMethod, MaskOptions
-from fedsqueeze.methods.updates import MaskUpdate, SampledMask
+from fedsqueeze.methods.mask_wire import MaskLimits
+from fedsqueeze.methods.updates import ExactFlips, MaskUpdate, SampledMask
+from fedsqueeze.options import option
 
-__all__ = ["AGGREGATES", "EVAL_MASKS", "INIT_LEVELS", "FedPM", "MaskMethod", "MaskOptions"]
+__all__ = ["AGGREGATES", "EVAL_MASKS", "FEDPM_CODERS", "INIT_LEVELS", "FedPM", "FedPMOptions", "MaskMethod", "MaskOptions"]
+
+
+FEDPM_CODERS = ("context", "levels")
+
+
+@dataclass
+class FedPMOptions(MaskOptions):
+    coder: str = option(
+        "context",
+        "uplink mask code: context (the flips against the reference mask u < θ_start, ANS-coded per context of "
+        "|u − θ_start|) or levels (the whole mask, ANS-coded per level of θ_global: FedPM as published)",
+        choices=FEDPM_CODERS,
+    )
 
 
 @register_method
 class FedPM(MaskMethod):
     name = "fedpm"
-    summary = "probabilistic masks on a frozen model; whole sampled mask up, ANS-coded; Beta aggregation"
+    summary = "probabilistic masks on a frozen model; the sampled mask up, ANS-coded against side information; Beta aggregation"
+    Options = FedPMOptions
 
-    # ---- mask coding: the whole sampled mask, entropy-coded per level of θ_global ------------------
+    def needs_reference(self) -> bool:
+        return self.opts.coder == "context"
+
+    # ---- mask coding -------------------------------------------------------------------------------
     def encode_mask(
         self,
         u: np.ndarray,
@@ -76,12 +102,24 @@ class FedPM(MaskMethod):
         ctx: RoundContext,
     ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
         mask = u < theta_client
+        if self.opts.coder == "context":
+            meta, body, stats = self.encode_context_flips(mask != (u < theta_start), u, theta_start)
+            return meta, body, {**stats, "mask_ones": float(mask.mean())}
         meta, body = encode_grouped_bits(mask, sym.astype(np.int64), levels + 1)
         return meta, body, {"mask_ones": float(mask.mean())}
 
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> SampledMask:
+    def mask_limits(self, state: dict[str, Any], ctx: RoundContext) -> MaskLimits:
+        if self.opts.coder == "context":
+            return MaskLimits(flips_cap_bytes(self.n, self.n), flips_meta_bytes())
+        # n mask bits hold at most n bits of content; the header is one count per level
+        groups = int(state["levels"]) + 1
+        return MaskLimits(grouped_bits_cap(float(self.n), groups), 32 + 21 * groups)
+
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext, client: int) -> SampledMask | ExactFlips:
         if not isinstance(meta, dict):
             raise PayloadError("client update has no mask header")
+        if self.opts.coder == "context":
+            return self.decode_context_flips(meta, body, state, ctx, client, self.n)
         levels = int(state["levels"])
         return SampledMask(decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1))
 
@@ -93,5 +131,8 @@ class FedPM(MaskMethod):
         client: int,
         ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
+        if isinstance(update.mask, ExactFlips):
+            mask, stats = self.apply_flips(update.mask, theta_start, ref, client, ctx)
+            return mask, {k: stats[k] for k in ("keys", "mask_bits_per_key", "bound_bits_per_key")}
         assert isinstance(update.mask, SampledMask)  # decode_mask made it
         return update.mask.bits.astype(np.int32), {}

@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsqueeze.codecs.positions import entropy_bound_bits
+from fedsqueeze.codecs.sideinfo import decode_flips, encode_flips, flip_bound_bits, flip_contexts
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
 from fedsqueeze.methods.head import head_names
-from fedsqueeze.methods.mask_wire import MaskWire
+from fedsqueeze.methods.mask_wire import MaskLimits, MaskWire
 from fedsqueeze.methods.robust import cap_flips, trimmed_votes
-from fedsqueeze.methods.updates import MaskCode, MaskUpdate
+from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskCode, MaskUpdate
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.seeding import SERVER, np_rng
@@ -79,7 +81,10 @@ class MaskMethod(Method):
 
     Options = MaskOptions
     uplink_kind: str = "fedpm-up"
-    needs_reference: bool = False  # rebuild_mask needs the reference mask u < θ_start
+
+    def needs_reference(self) -> bool:
+        """Whether :meth:`rebuild_mask` needs the reference mask ``u < θ_start`` (codes of flips do)."""
+        return False
 
     # ---- setup ----------------------------------------------------------------------------------
     def setup(self, task) -> None:
@@ -158,8 +163,9 @@ class MaskMethod(Method):
         return self.uniforms(ctx, client, self.stratum(ctx, client) if self.opts.stratify else None)
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> MaskUpdate:
-        up = self.wire.decode_uplink(self.uplink_kind, payload, client, self.task.client_sizes())
-        return MaskUpdate(up.n, up.head_delta, self.decode_mask(up.mask_meta, up.mask_body, state, ctx))
+        limits = self.mask_limits(state, ctx)
+        up = self.wire.decode_uplink(self.uplink_kind, payload, client, self.task.client_sizes(), limits)
+        return MaskUpdate(up.n, up.head_delta, self.decode_mask(up.mask_meta, up.mask_body, state, ctx, client))
 
     def aggregate(
         self, state: dict[str, Any], updates: dict[int, MaskUpdate], ctx: RoundContext
@@ -174,7 +180,7 @@ class MaskMethod(Method):
         cap, trim = self.opts.flip_cap, self.opts.vote_trim
         votes = []  # per-client votes, kept only for a trimmed vote
         for client, upd in updates.items():
-            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference or cap > 0) else None
+            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference() or cap > 0) else None
             mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
             if cap > 0:
                 assert ref is not None  # drawn above whenever a cap is set
@@ -288,8 +294,12 @@ class MaskMethod(Method):
         """Client: code its mask (drawn as ``u < θ_client``); returns ``(meta, body, stats)``."""
 
     @abstractmethod
-    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext) -> MaskCode:
-        """Server: validate and decode the mask section, as far as it can be without the client id."""
+    def mask_limits(self, state: dict[str, Any], ctx: RoundContext) -> MaskLimits:
+        """Server: the largest mask section and header an honest client sends this round (see :class:`MaskLimits`)."""
+
+    @abstractmethod
+    def decode_mask(self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext, client: int) -> MaskCode:
+        """Server: validate and decode ``client``'s mask section (within :meth:`mask_limits`)."""
 
     @abstractmethod
     def rebuild_mask(
@@ -305,3 +315,43 @@ class MaskMethod(Method):
         ``ref`` is the client's reference mask ``u < θ_start`` (None unless ``needs_reference`` or
         ``aggregate=delta``).
         """
+
+    # ---- flips against the reference mask: shared by every method that codes them ----------------
+    def encode_context_flips(
+        self, flips: np.ndarray, u: np.ndarray, theta_start: np.ndarray
+    ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
+        """Client: the bool ``flips`` coded given the side information (:mod:`fedsqueeze.codecs.sideinfo`)."""
+        contexts = flip_contexts(u, theta_start)
+        meta, body = encode_flips(flips, contexts)
+        bound = flip_bound_bits(flips, contexts)
+        return meta, body, {"mask_bits": 8.0 * len(body), "mask_bound_bits": bound}
+
+    def decode_context_flips(
+        self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext, client: int, max_flips: int
+    ) -> ExactFlips:
+        """Server: ``client``'s context-coded flips, from the uniforms and θ_start it rebuilds."""
+        theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
+        contexts = flip_contexts(self.server_uniforms(ctx, client), theta_start)
+        positions = decode_flips(meta, body, contexts, max_flips)
+        flips = np.zeros(self.n, dtype=bool)
+        flips[positions] = True
+        return ExactFlips(positions, len(body), flip_bound_bits(flips, contexts))
+
+    def apply_flips(
+        self, code: FilterFlips | ExactFlips, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """The client's mask: its reference ``u < θ_start`` with the coded positions flipped, and statistics.
+
+        A filter's false positives flip too; its header states how many keys it holds, so they are
+        counted exactly (``fp_flips = hits − keys``). ``bound_bits_per_key`` is the code's bound:
+        ``H(flips | context)`` for a context code, ``log2 C(n, N)`` for the others.
+        """
+        mask = (self.server_uniforms(ctx, client) < theta_start) if ref is None else ref.copy()
+        flips, keys = code.flips(self.n), code.keys
+        mask[flips] ^= True
+        hits = int(flips.sum()) if flips.dtype == bool else int(flips.size)
+        stats = {"keys": float(keys), "fp_flips": float(hits - keys), "mask_bits_per_key": 8.0 * code.nbytes / keys if keys else 0.0}
+        if isinstance(code, ExactFlips):
+            bound = code.bound_bits if code.bound_bits is not None else entropy_bound_bits(keys, self.n)
+            stats["bound_bits_per_key"] = bound / keys if keys else 0.0
+        return mask.astype(np.int32), stats

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedsqueeze.codecs import CodecContext, RawCodec, expect_tensors
 from fedsqueeze.codecs.ans import decode_symbols, encode_symbols
-from fedsqueeze.codecs.base import split_body
+from fedsqueeze.codecs.base import meta_bound, split_body
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.updates import example_count
@@ -51,6 +51,19 @@ class MaskDownlink:
 
 
 @dataclass(frozen=True)
+class MaskLimits:
+    """The largest mask section and mask header an honest client sends this round, in bytes.
+
+    Each method works them out from its configuration and the model (masked weights, the round's
+    cap on flipped positions, the filter kind); the server refuses anything larger before it parses
+    the header or allocates for the mask.
+    """
+
+    body_bytes: int
+    meta_bytes: int
+
+
+@dataclass(frozen=True)
 class MaskUplink:
     """The sections of a decoded uplink frame; the mask code is left to the method."""
 
@@ -69,6 +82,16 @@ class MaskWire:
     head_dtype: str  # "float32" or "float16"
 
     # ---- the head section ---------------------------------------------------------------------
+    @property
+    def head_bytes(self) -> int:
+        """Bytes of the head section: every head tensor in the wire dtype."""
+        return sum(int(np.prod(s)) for s in self.head_shapes.values()) * np.dtype(self.head_dtype).itemsize
+
+    @property
+    def head_meta_bytes(self) -> int:
+        """A cap on the head section's table (it grows with the head's tensor count, not their sizes)."""
+        return meta_bound(expect_tensors(self.head_shapes, self.head_dtype))
+
     def encode_head(self, tensors: Tensors) -> tuple[dict[str, Any], bytes]:
         """Head weights or deltas as raw tensors in the wire dtype: ``(table, body)``."""
         dt = np.dtype(self.head_dtype)
@@ -139,10 +162,14 @@ class MaskWire:
         meta = {"n": n, "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
         return frame(kind, meta, mask_body + head_body)
 
-    def decode_uplink(self, kind: str, payload: bytes, client: int, partition_sizes: list[int]) -> MaskUplink:
+    def decode_uplink(self, kind: str, payload: bytes, client: int, partition_sizes: list[int], limits: MaskLimits) -> MaskUplink:
         """Parse and check an upload's frame, count (at most ``client``'s partition size) and head;
-        the mask section is returned as is."""
-        _, meta, body = unframe(payload, expect_kind=kind)
+        the mask section is returned as is, once its header and body are within ``limits``."""
+        max_meta = 256 + limits.meta_bytes + self.head_meta_bytes
+        max_body = limits.body_bytes + self.head_bytes
+        _, meta, body = unframe(payload, expect_kind=kind, max_body_bytes=max_body, max_meta_bytes=max_meta)
         n = example_count(meta.get("n"), client, partition_sizes)
         mask_body, head_body = split_sections(body, meta.get("sections"), 2)
+        if len(mask_body) > limits.body_bytes:
+            raise PayloadError(f"mask section of {len(mask_body)} bytes exceeds the {limits.body_bytes} this round's mask can need")
         return MaskUplink(n, meta.get("mask"), mask_body, self.decode_head(meta.get("head"), head_body, "client update"))

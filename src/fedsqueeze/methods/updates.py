@@ -65,10 +65,11 @@ class FilterFlips:
 
 @dataclass(frozen=True)
 class ExactFlips:
-    """deltamask-exact: the sorted flipped positions, decoded exactly."""
+    """deltamask-exact (and the context flip codes of every mask method): the sorted flipped positions, decoded exactly."""
 
     positions: np.ndarray  # int64
     nbytes: int  # bytes of the position code on the wire
+    bound_bits: float | None = None  # the code's own bound (context codes: H(flips | context)); None: log2 C(n, N)
 
     @property
     def keys(self) -> int:

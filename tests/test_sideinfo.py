@@ -1,0 +1,164 @@
+"""Side-information flip coding (codecs/sideinfo.py) and the issue-16 hot paths (ANS grouping, sz3 scan).
+
+Pinned on hand-made cases: the context of a position, the bound (conditional entropy of the flips
+given the context), the coder's round trip and its distance to the bound; and that the counting
+sort in ANS and the one-pass scan in sz3 give byte-identical output to the code they replaced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec
+from fedsqueeze.codecs.ans import decode_grouped_bits, encode_grouped_bits, group_order
+from fedsqueeze.codecs.sideinfo import (
+    CONTEXT_BINS,
+    NUM_CONTEXTS,
+    decode_flips,
+    encode_flips,
+    flip_bound_bits,
+    flip_contexts,
+    pack_counts,
+    unpack_counts,
+)
+from fedsqueeze.codecs.sz3 import scan, sz3_compress, sz3_config
+from fedsqueeze.errors import PayloadError
+
+
+def test_context_is_the_half_octave_bin_of_the_distance_and_the_reference_bit():
+    theta = np.float32(0.5)
+    # |u − θ| → bin: (3/4, 1] → 0, (1/2, 3/4] → 1, (3/8, 1/2] → 2, (1/4, 3/8] → 3, ... two per octave,
+    # the last bin holding everything nearer than 2^-15
+    cases = [(0.5, 2), (0.49, 2), (0.375, 3), (0.3, 3), (0.25, 4), (0.2, 4), (0.1875, 5), (0.125, 6), (2.0**-14, 28), (0.0, 31)]
+    for dist, want in cases:
+        for sign, ref in ((1, 0), (-1, 1)):
+            u = np.array([theta + sign * dist], dtype=np.float32)
+            if u[0] >= 1:  # u < 1 always
+                continue
+            got = flip_contexts(u, np.array([theta], dtype=np.float32))[0]
+            assert got == 2 * want + (ref if dist > 0 else 0), (dist, sign, got)
+    tiny = flip_contexts(np.array([0.5 + 2.0**-20], np.float32), np.array([0.5], np.float32))
+    assert tiny[0] == 2 * (CONTEXT_BINS - 1)  # clipped into the last bin
+    assert flip_contexts(np.array([0.0], np.float32), np.array([1.0], np.float32))[0] == 1  # |d| = 1: bin 0, u < θ
+
+
+def test_bound_is_the_conditional_entropy_of_the_flips_given_the_context():
+    contexts = np.array([0, 0, 0, 0, 1, 1, 5, 5], dtype=np.uint8)
+    flips = np.array([1, 0, 0, 0, 1, 1, 0, 1], dtype=bool)
+    h = lambda p: -(p * math.log2(p) + (1 - p) * math.log2(1 - p))  # noqa: E731
+    # context 0: 1 of 4 flipped; context 1: all flipped (0 bits); context 5: 1 of 2
+    assert flip_bound_bits(flips, contexts) == pytest.approx(4 * h(0.25) + 0 + 2 * h(0.5), rel=1e-12)
+    assert flip_bound_bits(np.zeros(8, bool), contexts) == 0.0
+
+
+def synthetic(n: int, seed: int):
+    """Uniforms, a reference θ and a client θ that moved a little, as a mask client's would."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(n, dtype=np.float32)
+    theta_ref = np.where(rng.random(n) < 0.9, 0.98, rng.choice([0.02, 0.4, 0.6], n)).astype(np.float32)
+    theta_c = np.clip(theta_ref + rng.normal(0, 0.01, n) * (rng.random(n) < 0.3), 0, 1).astype(np.float32)
+    flips = (u < theta_c) != (u < theta_ref)
+    return u, theta_ref, flips
+
+
+def test_flip_code_round_trips_and_stays_within_3_percent_of_its_bound():
+    u, theta_ref, flips = synthetic(300_000, 1)
+    contexts = flip_contexts(u, theta_ref)
+    meta, body = encode_flips(flips, contexts)
+    positions = decode_flips(meta, body, contexts, max_flips=int(flips.sum()))
+    np.testing.assert_array_equal(positions, np.flatnonzero(flips))
+    bound = flip_bound_bits(flips, contexts)
+    _, counts_len = unpack_counts(body, np.bincount(contexts, minlength=NUM_CONTEXTS))
+    assert 0 < bound <= 8 * (len(body) - counts_len) <= 1.03 * bound + 64  # the ANS words
+    assert counts_len <= NUM_CONTEXTS * 19 // 8 + 1  # the counts: at most bit_length(300000) = 19 bits each
+    # the side information pays: the bound is far below naming the flipped positions blind
+    n, k = flips.size, int(flips.sum())
+    blind = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
+    assert bound < 0.75 * blind
+    with pytest.raises(PayloadError, match="more than"):
+        decode_flips(meta, body, contexts, max_flips=k - 1)
+    other = flip_contexts(u, np.roll(theta_ref, 1))  # the wrong side information cannot give the flips back
+    try:
+        assert not np.array_equal(decode_flips(meta, body, other, k), np.flatnonzero(flips))
+    except PayloadError:
+        pass
+    assert meta == {"coder": "context"}
+
+
+def test_counts_pack_in_bit_length_of_each_context_size():
+    sizes = np.array([0, 1, 5, 8, 1000] + [0] * (NUM_CONTEXTS - 5))
+    ones = np.array([0, 1, 3, 8, 999] + [0] * (NUM_CONTEXTS - 5))
+    packed = pack_counts(ones, sizes)
+    # widths 0, 1, 3, 4, 10 bits: 0 | 1 | 011 | 1000 | 1111100111, 18 bits in 3 bytes
+    assert packed == bytes([0b10111000, 0b11111001, 0b11000000])
+    assert unpack_counts(packed, sizes) == (ones.tolist(), 3)
+    with pytest.raises(PayloadError, match="context of 5"):
+        unpack_counts(pack_counts(np.array([0, 1, 7, 8, 999] + [0] * (NUM_CONTEXTS - 5)), sizes), sizes)
+    with pytest.raises(PayloadError, match="shorter"):
+        unpack_counts(packed[:2], sizes)
+
+
+@pytest.mark.parametrize("num_groups", [1, 6, 64, 256, 300])
+def test_counting_sort_grouping_gives_the_same_bytes_as_before(num_groups):
+    rng = np.random.default_rng(num_groups)
+    n = 50_000
+    groups = rng.integers(0, num_groups, n)
+    bits = rng.random(n) < rng.random(num_groups)[groups]
+    meta, body = encode_grouped_bits(bits, groups, num_groups)
+    assert (meta, body) == encode_grouped_bits(bits, groups, num_groups, counting=False)  # the int64 sort of before
+    # the grouping itself: every group's positions, in position order, group after group
+    order, bounds = group_order(groups, num_groups)
+    for g in range(num_groups):
+        np.testing.assert_array_equal(order[bounds[g] : bounds[g + 1]], np.flatnonzero(groups == g))
+    np.testing.assert_array_equal(decode_grouped_bits(meta, body, groups, num_groups), bits)
+
+
+def test_one_pass_scan_finds_range_finiteness_and_rows():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((700, 200)).astype(np.float32)  # several scan blocks of rows
+    a[rng.random(700) < 0.8] = 0.0
+    a[5, 3] = -0.0
+    info = scan(a)
+    assert (info.lo, info.hi, info.finite) == (float(a.min()), float(a.max()), True)
+    np.testing.assert_array_equal(info.nonzero_rows, np.any(a != 0, axis=1))
+    flat = rng.standard_normal(3 * 65536 + 11).astype(np.float32)
+    assert (scan(flat).lo, scan(flat).hi, scan(flat).nonzero_rows) == (float(flat.min()), float(flat.max()), None)
+    for bad in (np.nan, np.inf, -np.inf):
+        for where in (0, -1):
+            for arr in (a.copy(), flat.copy()):
+                arr.reshape(-1)[where] = bad
+                assert not scan(arr).finite
+
+
+def test_sz3_streams_are_the_same_bytes_as_before():
+    """Dense tensors: exactly raw pysz's stream; row-sparse: the row bitmap and pysz at the ABS bound
+    bound × (max − min) of the whole tensor, as the codec did before its one-pass scan."""
+    rng = np.random.default_rng(1)
+    dense = rng.standard_normal(5000).astype(np.float32)
+    sparse = np.zeros((64, 50), dtype=np.float32)
+    sparse[[3, 17, 40]] = rng.standard_normal((3, 50))
+    nan = dense.copy()
+    nan[7] = np.nan
+    tensors = {"dense.weight": dense, "emb.weight": sparse, "nan.weight": nan}
+    codec = get_codec("sz3", mode="rel", bound=1e-2, threshold=1024)
+    payload = encode_tensors(codec, tensors, CodecContext())
+    from fedsqueeze.codecs.framing import unframe
+
+    _, meta, body = unframe(payload)
+    assert [row[0] for row in meta["lossy"]] == ["dense.weight", "emb.weight"]  # NaN goes lossless
+    lengths = meta["lengths"]
+    parts, pos = [], 0
+    for n in lengths:
+        parts.append(bytes(body[pos : pos + n]))
+        pos += n
+    assert parts[1] == b"" and parts[2] == sz3_compress(dense, sz3_config("rel", 1e-2))
+    nonzero = np.any(sparse != 0, axis=1)
+    assert parts[3] == np.packbits(nonzero).tobytes()
+    abs_bound = 1e-2 * (float(sparse.max()) - float(sparse.min()))
+    assert parts[4] == sz3_compress(sparse[nonzero].reshape(-1), sz3_config("abs", abs_bound))
+    back, _ = decode_tensors(payload, CodecContext())
+    assert np.array_equal(back["nan.weight"], nan, equal_nan=True)
+    assert np.abs(back["emb.weight"] - sparse).max() <= abs_bound * (1 + 1e-6)
