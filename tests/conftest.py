@@ -62,4 +62,5 @@ def pytest_terminal_summary(terminalreporter):
         f"{total - rejected} decoded to valid values, none raised anything else"
     )
     for name, n in sorted(fuzzing.TRIED.items()):
-        terminalreporter.write_line(f"  {name}: {n} tried, {fuzzing.REJECTED[name]} rejected")
+        peak = f", peak {fuzzing.PEAK[name] / 1024:.1f} KiB" if name in fuzzing.PEAK else ""
+        terminalreporter.write_line(f"  {name}: {n} tried, {fuzzing.REJECTED[name]} rejected{peak}")

@@ -12,6 +12,12 @@
 ``fuzz_codec(codec_id, tensors)`` does this for a registered codec, both through
 ``decode_tensors`` and through the codec's own ``decode`` (strict: no safety net), with the element
 cap a server would use. Counters record how many payloads were tried and how many were rejected.
+
+With ``max_peak`` (bytes), every decode also runs under ``tracemalloc`` (numpy's allocations
+included) and fails if its peak allocation exceeds it; ``PEAK`` keeps each decoder's largest peak.
+The server-side ``decode_update`` tests set it to :func:`decode_budget`: 2 × the float32 size of
+what the method legitimately carries (the target of issue 15; benchmarks/hostile_payloads.py sends
+10,000 payloads per decoder against the same target).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tracemalloc
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +40,16 @@ from fedsqueeze.errors import PayloadError
 
 TRIED: Counter[str] = Counter()  # malformed payloads fed to each decoder
 REJECTED: Counter[str] = Counter()  # of those, how many raised PayloadError (the rest decoded fine)
+PEAK: Counter[str] = Counter()  # the largest traced allocation of one decode, per decoder with a max_peak
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "250"))  # per decoder and mode; raise it for a longer hunt
+HEADER_ALLOWANCE = 64 << 10  # parsing a frame's JSON header and wording an error: a fixed cost, whatever the model
+
+
+def decode_budget(values: int) -> int:
+    """The peak-memory target of a decoder that legitimately carries ``values`` numbers: 2 × their
+    float32 size, plus the fixed header allowance (a few dozen numbers' budget cannot parse any header)."""
+    return 2 * 4 * values + HEADER_ALLOWANCE
+
 
 HOSTILE_VALUES: list[Any] = [
     None,
@@ -202,9 +218,40 @@ def frame_mutations(draw: st.DrawFn, payload: bytes) -> bytes:
     return reframe(kind, meta_b, body, version, magic)
 
 
-def fuzz_decoder(name: str, decode: Callable[[bytes], Any], payload: bytes, examples: int = EXAMPLES) -> None:
-    """Assert that no mutation of ``payload`` makes ``decode`` raise anything but PayloadError."""
-    decode(payload)  # the untouched payload must decode: otherwise the fuzzing proves nothing
+def traced_peak(fn: Callable[[], Any]) -> tuple[int, Exception | None]:
+    """Bytes ``fn()`` allocated at its peak above what was allocated before, and the exception it
+    raised, if any. Tracing is on only while ``fn`` runs (it would slow hypothesis' own work down)."""
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    tracemalloc.reset_peak()
+    base = tracemalloc.get_traced_memory()[0]
+    err: Exception | None = None
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - returned to the caller, which re-raises it
+        err = exc
+    peak = tracemalloc.get_traced_memory()[1] - base
+    if started:
+        tracemalloc.stop()
+    return peak, err
+
+
+def fuzz_decoder(name: str, decode: Callable[[bytes], Any], payload: bytes, examples: int = EXAMPLES, max_peak: int | None = None) -> None:
+    """Assert that no mutation of ``payload`` makes ``decode`` raise anything but PayloadError
+    (nor, with ``max_peak``, allocate more than ``max_peak`` bytes at once)."""
+    decode(payload)  # the untouched payload must decode: otherwise the fuzzing proves nothing; warms caches
+
+    def run(data: bytes) -> None:
+        if max_peak is None:
+            decode(data)
+            return
+        peak, err = traced_peak(lambda: decode(data))
+        PEAK[name] = max(PEAK[name], peak)
+        if peak > max_peak:
+            raise AssertionError(f"{name}: decoding {data[:60]!r}... allocated {peak} bytes at its peak, over {max_peak}")
+        if err is not None:
+            raise err
 
     @settings(max_examples=examples, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(st.one_of(byte_mutations(payload), frame_mutations(payload)))
@@ -213,12 +260,15 @@ def fuzz_decoder(name: str, decode: Callable[[bytes], Any], payload: bytes, exam
             return
         TRIED[name] += 1
         try:
-            decode(mutated)
+            run(mutated)
         except PayloadError:
             REJECTED[name] += 1
+        except AssertionError:
+            raise
         except Exception as exc:  # noqa: BLE001 - this is what the fuzzer looks for
             raise AssertionError(f"{name}: {type(exc).__name__} escaped instead of PayloadError on {mutated[:80]!r}...: {exc}") from exc
 
+    run(payload)  # the valid payload is held to the same bound
     check()
 
 

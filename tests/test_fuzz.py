@@ -6,7 +6,7 @@ a decoder that needs options or another payload plugs in with one ``fuzz_codec``
 
 import numpy as np
 import pytest
-from fuzzing import EXAMPLES, REJECTED, TRIED, fuzz_codec, fuzz_decoder, reframe
+from fuzzing import EXAMPLES, PEAK, REJECTED, TRIED, decode_budget, fuzz_codec, fuzz_decoder, reframe
 from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors, get_codec, unframe
@@ -76,7 +76,10 @@ def test_tensor_method_decode_update(task, name):
     payload = encode_tensors(m.up_codec, hand_deltas(m, 0), CodecContext(seed=1), n=4)
     # the codecs themselves are fuzzed above; here the method's own checks (tensor set, shapes, NaN, n)
     examples = EXAMPLES if name == "head" else EXAMPLES // 5 if name == "fedavg" else EXAMPLES // 3
-    fuzz_decoder(f"{name}.decode_update", lambda d: m.decode_update(d, 1, state, ctx), payload, examples)
+    # peak memory held to 2 x the float32 size of the trainable tensors (+ the fixed header allowance)
+    budget = decode_budget(m.max_elements)
+    fuzz_decoder(f"{name}.decode_update", lambda d: m.decode_update(d, 1, state, ctx), payload, examples, max_peak=budget)
+    assert 0 < PEAK[f"{name}.decode_update"] <= budget
 
 
 def test_head_client_side_decode(task):
@@ -116,6 +119,32 @@ def test_mask_method_decoders(task, name, options):
     fuzz_decoder(f"{label}.decode_update", decode, payload, EXAMPLES // 2)
 
 
+FEDPM_OVER = pytest.mark.xfail(
+    strict=True,
+    reason="fedpm's uplink header (JSON lists of per-group counts, methods/mask_wire.py) costs ~300 KiB to parse "
+    "for 18k values, over 2x float32; the mask-uplink header bound is issue 16's (helper 'coding')",
+)
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [pytest.param(n, o, marks=FEDPM_OVER) if n == "fedpm" else (n, o) for n, o in MASK_METHODS],
+    ids=lambda v: str(v),
+)
+def test_mask_method_decode_update_peak_memory(task, name, options):
+    """decode_update alone, its peak memory held to 2 x float32 of the masked weights and the head."""
+    m = build(name, task, **options)
+    state, ctx = m.init_server(), RoundContext(round=1, rounds=2, seed=0)
+    ref = m.uniforms(ctx, 2, None) < m.start_theta(m.theta_of(state["theta_sym"], state["levels"]))
+    keep = ref.copy()
+    keep[::331] ^= True
+    payload = mask_payload(m, state, ctx, 2, keep, hand_head(m, 0), 5)
+    label = name + "".join(f",{k}={v}" for k, v in options.items()) + ".decode_update[peak]"
+    budget = decode_budget(m.n + sum(int(np.prod(s)) for s in m.head_shapes.values()))
+    fuzz_decoder(label, lambda d: m.decode_update(d, 2, state, ctx), payload, EXAMPLES // 5, max_peak=budget)
+    assert 0 < PEAK[label] <= budget
+
+
 def test_decomfl_decoders(task):
     from fedsqueeze.codecs import get_codec
 
@@ -125,10 +154,33 @@ def test_decomfl_decoders(task):
     warm = RoundContext(round=1, rounds=4, seed=0)
     delta = {n: np.full(m.named[n].shape, 1e-3, np.float16) for n in m.head}
     # server, warm-start round: a raw float16 head delta
-    fuzz_decoder("decomfl.decode_update[warm]", lambda d: m.decode_update(d, 0, state, warm), encode_tensors(raw, delta, n=3))
+    fuzz_decoder(
+        "decomfl.decode_update[warm]",
+        lambda d: m.decode_update(d, 0, state, warm),
+        encode_tensors(raw, delta, n=3),
+        max_peak=decode_budget(m.head_elements),
+    )
     # client, warm-start round: the head message (decoded, then one cheap probing step)
     fuzz_decoder("decomfl.client_update[warm]", lambda d: m.client_update(d, 2, None, warm), m.downlink(state, warm, 2), EXAMPLES // 2)
     # the zeroth-order rounds use compact frames: fuzzed in tests/test_zo_wire.py
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a 200 KB frame header (deeply nested JSON) costs ~500 KiB to parse before it is refused; DeComFL's "
+    "zeroth-order uplink legitimately carries K x P = 6 floats, so any header over ~64 KiB exceeds the target "
+    "(a per-kind header cap in codecs/framing.py would fix it)",
+)
+def test_decomfl_zo_decode_update_peak_memory(task):
+    from fedsqueeze.codecs import frame
+
+    m = build("decomfl", task, params="head", warm_start_rounds=1, warm_start_steps=1, perturbations=2)
+    raw, warm, zo = get_codec("raw"), RoundContext(round=1, rounds=4, seed=0), RoundContext(round=2, rounds=4, seed=0)
+    delta = {n: np.full(m.named[n].shape, 1e-3, np.float16) for n in m.head}
+    state = m.init_server()
+    state, _ = m.aggregate(state, {0: m.decode_update(encode_tensors(raw, delta, n=3), 0, state, warm)}, warm)
+    up = frame("decomfl-up", {"round": 2, "k": m.k, "p": m.p, "n": 5}, np.ones((m.k, m.p), "<f4").tobytes())
+    fuzz_decoder("decomfl.decode_update[zo,peak]", lambda d: m.decode_update(d, 0, state, zo), up, max_peak=decode_budget(m.k * m.p))
 
 
 def test_unframe():

@@ -11,12 +11,11 @@ Each test is one finding: it failed on the code before the fix and passes now.
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 import zstandard
-from handmade import build, hand_deltas, hand_head, mask_payload, shared_task
+from fuzzing import traced_peak
+from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 from fedsqueeze.codecs import CodecContext, encode_tensors, frame, get_codec
 from fedsqueeze.codecs.qsgd import QSGDCodec
@@ -53,21 +52,6 @@ def bucket_bomb(tensors: int = 30, bucket: int = 1 << 20, levels: int = 300) -> 
     return frame("qsgd", meta, q)
 
 
-def peak_of(fn) -> tuple[int, BaseException | None]:
-    """Peak traced allocation (bytes) while ``fn()`` runs, and the exception it raised, if any."""
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    err: BaseException | None = None
-    try:
-        fn()
-    except BaseException as exc:  # noqa: BLE001  (returned to the test, which checks its type)
-        err = exc
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
-    return peak, err
-
-
 # ---- the codec and its options are the server's own ---------------------------------------------
 
 
@@ -76,7 +60,7 @@ def test_a_qsgd_bomb_sent_to_a_raw_server_is_refused_before_it_allocates(task):
     payload = bucket_bomb()
     assert len(payload) < 64_000  # a small payload...
     legit = 4 * m.max_elements  # ...the float32 size of what this server legitimately receives
-    peak, err = peak_of(lambda: m.decode_update(payload, 1, m.init_server(), CTX))
+    peak, err = traced_peak(lambda: m.decode_update(payload, 1, m.init_server(), CTX))
     assert isinstance(err, PayloadError) and "kind" in str(err)
     assert peak < 2 * legit, f"peak {peak} bytes while refusing a {len(payload)}-byte payload"
 
@@ -88,7 +72,7 @@ def test_the_qsgd_decoder_allocates_by_tensor_size_not_by_the_declared_bucket():
     q = zeros_zstd(30 * (4 + 2 * (1 << 20)))
     payload_meta["lengths"] = [len(q), 0]
     out: dict = {}
-    peak, err = peak_of(lambda: out.update(QSGDCodec().decode(payload_meta, memoryview(q), CodecContext(max_elements=1000))))
+    peak, err = traced_peak(lambda: out.update(QSGDCodec().decode(payload_meta, memoryview(q), CodecContext(max_elements=1000))))
     assert err is None and len(out) == 30 and all(a.shape == (1,) and a[0] == 0 for a in out.values())
     assert peak < 4 << 20, f"peak {peak} bytes to decode 30 floats"
 
@@ -217,3 +201,189 @@ def test_a_decomfl_warm_start_client_cannot_claim_more_examples_than_its_partiti
         m.decode_update(encode_tensors(raw, delta, n=10**18), 0, state, CTX)
     with pytest.raises(PayloadError, match="dtype"):  # float32 where the warm start sends float16
         m.decode_update(encode_tensors(raw, {n: a.astype(np.float32) for n, a in delta.items()}, n=5), 0, state, CTX)
+
+
+# ---- model integrity: the server never adopts a non-finite model (runtime/integrity.py) ---------
+
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def test_weighted_mean_is_float64_and_exact_near_float32_max():
+    from fedsqueeze.methods.updates import stepped, weighted_mean
+
+    a, b = np.full(3, F32_MAX, np.float32), np.full(3, 3e38, np.float32)
+    mean = weighted_mean([a, b], [1, 3])
+    assert mean.dtype == np.float64
+    np.testing.assert_array_equal(mean, (1 * np.float64(F32_MAX) + 3 * np.float64(np.float32(3e38))) / 4)
+    with np.errstate(over="ignore"):
+        assert np.all(np.isinf(a + b)) and np.all(np.isfinite(mean))  # a float32 sum of the two is inf
+    assert stepped(np.ones(3, np.float32), mean).dtype == np.float32
+    assert np.all(np.isinf(stepped(np.ones(3, np.float32), 2 * mean)))  # beyond float32: inf, not a warning
+
+
+def fedavg_step(weights, mean64, lr=1.0):
+    """FedAvg's server step on a float64 mean: the mean in float32, times lr, added in float32."""
+    return (weights + np.float32(lr) * mean64.astype(np.float32)).astype(np.float32)
+
+
+def _updates(m, deltas_and_counts):
+    from fedsqueeze.methods.updates import TensorUpdate
+
+    return {c: TensorUpdate(d, n) for c, (d, n) in deltas_and_counts.items()}
+
+
+def test_a_client_whose_update_alone_overflows_the_model_is_dropped(task):
+    from fedsqueeze.runtime.integrity import aggregate_finite
+
+    m = build("fedavg", task, server_lr=4.0)
+    state = m.init_server()
+    before = {n: a.copy() for n, a in state["weights"].items()}
+    honest, huge = hand_deltas(m, 0), {n: np.full(m.shapes[n], 3e38, np.float32) for n in m.names}
+    out = aggregate_finite(m, state, _updates(m, {0: (honest, 10), 3: (huge, 30), 2: (hand_deltas(m, 1), 30)}), CTX)
+    assert set(out.dropped) == {3} and "non-finite" in out.dropped[3] and "weights" in out.dropped[3]
+    assert out.rejected is None and out.aggregated == 2
+    d1 = hand_deltas(m, 1)
+    for n in m.names:  # the weighted mean of the two others, 10:30, as if client 3 never replied
+        mean = honest[n].astype(np.float64) * (10 / 40) + d1[n].astype(np.float64) * (30 / 40)
+        np.testing.assert_array_equal(out.state["weights"][n], fedavg_step(before[n], mean, 4.0))
+        np.testing.assert_array_equal(state["weights"][n], before[n])  # the previous state is untouched
+
+
+class SumMethod:
+    """A stand-in server rule that sums updates (no mean): two finite updates can overflow together."""
+
+    def aggregate(self, state, updates, ctx):
+        for u in updates.values():
+            state["w"] = (state["w"].astype(np.float64) + u).astype(np.float32)
+        return state, {"summed": len(updates)}
+
+
+def test_an_overflow_no_single_client_causes_keeps_the_previous_model():
+    from fedsqueeze.runtime.integrity import aggregate_finite
+
+    state = {"w": np.zeros(2, np.float32)}
+    two = {0: np.full(2, 2e38), 1: np.full(2, 2e38)}
+    with np.errstate(over="ignore"):
+        out = aggregate_finite(SumMethod(), state, two, CTX)
+    assert out.dropped == {} and out.aggregated == 0 and out.metrics == {}
+    assert out.state is state and np.all(state["w"] == 0)
+    assert "each update alone is" in out.rejected and "state['w']" in out.rejected
+    fine = aggregate_finite(SumMethod(), state, {0: np.full(2, 2e38), 1: np.full(2, -1e38)}, CTX)
+    assert fine.rejected is None and fine.aggregated == 2 and fine.metrics == {"summed": 2}
+    np.testing.assert_array_equal(fine.state["w"], np.float32(np.float32(2e38) + np.float32(-1e38)))
+
+
+def test_too_few_clients_left_after_the_drops_keeps_the_previous_model(task):
+    from fedsqueeze.runtime.integrity import aggregate_finite
+
+    m = build("fedavg", task, server_lr=4.0)
+    state = m.init_server()
+    huge = {n: np.full(m.shapes[n], -3e38, np.float32) for n in m.names}
+    out = aggregate_finite(m, state, _updates(m, {0: (hand_deltas(m, 0), 5), 1: (huge, 5)}), CTX, min_clients=2)
+    assert set(out.dropped) == {1} and out.aggregated == 0 and out.state is state
+    assert "min_clients=2" in out.rejected
+
+
+def test_nonfinite_part_names_the_first_bad_float_only():
+    from fedsqueeze.runtime.integrity import nonfinite_part
+
+    assert nonfinite_part({"a": np.ones(2), "b": [np.int64(7), {"c": np.array([1.0, np.nan])}]}) == "state['b'][1]['c']"
+    assert nonfinite_part({"a": np.ones(2, np.float16), "n": 3, "s": "x", "k": np.zeros(2, np.uint8)}) is None
+    assert nonfinite_part({"x": float("inf")}) == "state['x']"
+
+
+def test_decomfl_averages_scalars_near_float32_max_in_float64(task):
+    import copy
+
+    from fedsqueeze.methods.updates import ZOUpdate
+
+    m = build("decomfl", fresh(task), params="head", warm_start_rounds=0, perturbations=2)  # its own model: the step is inf
+    state = m.init_server()
+    scalars = {c: ZOUpdate(np.full((m.k, m.p), 3e38, np.float32)) for c in (0, 1)}
+    new, metrics = m.aggregate(copy.deepcopy(state), scalars, CTX)
+    np.testing.assert_array_equal(new["history"][-1]["scalars"], np.float32(3e38))  # a float32 mean: inf
+    assert metrics["zo_scalar_abs_mean"] == np.float32(3e38)
+
+
+# ---- through the CLI: a hostile client in a real `fedsqueeze run` -------------------------------
+
+CLI_TINY = ["--model", "tiny", "--clients", "4", "--clients-per-round", "2", "--rounds", "2", "--quiet"]
+CLI_SMALL = ["--set", "train_size=80", "--set", "test_size=20", "--set", "local_steps=1", "--set", "threads=1"]
+
+
+def run_cli(out, *args: str) -> dict:
+    """``fedsqueeze run`` in this process (so a test can make a client hostile); results.json's content."""
+    import json
+    import sys
+
+    from fedsqueeze.cli import main
+
+    argv = sys.argv
+    sys.argv = ["fedsqueeze", "run", *CLI_TINY, *CLI_SMALL, "--out", str(out), *args]
+    try:
+        main()
+    finally:
+        sys.argv = argv
+    return json.loads((out / "results.json").read_text())
+
+
+def hostile_round1(monkeypatch, make_payload):
+    """Round 1's lowest sampled client sends ``make_payload(method, client)`` instead of its update."""
+    from fedsqueeze.methods.tensor import TensorMethod
+
+    honest = TensorMethod.client_update
+
+    def client_update(self, message, client, state, ctx):
+        out = honest(self, message, client, state, ctx)
+        if ctx.round == 1 and client == min(ctx.participants):
+            out.payload = make_payload(self, client)
+        return out
+
+    monkeypatch.setattr(TensorMethod, "client_update", client_update)
+
+
+def test_cli_a_huge_finite_update_never_makes_the_model_non_finite(tmp_path, monkeypatch):
+    """Before: FedAvg adopted w + 4·(3e38 / 2) = inf, evaluated NaN, and every later round was skipped."""
+    from fedsqueeze.runtime.checkpoint import load_checkpoint
+
+    def huge(m, client):
+        return encode_tensors(m.up_codec, {n: np.full(m.shapes[n], 3e38, np.float32) for n in m.names}, n=len(m.task.client_data(client)))
+
+    hostile_round1(monkeypatch, huge)
+    res = run_cli(tmp_path / "run", "--method", "fedavg", "--set", "server_lr=4")
+    r1, r2 = res["rounds"]
+    assert len(r1["dropped"]) == 1 and "non-finite" in r1["dropped"][0]["reason"], r1["dropped"]
+    assert r1["clients_aggregated"] == 1 and not r1["skipped"] and "aggregate_rejected" not in r1
+    assert r2["clients_aggregated"] == 2 and not r2["skipped"] and r2["dropped"] == []
+    assert all(np.isfinite(r["loss"]) and r["accuracy"] > 0 for r in (r1, r2))
+    weights = load_checkpoint(tmp_path / "run").server_state["weights"]
+    assert all(np.all(np.isfinite(a)) for a in weights.values())
+
+
+def test_cli_example_counts_are_clipped_to_max_client_examples(tmp_path):
+    res = run_cli(tmp_path / "run", "--method", "head", "--set", "max_client_examples=7")
+    assert res["config"]["max_client_examples"] == 7
+    for r in res["rounds"]:
+        assert r["clients_aggregated"] == 2
+        assert r["clipped_examples"] == [{"client": c["client"], "reported": 20, "used": 7} for c in r["sim_clients"]]
+    plain = run_cli(tmp_path / "plain", "--method", "head")
+    assert all("clipped_examples" not in r for r in plain["rounds"])
+
+
+def test_clipped_counts_set_the_fedavg_weights(task):
+    from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate
+    from fedsqueeze.runtime.integrity import aggregate_finite, clip_examples
+
+    m = build("fedavg", task)
+    state = m.init_server()
+    d0, d1 = hand_deltas(m, 0), hand_deltas(m, 1)
+    big, reported = clip_examples(TensorUpdate(d0, 50), 20)
+    small, none = clip_examples(TensorUpdate(d1, 10), 20)
+    assert (big.n, reported, small.n, none) == (20, 50, 10, None)
+    assert clip_examples(TensorUpdate(d0, 50), 0)[0].n == 50  # 0: no cap
+    zo = ZOUpdate(np.zeros((1, 1), np.float32))
+    assert clip_examples(zo, 1) == (zo, None)  # unweighted: nothing to clip
+    new = aggregate_finite(m, state, {0: big, 1: small}, CTX).state
+    for n in m.names:  # weights 20:10, not the reported 50:10
+        mean = d0[n].astype(np.float64) * (20 / 30) + d1[n].astype(np.float64) * (10 / 30)
+        np.testing.assert_array_equal(new["weights"][n], fedavg_step(state["weights"][n], mean))

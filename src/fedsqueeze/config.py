@@ -78,6 +78,11 @@ class RunConfig:
         "skip", "'retry' (re-sample other clients, up to max_retries times) or 'skip' (keep the model)", choices=("retry", "skip")
     )
     max_retries: int = option(3, "re-samples of a round with too few survivors before it is skipped (policy 'retry')", check=at_least(0))
+    max_client_examples: int = option(
+        0,
+        "cap on the example count a client reports (its FedAvg weight); larger counts are clipped and recorded (0 = no cap)",
+        check=at_least(0),
+    )
     checkpoint: bool = option(True, "write OUT/checkpoint after every round so `fedsqueeze run --resume OUT` can continue")
     overwrite: bool = option(False, "replace an earlier run's results in OUT (without it, a run refuses an OUT that holds one)")
     threads: int = option(0, "torch CPU threads; 0 = all cores", check=at_least(0))

@@ -48,7 +48,7 @@ from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_upl
 from fedsqueeze.methods.head import evaluate_probe, head_names, train_probe
 from fedsqueeze.methods.peft import inject_lora
 from fedsqueeze.methods.robust import SCALAR_RULES
-from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, example_count, of_type
+from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, example_count, of_type, stepped, weighted_mean
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.methods.zo import Perturber, local_zo
 from fedsqueeze.models import Classifier
@@ -270,11 +270,11 @@ class ZOMethod(Method):
                 )
                 metrics.update(self.dp_metrics(ctx))
             else:
-                total = sum(u.n for u in updates)
-                avg = {n: np.sum([u.delta[n] * (u.n / total) for u in updates], axis=0) for n in self.head}
+                counts = [u.n for u in updates]  # summed in float64: float16 deltas near 65504 cannot overflow it
+                avg = {n: weighted_mean([u.delta[n] for u in updates], counts) for n in self.head}
             for n in self.head:
                 # round to the wire dtype so the server holds exactly what clients will receive
-                state["weights"][n] = (state["weights"][n] + avg[n]).astype(self.warm_dtype).astype(np.float32)
+                state["weights"][n] = stepped(state["weights"][n], avg[n], self.warm_dtype).astype(np.float32)
         if ctx.round == self.opts.warm_start_rounds:
             state["warm_head"] = {n: state["weights"][n].astype(self.warm_dtype) for n in self.head}
         return metrics
@@ -440,7 +440,7 @@ class DeComFL(ZOMethod):
         record = {"round": ctx.round, "scalars": combined}
         self.apply_to_server(state, lambda: self.replay(record, ctx.seed))
         state["history"].append(record)
-        return {**metrics, "zo_scalar_abs_mean": float(np.abs(combined).mean()), "zo_lr": self.lr_at(ctx.round)}
+        return {**metrics, "zo_scalar_abs_mean": float(np.abs(combined).mean(dtype=np.float64)), "zo_lr": self.lr_at(ctx.round)}
 
     def replay(self, record: dict[str, Any], seed: int) -> None:
         """Apply one record to the loaded model: ``w ← w − lr/P · Σ g[k, i] · z(seed_k, i)``, step by step."""

@@ -29,7 +29,7 @@ from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundConte
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.mask_wire import MaskLimits, MaskWire
 from fedsqueeze.methods.robust import cap_flips, trimmed_votes
-from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskCode, MaskUpdate
+from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskCode, MaskUpdate, stepped, weighted_mean
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.options import above, at_least, between, option
 from fedsqueeze.seeding import SERVER, np_rng
@@ -196,10 +196,9 @@ class MaskMethod(Method):
         if trim > 0:
             counts = np.rint(trimmed_votes(np.stack(votes), trim)).astype(np.int32)
         self._update_theta(state, counts, theta_start, len(updates))
-        total = sum(u.n for u in updates.values())
+        weights = [u.n for u in updates.values()]
         for name in self.head_names:
-            avg = sum(u.head_delta[name] * (u.n / total) for u in updates.values())
-            state["head"][name] = (state["head"][name] + avg).astype(np.float32)
+            state["head"][name] = stepped(state["head"][name], weighted_mean([u.head_delta[name] for u in updates.values()], weights))
         theta = self.theta_of(state["theta_sym"], state["levels"])
         metrics = {key: float(np.mean(v)) for key, v in extra.items()}
         metrics.update(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedsqueeze.methods.updates import weighted_mean as mean_of
 from fedsqueeze.privacy import clip_update
 
 Tensors = dict[str, np.ndarray]
@@ -55,10 +56,9 @@ class RobustRule:
 
 
 def weighted_mean(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
-    """Σ (n_i / Σn) · δ_i, tensor by tensor, in float32 (FedAvg's rule)."""
-    total = sum(counts)
-    out = {name: sum(d[name].astype(np.float32) * (n / total) for d, n in zip(deltas, counts)) for name in deltas[0]}
-    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}, {}
+    """Σ (n_i / Σn) · δ_i, tensor by tensor (FedAvg's rule): summed in float64, so finite float32 deltas
+    never overflow it (updates.weighted_mean), then float32 (a convex combination stays in range)."""
+    return {name: mean_of([d[name] for d in deltas], counts).astype(np.float32) for name in deltas[0]}, {}
 
 
 def coordinate_median(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
@@ -142,7 +142,7 @@ TENSOR_RULES: dict[str, Callable[[RobustRule, list[Tensors], list[int]], tuple[T
 
 def scalar_mean(stacked: np.ndarray, beta: float) -> np.ndarray:
     """The mean over clients (axis 0)."""
-    return stacked.mean(axis=0)
+    return stacked.mean(axis=0, dtype=np.float64)  # a float32 sum of scalars near 3.4e38 would be inf
 
 
 def scalar_median(stacked: np.ndarray, beta: float) -> np.ndarray:

@@ -15,7 +15,7 @@ validated, and consumed only by the same method's ``aggregate``:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar, Union
 
@@ -114,6 +114,28 @@ def example_count(n: object, client: int, partition_sizes: list[int], what: str 
     if n > partition_sizes[client]:
         raise PayloadError(f"{what} claims n={n} examples; client {client}'s partition holds {partition_sizes[client]}")
     return n
+
+
+def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
+    """``Σ n_i·a_i / Σ n_i`` (FedAvg's mean), accumulated in float64.
+
+    A convex combination of float32 arrays cannot overflow float64, so the mean of finite client
+    tensors is finite however close to float32's 3.4e38 they are (a float32 sum could round to inf).
+    """
+    total = float(sum(counts))
+    mean = np.zeros(np.shape(arrays[0]), dtype=np.float64)
+    for a, n in zip(arrays, counts):
+        mean += np.asarray(a, dtype=np.float64) * (n / total)
+    return mean
+
+
+def stepped(weights: np.ndarray, step: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """``weights + step`` summed in float64, then in ``dtype``; a value beyond its range becomes ±inf.
+
+    No warning for that: the round engine refuses a state that is not finite (runtime/integrity.py).
+    """
+    with np.errstate(over="ignore"):
+        return (np.asarray(weights, dtype=np.float64) + step).astype(dtype)
 
 
 U = TypeVar("U")

@@ -47,6 +47,7 @@ from fedsqueeze.runtime.checkpoint import (
 )
 from fedsqueeze.runtime.common import round_record, run_header, sample_clients, simulated_round_time
 from fedsqueeze.runtime.faults import drops_out, inject_faults, straggler_delay
+from fedsqueeze.runtime.integrity import aggregate_finite, clip_examples
 from fedsqueeze.runtime.progress import RunProgress
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.task import Task, build_task
@@ -115,6 +116,7 @@ class RoundTally:
     dropped: list[dict[str, Any]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     link: dict[int, tuple[float, int, int]] = field(default_factory=dict)  # client: (compute s, bytes down, up)
+    clipped: list[dict[str, int]] = field(default_factory=list)  # example counts over max_client_examples
     train_s: float = 0.0
     codec_s: float = 0.0
 
@@ -168,7 +170,7 @@ class Engine:
             actx = replace(ctx, attempt=attempt, participants=tuple(clients))
             # a failed attempt's updates are discarded; the clients keep their own state, as real clients
             # would (they never learn that the server threw their update away)
-            tally.updates, tally.link = {}, {}
+            tally.updates, tally.link, tally.clipped = {}, {}, []
             calls = self._send(state, actx, clients, tally)
             replies = self.transport.exchange(calls) if calls else {}
             for call in calls:
@@ -181,14 +183,22 @@ class Engine:
             log.warning("round %d: %d of %d clients survived, min_clients=%d", ctx.round, len(tally.updates), len(clients), cfg.min_clients)
         skipped = len(tally.updates) < cfg.min_clients
         agg_metrics: dict[str, Any] = {}
+        aggregated = 0
         if not skipped:
-            state, agg_metrics = method.aggregate(state, tally.updates, replace(ctx, attempt=attempt))
+            # never adopt a non-finite model: drop the clients that would make it so (runtime/integrity.py)
+            agg = aggregate_finite(method, state, tally.updates, replace(ctx, attempt=attempt), cfg.min_clients)
+            for client, reason in agg.dropped.items():
+                tally.drop(client, reason, ctx.round, attempt)
+            state, agg_metrics, aggregated = agg.state, agg.metrics, agg.aggregated
+            if agg.rejected is not None:
+                skipped, agg_metrics = True, {"aggregate_rejected": agg.rejected}
         accuracy, loss = method.evaluate(state)
         extra = {
             "train_loss": sum(tally.losses) / len(tally.losses) if tally.losses else None,
             "attempts": attempt + 1,
             "skipped": skipped,
             **agg_metrics,
+            **({"clipped_examples": tally.clipped} if tally.clipped else {}),
             **simulated_round_time(cfg, tally.link),
         }
         record = round_record(
@@ -198,7 +208,7 @@ class Engine:
             uplink=tally.uplink,
             downlink=tally.downlink,
             model_params=self.task.model_params,
-            aggregated=0 if skipped else len(tally.updates),
+            aggregated=aggregated,
             dropped=tally.dropped,
             wall_s=time.perf_counter() - t_round,
             train_s=tally.train_s,
@@ -246,7 +256,10 @@ class Engine:
         tally.link[client] = (arrival_s, len(call.message), len(payload))
         t1 = time.perf_counter()
         try:
-            tally.updates[client] = self.method.decode_update(payload, client, state, ctx)
+            update, reported = clip_examples(self.method.decode_update(payload, client, state, ctx), cfg.max_client_examples)
+            tally.updates[client] = update
+            if reported is not None:
+                tally.clipped.append({"client": client, "reported": reported, "used": cfg.max_client_examples})
         except PayloadError as exc:
             tally.drop(client, f"bad payload ({fault or 'as sent'}): {exc}", ctx.round, ctx.attempt)
         tally.codec_s += time.perf_counter() - t1

@@ -63,6 +63,7 @@ FIELD_SUPPORT: dict[str, frozenset[str]] = {
             "min_clients",
             "min_clients_policy",
             "max_retries",
+            "max_client_examples",  # applied by the engine to every decoded update
             "checkpoint",
             "overwrite",
         )
