@@ -109,6 +109,20 @@ def test_run_key_follows_what_changes_results_only():
     assert ident == {"run": {"method": "lora", "model": "tiny", "seed": 3}, "options": {}}
 
 
+def test_code_version_names_the_checkout():
+    import subprocess
+
+    import fedsqueeze
+
+    code = bench.code_version()
+    assert code["version"] == fedsqueeze.__version__
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT / "src", capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout: its commit, and whether src/ differs from it
+        assert code["commit"] == head.stdout.strip() and isinstance(code["dirty"], bool)
+    else:
+        assert code["commit"] is None and code["dirty"] is None
+
+
 @pytest.mark.parametrize(
     "text, problem",
     [
@@ -223,33 +237,36 @@ def cached_data(monkeypatch):
 
 def test_tiny_suite_end_to_end(tmp_path, monkeypatch, cached_data):
     """Fill (store) → report → README table; a second fill runs nothing; the report rebuilds from the store alone."""
-    from fedsqueeze.report.suite import write_suite_report
-
     monkeypatch.chdir(tmp_path)
     suite = bench.load_suite(_tiny_copy(tmp_path))
-    suite.readme = Path("README.md")
     assert len(suite.entries) == 5
     done = bench.fill(suite, show_progress=False)
     assert done["failed"] == [] and len(done["ran"]) == 5
     records = store.read_store(suite.store)
-    assert len(records) == 5 and all(r["epoch"] == store.RESULTS_EPOCH and r["code"]["version"] for r in records)
+    assert len(records) == 5 and all(r["epoch"] == store.RESULTS_EPOCH and r["code"] == bench.code_version() for r in records)
     assert {r["key"] for r in records} == {bench.run_key(e.config) for e in suite.entries}
     for r in records:  # each record is the run's results.json
         assert len(r["results"]["rounds"]) == 1 and all("sim_time_s" in x for x in r["results"]["rounds"])
     again = bench.fill(suite, show_progress=False)
     assert again["ran"] == [] and again["skipped"] == 5
 
-    shutil.rmtree("runs/bench")  # the store alone is enough
+    shutil.rmtree("runs/bench")  # the store alone is enough: the CLI rebuilds report, figures and README table
+    from typer.testing import CliRunner
+
+    from fedsqueeze.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "tiny.toml", "--report-only", "--readme", "README.md"])
+    assert result.exit_code == 0, result.output
     found = bench.match(suite.entries, store.read_store(suite.store))
-    written = write_suite_report(suite, found, "fedsqueeze bench tiny.toml --report-only")
-    md = written["report"].read_text()
+    md = Path("runs/report/tiny/report.md").read_text()
+    assert "fedsqueeze bench tiny.toml --report-only" in md
     assert str(tmp_path) not in md and "/tmp" not in md
     for e in suite.entries:
         assert e.id in md
     for r in records:
         assert f"{r['results']['final']['accuracy']:.4f}" in md
-    assert [p.name for p in written["figures"]] == ["wordnet-iid.png", "wordnet-dropout0.5.png"]
-    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written["figures"])
+    figures = [Path("runs/report/tiny/wordnet-iid.png"), Path("runs/report/tiny/wordnet-dropout0.5.png")]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in figures)
 
     readme = Path("README.md").read_text()
     assert readme.startswith("# x\n\nbefore\n") and readme.endswith("after\n") and "\nold\n" not in readme
