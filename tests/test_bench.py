@@ -140,6 +140,16 @@ def test_suite_errors_name_the_problem(tmp_path, text, problem):
         bench.load_suite(bad)
 
 
+def test_catalogue_suite_declares_each_catalogue_task():
+    suite = bench.load_suite(ROOT / "benchmarks/suites/catalogue.toml")
+    assert {(e.task, e.config.model) for e in suite.entries} == {
+        ("mpnet-wordnet", "mpnet"),
+        ("effnet-fmnist", "effnet-lite0"),
+        ("smollm2-wordnet", "smollm2"),
+    }
+    assert {e.seed for e in suite.entries} == {0} and len(suite.entries) == 18
+
+
 def test_default_suite_declares_every_method_three_seeds():
     published = {"fedavg", "fedsz", "qsgd", "signsgd", "eden", "topk", "lora", "adapter", "bitfit", "ia3", "prompt", "head"}
     published |= {"fedpm", "deltamask", "deltamask-exact", "decomfl"}  # the README table's methods
