@@ -1,14 +1,19 @@
 """Wall time and peak memory of one small run on each runtime: local, flower-sim, flower (deployment).
 
 The run: ``--method head --model tiny --rounds 2 --clients 2 --clients-per-round 2`` (other options at
-their defaults). Each runtime runs through the CLI in a fresh process; for the deployment, a
-SuperLink and two SuperNodes are started first (their start-up is timed apart). Memory is sampled
+their defaults; ``--model minilm --rounds 3 --clients 3`` for the MiniLM comparison). Each runtime
+runs through the CLI in a fresh process; for the deployment, a SuperLink and one SuperNode per
+client are started first (their start-up is timed apart). ``flower`` keeps each node's prepared
+task in a node worker (the default of ``fedsqueeze federation``); ``flower-noworker`` rebuilds it
+for every message, as Flower's one-process-per-message ClientApp does by itself.
+``deployment_vs_local`` compares the rounds after the first (round 1 starts the workers) as the
+ratio of the mean round wall time, deployment over local, measured in this one run. Memory is sampled
 every 0.1 s over the whole process tree (Ray's daemons and actors, Flower's SuperLink, SuperNodes,
 SuperExecs, ServerApp and ClientApp processes): ``peak_tree_rss_mb`` is the peak of the summed RSS
 (shared pages counted once per process, so an upper bound), ``peak_process_rss_mb`` the largest
 single process. Writes benchmarks/results/flower_runtimes.json. Usage:
 
-    python benchmarks/flower_runtimes.py [--rounds 2] [--clients 2]
+    python benchmarks/flower_runtimes.py [--rounds 2] [--clients 2] [--model tiny] [--runtimes local,flower-sim,flower]
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-OUT = HERE / "results" / "flower_runtimes.json"
+RESULTS = HERE / "results"
 
 
 class TreeSampler:
@@ -94,7 +99,7 @@ def cli(args: argparse.Namespace, runtime: str, out: Path, extra: list[str] | No
         "--method",
         "head",
         "--model",
-        "tiny",
+        args.model,
         "--rounds",
         str(args.rounds),
         "--clients",
@@ -103,6 +108,8 @@ def cli(args: argparse.Namespace, runtime: str, out: Path, extra: list[str] | No
         str(args.clients),
         "--out",
         str(out),
+        "--set",
+        f"threads={args.threads}",
         *(extra or []),
     ]
 
@@ -111,7 +118,7 @@ def timed_run(cmd: list[str], env: dict[str, str], extra_roots: list[int] | None
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with TreeSampler([proc.pid, *(extra_roots or [])]) as sampler:
-        _, stderr = proc.communicate(timeout=900)
+        _, stderr = proc.communicate(timeout=3600)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-3000:]}")
@@ -128,29 +135,20 @@ def summary(out: Path) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--clients", type=int, default=2)
-    args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
-    from fedsqueeze.runtime.flower import flower_env
+def mean_later_rounds(res: dict) -> float:
+    later = res["round_wall_s"][1:] or res["round_wall_s"]
+    return sum(later) / len(later)
+
+
+def deploy(args: argparse.Namespace, tmp: Path, env: dict, name: str, worker_idle_s: float) -> dict:
     from fedsqueeze.runtime.flower_deploy import Federation
 
-    tmp = Path(tempfile.mkdtemp(prefix="fsq-bench-flower-"))
-    env = flower_env(tmp / "home")
-    results: dict = {"load_before": os.getloadavg()}
-    for runtime in ("local", "flower-sim"):
-        out = tmp / runtime
-        results[runtime] = {**timed_run(cli(args, runtime, out), env), **summary(out)}
-        print(runtime, results[runtime], flush=True)
-
-    fed = Federation(nodes=args.clients, workdir=str(tmp / "federation"))
+    fed = Federation(nodes=args.clients, workdir=str(tmp / f"federation-{name}"), worker_idle_s=worker_idle_s)
     t0 = time.perf_counter()
+    out = tmp / name
     try:
         fed.start()
         startup = time.perf_counter() - t0
-        out = tmp / "flower"
         run = timed_run(
             cli(args, "flower", out, ["--superlink", fed.address, "--root-certificates", str(fed.root_certificates)]),
             env,
@@ -158,22 +156,58 @@ def main() -> None:
         )
     finally:
         fed.stop()
-    results["flower"] = {**run, "federation_start_s": round(startup, 2), **summary(out)}
-    print("flower", results["flower"], flush=True)
+    return {**run, "federation_start_s": round(startup, 2), **summary(out)}
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--runtimes", default="local,flower-sim,flower", help="comma-separated: local, flower-sim, flower, flower-noworker")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "src"))
+    from fedsqueeze.runtime.flower import flower_env
+
+    tmp = Path(tempfile.mkdtemp(prefix="fsq-bench-flower-"))
+    env = flower_env(tmp / "home")
+    results: dict = {"load_before": os.getloadavg()}
+    out_path = RESULTS / ("flower_runtimes.json" if args.model == "tiny" else f"flower_runtimes_{args.model}.json")
+    for runtime in args.runtimes.split(","):
+        if runtime in ("local", "flower-sim"):
+            out = tmp / runtime
+            results[runtime] = {**timed_run(cli(args, runtime, out), env), **summary(out)}
+        elif runtime in ("flower", "flower-noworker"):
+            results[runtime] = deploy(args, tmp, env, runtime, 600.0 if runtime == "flower" else 0.0)
+        else:
+            raise SystemExit(f"unknown runtime {runtime!r}")
+        print(runtime, results[runtime], flush=True)
+        write(out_path, args, results)  # after every runtime: a long benchmark cut short keeps what it measured
+    write(out_path, args, results)
+    print(f"wrote {out_path}")
+
+
+def write(out_path: Path, args: argparse.Namespace, results: dict) -> None:
+    if "local" in results:
+        results["deployment_vs_local"] = {
+            name: round(mean_later_rounds(results[name]) / mean_later_rounds(results["local"]), 2)
+            for name in ("flower-sim", "flower", "flower-noworker")
+            if name in results
+        }
     results.update(
         {
-            "run": f"fedsqueeze run --method head --model tiny --rounds {args.rounds} --clients {args.clients} "
-            f"--clients-per-round {args.clients} (other options default)",
+            "run": f"fedsqueeze run --method head --model {args.model} --rounds {args.rounds} --clients {args.clients} "
+            f"--clients-per-round {args.clients} --set threads={args.threads} (other options default)",
             "load_after": os.getloadavg(),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "note": "wall_s is the CLI process from start to exit; the machine was shared (see load averages)",
+            "note": "wall_s is the CLI process from start to exit; round_wall_s is results.json's per-round wall time; "
+            "deployment_vs_local is the mean wall time of rounds 2.. over local's; the machine was shared (see load averages)",
         }
     )
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ import hashlib
 import logging
 import threading
 import traceback
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,30 +38,32 @@ from fedsqueeze.runtime.flower_wire import (
 )
 
 if TYPE_CHECKING:
-    from fedsqueeze.methods import Method
+    from fedsqueeze.methods import ClientOutput, Method
 
 # torch, transformers and the methods are imported where they are used: Flower starts a fresh
 # ClientApp process for every message, and a `query` message needs none of them.
 
 log = logging.getLogger("fedsqueeze")
 
-
-@dataclass
-class _Prepared:
-    key: str = ""
-    method: Method | None = None
+WORKER_KEY = "worker-idle-s"  # node config: keep the prepared task in a node worker this long idle (0: off)
 
 
-_CLIENT = _Prepared()  # one prepared method per process, rebuilt only when the run config changes
+PREPARED_KEEP = 2  # prepared methods a process keeps: two runs may share a federation's nodes
+_PREPARED: OrderedDict[str, Method] = OrderedDict()  # run config JSON -> its method, set up on its task
 
 
 def _prepared(cfg_json: str) -> Method:
-    if _CLIENT.key != cfg_json or _CLIENT.method is None:
+    """The method of this run config, set up on its task: built once per process (or node worker)."""
+    method = _PREPARED.get(cfg_json)
+    if method is None:
         from fedsqueeze.runtime.engine import prepare
 
+        while len(_PREPARED) >= PREPARED_KEEP:
+            _PREPARED.popitem(last=False)
         method, _ = prepare(config_from_json(cfg_json))
-        _CLIENT.key, _CLIENT.method = cfg_json, method
-    return _CLIENT.method
+        _PREPARED[cfg_json] = method
+    _PREPARED.move_to_end(cfg_json)
+    return method
 
 
 def _state_path(state_dir: str, req: TrainRequest, version: tuple[int, int]) -> Path:
@@ -68,35 +71,47 @@ def _state_path(state_dir: str, req: TrainRequest, version: tuple[int, int]) -> 
     return Path(state_dir) / run / f"client-{req.client}-r{version[0]:06d}-a{version[1]:03d}.tree"
 
 
-def load_client_state(context: Context, method: Method, req: TrainRequest, state_dir: str | None) -> Any:
-    """The client state of the version the server expects; initial if it expects none."""
+def stored_client_state(context: Context, req: TrainRequest, state_dir: str | None) -> bytes | None:
+    """The packed client state of the version the server expects; None if it expects none (initial)."""
     from fedsqueeze.runtime.faults import ClientFault
-    from fedsqueeze.treeio import unpack_tree
 
     if req.state_version is None:
-        return method.init_client(req.client)
+        return None
     record = context.state.config_records.get(STATE)
     if record is not None and record.get("client") == req.client and record.get("version") == list(req.state_version):
         tree = record["tree"]
         if isinstance(tree, bytes):
-            return unpack_tree(tree)
+            return tree
     if state_dir:
         path = _state_path(state_dir, req, req.state_version)
         if path.is_file():
-            return unpack_tree(path.read_bytes())
+            return path.read_bytes()
     raise ClientFault(
         f"client state lost: this node holds no state of client {req.client} from round "
         f"{req.state_version[0]} (attempt {req.state_version[1]}); give the node a {STATE_DIR_KEY}"
     )
 
 
+def load_client_state(context: Context, method: Method, req: TrainRequest, state_dir: str | None) -> Any:
+    """The client state of the version the server expects; initial if it expects none."""
+    from fedsqueeze.treeio import unpack_tree
+
+    data = stored_client_state(context, req, state_dir)
+    return method.init_client(req.client) if data is None else unpack_tree(data)
+
+
 def save_client_state(context: Context, req: TrainRequest, state: Any, state_dir: str | None) -> None:
     """Keep ``state`` as version (round, attempt) in the context and, with a state directory, on disk."""
-    from fedsqueeze.results import atomic_write_bytes
     from fedsqueeze.treeio import pack_tree
 
+    save_packed_state(context, req, pack_tree(state), state_dir)
+
+
+def save_packed_state(context: Context, req: TrainRequest, data: bytes, state_dir: str | None) -> None:
+    """:func:`save_client_state` for a state already packed (what the node worker returns)."""
+    from fedsqueeze.results import atomic_write_bytes
+
     version = (req.round, req.attempt)
-    data = pack_tree(state)
     context.state.config_records[STATE] = ConfigRecord({"client": req.client, "version": list(version), "tree": data})
     if not state_dir:
         return
@@ -141,24 +156,86 @@ def partition(msg: Message, context: Context) -> Message:
     return Message(RecordDict({CONFIG: reply}), reply_to=msg)
 
 
-@client_app.train()
-def train(msg: Message, context: Context) -> Message:
-    """Run the method's client function on the server's bytes; reply with the update bytes."""
+def client_work(req: TrainRequest, state: Any, initial: bool = False) -> ClientOutput:
+    """The method's client update for ``req`` from client state ``state`` (its initial one if ``initial``),
+    behind the engine's fault injection; the one place both the ClientApp and the node worker run it."""
     from fedsqueeze.methods import RoundContext
     from fedsqueeze.runtime.faults import with_injected_faults
 
+    method = _prepared(req.config_json)
+    if initial:
+        state = method.init_client(req.client)
+    ctx = RoundContext(round=req.round, rounds=req.rounds, seed=req.seed, attempt=req.attempt, participants=req.participants)
+    client_fn = with_injected_faults(method.cfg, lambda m, c, s, x, _: method.client_update(m, c, s, x))
+    # nobody can abandon a Flower client: a hung one gives up on its own, after the server has
+    out = client_fn(req.message, req.client, state, ctx, threading.Event())
+    if not isinstance(out.payload, (bytes, bytearray)):
+        raise TypeError(f"client returned {type(out.payload).__name__}, not bytes")
+    return out
+
+
+def request_header(req: TrainRequest) -> dict[str, Any]:
+    """``req`` without its message, JSON-safe (what the node worker receives besides the bytes)."""
+    return {k: v for k, v in asdict(req).items() if k != "message"}
+
+
+def request_from_header(header: dict[str, Any], message: bytes) -> TrainRequest:
+    """Invert :func:`request_header` (in the node worker, from the node's own ClientApp)."""
+    version = header["state_version"]
+    return TrainRequest(
+        config_json=str(header["config_json"]),
+        round=int(header["round"]),
+        rounds=int(header["rounds"]),
+        seed=int(header["seed"]),
+        client=int(header["client"]),
+        attempt=int(header["attempt"]),
+        participants=tuple(int(p) for p in header["participants"]),
+        state_version=None if version is None else (int(version[0]), int(version[1])),
+        state_dir=header["state_dir"],
+        message=message,
+    )
+
+
+def worker_idle_s(context: Context) -> float:
+    """Node config ``worker-idle-s``: > 0 runs the work in a node worker that lives that long idle."""
+    try:
+        return max(float(context.node_config.get(WORKER_KEY, 0.0)), 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _train_in_worker(context: Context, req: TrainRequest, state_dir: str, idle_s: float) -> tuple[bytes, dict[str, float]]:
+    from fedsqueeze.runtime import node_worker
+
+    state = stored_client_state(context, req, state_dir)
+    header, blobs = node_worker.call(node_worker.socket_path(state_dir), idle_s, request_header(req), [req.message, state or b""])
+    if not header.get("ok"):
+        raise node_worker.WorkerError(str(header.get("error", "the node worker failed")))
+    if len(blobs) != 2 or not isinstance(header.get("metrics"), dict):
+        raise node_worker.WorkerError("the node worker's reply is malformed")
+    save_packed_state(context, req, blobs[1], state_dir)
+    return blobs[0], {str(k): float(v) for k, v in header["metrics"].items()}
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run the method's client function on the server's bytes; reply with the update bytes.
+
+    With node config ``worker-idle-s`` (and a state directory) the work runs in the node's
+    long-lived worker (:mod:`fedsqueeze.runtime.node_worker`), which keeps the prepared task.
+    """
     try:
         req = read_train(msg)
-        method = _prepared(req.config_json)
         state_dir = _node_state_dir(context, req)
-        ctx = RoundContext(round=req.round, rounds=req.rounds, seed=req.seed, attempt=req.attempt, participants=req.participants)
-        client_fn = with_injected_faults(method.cfg, lambda m, c, s, x, _: method.client_update(m, c, s, x))
-        # nobody can abandon a Flower client: a hung one gives up on its own, after the server has
-        out = client_fn(req.message, req.client, load_client_state(context, method, req, state_dir), ctx, threading.Event())
-        if not isinstance(out.payload, (bytes, bytearray)):
-            raise TypeError(f"client returned {type(out.payload).__name__}, not bytes")
-        save_client_state(context, req, out.state, state_dir)
+        idle_s = worker_idle_s(context)
+        if idle_s > 0 and state_dir:
+            payload, metrics = _train_in_worker(context, req, state_dir, idle_s)
+        else:
+            method = _prepared(req.config_json)
+            out = client_work(req, load_client_state(context, method, req, state_dir))
+            save_client_state(context, req, out.state, state_dir)
+            payload, metrics = bytes(out.payload), out.metrics
     except Exception as exc:  # reported to the server, which drops this client for the round
         log.warning("client failed: %s", traceback.format_exc())
         return reply_error(msg, f"{type(exc).__name__}: {exc}")
-    return reply_update(msg, bytes(out.payload), out.metrics)
+    return reply_update(msg, payload, metrics)

@@ -194,8 +194,10 @@ def supernode_command(
     tls: TLSFiles | None,
     state_dir: str | None = None,
     node_key: str | None = None,
+    worker_idle_s: float = 0.0,
 ) -> list[str]:
-    """A SuperNode holding ``partition``; with ``state_dir`` it keeps its client state there (resumable runs).
+    """A SuperNode holding ``partition``; with ``state_dir`` it keeps its client state there (resumable runs),
+    and with ``worker_idle_s`` > 0 its prepared task in a node worker (:mod:`fedsqueeze.runtime.node_worker`).
 
     With ``tls`` it verifies the SuperLink against ``tls.ca``; ``node_key`` is its private
     authentication key (:func:`make_node_key`), whose public half the SuperLink must have registered.
@@ -203,6 +205,8 @@ def supernode_command(
     node_config = f"partition-id={partition} num-partitions={partitions}"
     if state_dir:
         node_config += f' state-dir="{state_dir}"'
+    if worker_idle_s > 0:
+        node_config += f" worker-idle-s={float(worker_idle_s)}"
     cmd = [flower_bin("flower-supernode"), "--superlink", superlink, "--port", str(runtime_port), "--node-config", node_config]
     if node_key:
         cmd += ["--auth-supernode-private-key", node_key]
@@ -256,6 +260,7 @@ class Federation:
     tls_names: tuple[str, ...] = ()  # extra host names / IPs for a generated certificate
     open_control: bool = False  # True: the Control API answers any client that reaches the port
     public_keys: tuple[str, ...] = ()  # SuperNodes on other machines to admit: their OpenSSH public key files
+    worker_idle_s: float = 600.0  # each node keeps its prepared task in a worker this long idle (0: rebuild per message)
     procs: list[subprocess.Popen] = field(default_factory=list)
     node_keys: list[str] = field(default_factory=list)
 
@@ -343,6 +348,7 @@ class Federation:
                         self.tls,
                         str(Path(self.workdir) / f"node-{i}-state"),
                         node_key=self.node_keys[i] if self.node_keys else None,
+                        worker_idle_s=self.worker_idle_s,
                     ),
                     f"supernode-{i}",
                     flower_env(Path(self.workdir) / f"supernode-{i}-home"),
@@ -412,6 +418,12 @@ class Federation:
         for proc in self.procs:
             proc.wait()
         self.procs.clear()
+        from fedsqueeze.runtime import node_worker
+
+        for i in range(self.nodes):  # the node workers left their SuperNode's process tree when they started
+            state_dir = Path(self.workdir or "") / f"node-{i}-state"
+            if self.workdir and state_dir.is_dir():
+                node_worker.stop(node_worker.socket_path(str(state_dir)))
 
     def __enter__(self) -> Federation:
         return self.start()
