@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,25 @@ def test_request_header_round_trips():
     assert request_from_header(request_header(req), req.message) == req
     initial = TrainRequest("{}", 1, 10, 7, 2, 0, (2,), None, None, b"")
     assert request_from_header(request_header(initial), b"") == initial
+
+
+def test_a_worker_answers_a_bad_request_with_an_error_and_stops_by_its_own_pid(tmp_path):
+    path = node_worker.socket_path(str(tmp_path / "node"))
+    header, blobs = node_worker.call(path, 30.0, {"round": 1}, [b"only one blob"])  # starts the worker
+    assert header == {"ok": False, "error": "WorkerError: a train request has two blobs: message and client state"}
+    assert blobs == []
+    pid = int(path.with_suffix(".pid").read_text())
+    # a PID file naming another process (this one) is never signalled
+    path.with_suffix(".pid").write_text(str(os.getpid()))
+    assert not node_worker.stop(path)
+    path.with_suffix(".pid").write_text(str(pid))
+    assert node_worker.stop(path)
+    for _ in range(400):  # until its clean-up has run to the end
+        if "exiting" in path.with_suffix(".log").read_text():
+            break
+        time.sleep(0.05)
+    assert not path.exists() and not path.with_suffix(".pid").exists()  # SIGTERM ran its clean-up
+    assert "exiting" in path.with_suffix(".log").read_text()
 
 
 @pytest.mark.slow

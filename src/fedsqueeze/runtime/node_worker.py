@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -129,36 +130,48 @@ def serve(path: Path, idle_s: float, owner_pid: int = 0) -> None:
         inode = path.stat().st_ino
         path.with_suffix(".pid").write_text(str(os.getpid()))
         log_line(f"serving {path} (exits after {idle_s:.0f}s idle, or when process {owner_pid} ends)")
-        last = time.monotonic()
-        while True:
+        try:
+            _serve_loop(server, path, inode, idle_s, owner_pid)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_ino == inode:  # still ours: another worker may have taken the name over
+                    path.unlink()
+                    path.with_suffix(".pid").unlink()
+            log_line("exiting")
+
+
+def _serve_loop(server: socket.socket, path: Path, inode: int, idle_s: float, owner_pid: int) -> None:
+    last = time.monotonic()
+    while True:
+        try:
+            conn, _ = server.accept()
+        except TimeoutError:
+            if time.monotonic() - last > idle_s or (owner_pid and not _alive(owner_pid)):
+                return
+            continue
+        with conn, conn.makefile("rwb") as f:
             try:
-                conn, _ = server.accept()
-            except TimeoutError:
-                if time.monotonic() - last > idle_s or (owner_pid and not _alive(owner_pid)):
-                    break
-                continue
-            with conn, conn.makefile("rwb") as f:
-                try:
-                    header, blobs = receive(f)
-                    if len(blobs) != 2:
-                        raise WorkerError("a train request has two blobs: message and client state")
-                    reply, out = handle(header, blobs)
-                except Exception as exc:  # reported to the ClientApp, which replies with the error
-                    log_line(traceback.format_exc())
-                    reply, out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, []
-                with contextlib.suppress(OSError):
-                    send(f, reply, out)
-            last = time.monotonic()
-            if not path.exists() or path.stat().st_ino != inode:
-                break  # another worker took the socket over: leave it to that one
-    with contextlib.suppress(FileNotFoundError):
-        if path.stat().st_ino == inode:
-            path.unlink()
-            path.with_suffix(".pid").unlink()
-    log_line("idle: exiting")
+                header, blobs = receive(f)
+                if len(blobs) != 2:
+                    raise WorkerError("a train request has two blobs: message and client state")
+                reply, out = handle(header, blobs)
+            except Exception as exc:  # reported to the ClientApp, which replies with the error
+                log_line(traceback.format_exc())
+                reply, out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}, []
+            with contextlib.suppress(OSError):
+                send(f, reply, out)
+        last = time.monotonic()
+        if not path.exists() or path.stat().st_ino != inode:
+            return  # another worker took the socket over: leave it to that one
+
+
+def _leave(signum: int, frame: Any) -> None:
+    raise SystemExit(0)  # through serve()'s clean-up: the socket and PID file go too
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _leave)
+    signal.signal(signal.SIGHUP, _leave)
     ap = argparse.ArgumentParser(description="fedsqueeze node worker (started by the ClientApp)")
     ap.add_argument("--socket", required=True)
     ap.add_argument("--idle-s", type=float, required=True)
@@ -237,11 +250,18 @@ def connect(path: Path, idle_s: float, timeout_s: float = START_TIMEOUT_S) -> so
 
 
 def stop(path: Path) -> bool:
-    """Stop the worker serving ``path`` (by the PID it wrote); whether one was running."""
+    """Stop the worker serving ``path`` (by the PID it wrote, once that PID is seen to be this very
+    worker, never a process that reused the number); whether one was running."""
     try:
         pid = int(path.with_suffix(".pid").read_text())
-        os.kill(pid, 15)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
+        return False
+    if b"fedsqueeze.runtime.node_worker" not in cmdline or str(path).encode() not in cmdline:
+        return False
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except OSError:
         return False
     return True
 
