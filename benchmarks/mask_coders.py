@@ -76,6 +76,21 @@ def code_all(method, u, theta_client, theta_start, sym, levels, ctx) -> dict:
     return row
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Per coder: mean bpp, total bits over total bound, and the header's share."""
+    summary = {}
+    for k in sorted({k for r in rows for k in r["coders"]}):
+        cs = [r["coders"][k] for r in rows if k in r["coders"]]
+        bits = sum(c["bits"] for c in cs)
+        bound = sum(c["bound_bits"] for c in cs)
+        summary[k] = {
+            "mean_bpp": float(np.mean([c["bpp"] for c in cs])),
+            "bits_over_bound": bits / bound if bound else None,
+            "header_fraction": sum(c["header_bits"] for c in cs) / max(bits, 1),
+        }
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="fedpm", choices=["fedpm", "deltamask"])
@@ -86,16 +101,24 @@ def main() -> None:
     overrides: dict = {"method": args.method, "rounds": args.rounds, "threads": 1}
     if args.model == "tiny":
         overrides.update(model="tiny", clients=4, clients_per_round=2, train_size=200, test_size=100, local_steps=3, batch_size=8)
+    suffix = "_tiny" if args.model == "tiny" else ""
+    path = Path(args.out or Path(__file__).parent / "results" / f"mask_coders_{args.method}{suffix}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result: dict = {"config": dict(overrides), "complete": False}
+
+    def write() -> None:  # after every client: a run cut short still leaves what it measured
+        result.update(masked_weights=ROWS[0]["n"] if ROWS else 0, summary=summarize(ROWS), clients=ROWS)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+
     cls = get_method(args.method)
     original = cls.encode_mask
 
     def spy(self, u, theta_client, theta_start, sym, levels, ctx):
         ROWS.append(code_all(self, u, theta_client, theta_start, sym, levels, ctx))
         r = ROWS[-1]
-        print(
-            json.dumps({"round": r["round"], "flip_frac": r["flip_frac"], **{k: round(v["bpp"], 4) for k, v in r["coders"].items()}}),
-            flush=True,
-        )
+        line = {k: [round(v["bpp"], 4), round(v["bits_over_bound"] or 0, 4)] for k, v in r["coders"].items()}
+        print(json.dumps({"round": r["round"], "flip_frac": r["flip_frac"], "bpp_and_bits_over_bound": line}), flush=True)
+        write()
         return original(self, u, theta_client, theta_start, sym, levels, ctx)
 
     cls.encode_mask = spy  # type: ignore[method-assign]
@@ -104,30 +127,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fsq-maskbench-") as out:
         cfg = RunConfig(**overrides, out=out).validate()
         res = run_local(cfg, show_progress=False)
-    coders = sorted({k for r in ROWS for k in r["coders"]})
-    summary = {}
-    for k in coders:
-        rows = [r["coders"][k] for r in ROWS if k in r["coders"]]
-        bits = sum(c["bits"] for c in rows)
-        bound = sum(c["bound_bits"] for c in rows)
-        summary[k] = {
-            "mean_bpp": float(np.mean([c["bpp"] for c in rows])),
-            "bits_over_bound": bits / bound if bound else None,
-            "header_fraction": sum(c["header_bits"] for c in rows) / max(bits, 1),
-        }
-    result = {
-        "config": {k: v for k, v in overrides.items()},
-        "model": cfg.model,
-        "masked_weights": ROWS[0]["n"] if ROWS else 0,
-        "final_accuracy": res["final"]["accuracy"],
-        "summary": summary,
-        "clients": ROWS,
-    }
-    suffix = "_tiny" if args.model == "tiny" else ""
-    path = Path(args.out or Path(__file__).parent / "results" / f"mask_coders_{args.method}{suffix}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(summary, indent=1))
+    result.update(model=cfg.model, final_accuracy=res["final"]["accuracy"], complete=True)
+    write()
+    print(json.dumps(result["summary"], indent=1))
     print(f"→ {path}")
 
 

@@ -73,7 +73,7 @@ def test_flip_code_round_trips_and_stays_within_3_percent_of_its_bound():
     bound = flip_bound_bits(flips, contexts)
     _, counts_len = unpack_counts(body, np.bincount(contexts, minlength=NUM_CONTEXTS))
     assert 0 < bound <= 8 * (len(body) - counts_len) <= 1.03 * bound + 64  # the ANS words
-    assert counts_len <= NUM_CONTEXTS * 19 // 8 + 1  # the counts: at most bit_length(300000) = 19 bits each
+    assert counts_len <= NUM_CONTEXTS * 39 // 8 + 1  # the counts: gamma codes of at most 2 · 19 + 1 bits each
     # the side information pays: the bound is far below naming the flipped positions blind
     n, k = flips.size, int(flips.sum())
     blind = (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(2)
@@ -88,17 +88,19 @@ def test_flip_code_round_trips_and_stays_within_3_percent_of_its_bound():
     assert meta == {"coder": "context"}
 
 
-def test_counts_pack_in_bit_length_of_each_context_size():
+def test_counts_pack_as_elias_gamma_of_count_plus_one():
     sizes = np.array([0, 1, 5, 8, 1000] + [0] * (NUM_CONTEXTS - 5))
-    ones = np.array([0, 1, 3, 8, 999] + [0] * (NUM_CONTEXTS - 5))
+    ones = np.array([0, 1, 3, 0, 999] + [0] * (NUM_CONTEXTS - 5))
     packed = pack_counts(ones, sizes)
-    # widths 0, 1, 3, 4, 10 bits: 0 | 1 | 011 | 1000 | 1111100111, 18 bits in 3 bytes
-    assert packed == bytes([0b10111000, 0b11111001, 0b11000000])
-    assert unpack_counts(packed, sizes) == (ones.tolist(), 3)
+    # empty context skipped; gamma(2) = 010, gamma(4) = 00100, gamma(1) = 1, gamma(1000) = 9 zeros + 1111101000
+    assert packed == bytes([0b01000100, 0b10000000, 0b00111110, 0b10000000])
+    assert unpack_counts(packed, sizes) == (ones.tolist(), 4)
     with pytest.raises(PayloadError, match="context of 5"):
-        unpack_counts(pack_counts(np.array([0, 1, 7, 8, 999] + [0] * (NUM_CONTEXTS - 5)), sizes), sizes)
-    with pytest.raises(PayloadError, match="shorter"):
+        unpack_counts(pack_counts(np.array([0, 1, 6, 0, 999] + [0] * (NUM_CONTEXTS - 5)), sizes), sizes)
+    with pytest.raises(PayloadError, match="truncated"):
         unpack_counts(packed[:2], sizes)
+    with pytest.raises(PayloadError, match="truncated or larger"):
+        unpack_counts(bytes(64), sizes)  # a run of zeros longer than any count of these contexts
 
 
 @pytest.mark.parametrize("num_groups", [1, 6, 64, 256, 300])
@@ -162,3 +164,33 @@ def test_sz3_streams_are_the_same_bytes_as_before():
     back, _ = decode_tensors(payload, CodecContext())
     assert np.array_equal(back["nan.weight"], nan, equal_nan=True)
     assert np.abs(back["emb.weight"] - sparse).max() <= abs_bound * (1 + 1e-6)
+
+
+@pytest.mark.parametrize("name", ["fedpm", "deltamask", "deltamask-exact"])
+def test_mask_methods_default_to_the_context_code_and_report_its_bound(name):
+    """A hand-made flip set through each method's default uplink: decoded exactly, and the round's
+    ``bound_bits_per_key`` is the conditional entropy of those flips given the server's contexts."""
+    import copy
+
+    from handmade import build, hand_head, mask_payload, shared_task
+
+    from fedsqueeze.codecs.framing import unframe
+    from fedsqueeze.methods.base import RoundContext
+
+    m = build(name, shared_task())
+    state = m.init_server()
+    ctx = RoundContext(round=1, rounds=2, seed=4)
+    theta_start = m.start_theta(m.theta_of(state["theta_sym"], state["levels"]))
+    u = m.server_uniforms(ctx, 1)
+    ref = u < theta_start
+    flips = np.zeros(m.n, dtype=bool)
+    flips[np.argsort(np.abs(u - theta_start))[:60:2]] = True  # 30 positions, all nearest their θ: cheap to code
+    payload = mask_payload(m, state, ctx, 1, ref ^ flips, hand_head(m, 1), 3)
+    assert unframe(payload)[1]["mask"] == {"coder": "context"}
+    update = m.decode_update(payload, 1, state, ctx)
+    np.testing.assert_array_equal(update.mask.positions, np.flatnonzero(flips))
+    _, metrics = m.aggregate(copy.deepcopy(state), {1: update}, ctx)
+    contexts = flip_contexts(u, theta_start)
+    assert metrics["keys"] == 30
+    assert metrics["bound_bits_per_key"] == pytest.approx(flip_bound_bits(flips, contexts) / 30, rel=1e-12)
+    assert metrics["mask_bits_per_key"] == 8 * update.mask.nbytes / 30

@@ -23,9 +23,9 @@ exponent and top mantissa bit), so both sides compute the same context from the 
 inputs, exactly, on any machine.
 
 Wire (the caller frames it): meta ``{"coder": "context"}``; body the per-context flip counts
-``k_c``, each in ``bit_length(n_c)`` bits (both sides know every context's size ``n_c``; a JSON
-list of 64 counts would cost more than the whole code of a small model's flips), then the ANS
-words. The decoder checks the counts against the context sizes and a cap on the flips before
+``k_c`` as Elias-gamma codes of ``k_c + 1`` (one bit for an empty count; contexts both sides know
+to be empty are skipped; a JSON list of 64 counts would cost more than the whole code of a small
+model's flips), then the ANS words. The decoder checks the counts against the context sizes and a cap on the flips before
 decoding, and the ANS stream against what the counts can need.
 """
 
@@ -68,32 +68,47 @@ def flip_bound_bits(flips: np.ndarray, contexts: np.ndarray) -> float:
     return bernoulli_bits(ones, context_sizes(contexts))
 
 
-def _count_widths(sizes: np.ndarray) -> np.ndarray:
-    """Bits of each context's flip count: enough for any count in ``[0, n_c]`` (0 bits for an empty context)."""
-    return np.array([int(s).bit_length() for s in sizes], dtype=np.int64)
-
-
 def pack_counts(ones: np.ndarray, sizes: np.ndarray) -> bytes:
-    """The per-context flip counts, each in ``bit_length(n_c)`` bits (the decoder knows every ``n_c``)."""
-    bits = [np.array([(int(k) >> j) & 1 for j in range(w - 1, -1, -1)], dtype=np.uint8) for k, w in zip(ones, _count_widths(sizes))]
-    return np.packbits(np.concatenate([np.zeros(0, np.uint8), *bits])).tobytes()
+    """The per-context flip counts, each as the Elias-gamma code of ``k_c + 1``.
+
+    Most contexts of a sparse flip set hold no flip, and a zero count costs one bit; a count ``k``
+    costs ``2 floor(log2(k + 1)) + 1`` bits. Contexts the decoder knows to be empty are skipped.
+    """
+    bits: list[int] = []
+    for k, n_c in zip(np.asarray(ones).tolist(), np.asarray(sizes).tolist()):
+        if n_c == 0:
+            continue
+        v = int(k) + 1
+        width = v.bit_length()
+        bits += [0] * (width - 1) + [(v >> j) & 1 for j in range(width - 1, -1, -1)]
+    return np.packbits(np.array(bits, dtype=np.uint8)).tobytes()
 
 
 def unpack_counts(body: memoryview | bytes, sizes: np.ndarray) -> tuple[list[int], int]:
-    """``(counts, bytes read)`` of :func:`pack_counts`; each count must fit its context."""
-    widths = _count_widths(sizes)
-    nbytes = (int(widths.sum()) + 7) // 8
-    if len(body) < nbytes:
-        raise PayloadError(f"flip code of {len(body)} bytes is shorter than its {nbytes} bytes of counts")
-    bits = np.unpackbits(np.frombuffer(body[:nbytes], dtype=np.uint8), count=int(widths.sum())).astype(np.int64)
+    """``(counts, bytes read)`` of :func:`pack_counts`; each count must fit its context (checked as read)."""
+    sizes_list = np.asarray(sizes).tolist()
+    # no count needs more than 2 * 64 + 1 bits, so this bounds what is unpacked
+    limit = min(len(body), (sum(2 * int(s + 1).bit_length() + 1 for s in sizes_list if s) + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(body[:limit], dtype=np.uint8)).tolist()
     counts, pos = [], 0
-    for w, n_c in zip(widths.tolist(), sizes.tolist()):
-        k = int(np.dot(bits[pos : pos + w], 1 << np.arange(w - 1, -1, -1, dtype=np.int64))) if w else 0
-        if k > n_c:
-            raise PayloadError(f"flip code counts {k} flips in a context of {n_c} positions")
-        counts.append(k)
-        pos += w
-    return counts, nbytes
+    for n_c in sizes_list:
+        if n_c == 0:
+            counts.append(0)
+            continue
+        zeros = 0
+        while pos < len(bits) and bits[pos] == 0 and zeros <= int(n_c + 1).bit_length():
+            zeros += 1
+            pos += 1
+        if pos + zeros + 1 > len(bits) or zeros > int(n_c + 1).bit_length() - 1:
+            raise PayloadError("flip code counts are truncated or larger than their contexts")
+        v = 0
+        for bit in bits[pos : pos + zeros + 1]:
+            v = (v << 1) | bit
+        pos += zeros + 1
+        if v - 1 > n_c:
+            raise PayloadError(f"flip code counts {v - 1} flips in a context of {n_c} positions")
+        counts.append(v - 1)
+    return counts, (pos + 7) // 8
 
 
 def encode_flips(flips: np.ndarray, contexts: np.ndarray) -> tuple[dict[str, Any], bytes]:
@@ -124,7 +139,7 @@ def flips_cap_bytes(n: int, max_flips: int) -> int:
     """
     p = min(max_flips / n, 0.5) if n else 0.0
     h = 0.0 if p <= 0 else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
-    counts = NUM_CONTEXTS * max(n, 1).bit_length() // 8 + 1
+    counts = NUM_CONTEXTS * (2 * (n + 1).bit_length() + 1) // 8 + 1
     return counts + grouped_bits_cap(n * h, NUM_CONTEXTS)
 
 
