@@ -24,6 +24,7 @@ RANK = {
     "flower_compression": 3,
     "store": 4,
     "masking": 4,
+    "attacks": 4,
     "task": 5,
     "methods": 6,
     "runtime": 7,

@@ -268,3 +268,18 @@ def test_prox_mu_keeps_the_local_model_near_the_global_one(task, name):
         out = m.client_update(m.downlink(m.init_server(), ctx, 0), 0, None, ctx)
         norms.append(update_norm(decode_tensors(out.payload)[0]))
     assert norms[1] < 0.8 * norms[0]
+
+
+def test_methods_lists_every_strategy_rule_and_attack():
+    from typer.testing import CliRunner
+
+    from fedsqueeze.cli import app
+    from fedsqueeze.config import ATTACKS
+    from fedsqueeze.methods.robust import TENSOR_RULES
+    from fedsqueeze.methods.server_opt import SERVER_OPTIMIZERS
+
+    out = CliRunner().invoke(app, ["methods"], terminal_width=250).output
+    settings = [f"server_opt={r}" for r in SERVER_OPTIMIZERS] + [f"robust={r}" for r in TENSOR_RULES] + [f"attack={a}" for a in ATTACKS]
+    assert all(s in out for s in settings), [s for s in settings if s not in out]
+    for opt in ("server_momentum", "trim_beta", "krum_f", "norm_bound", "prox_mu", "flip_cap", "vote_trim", "attack_fraction"):
+        assert opt in out

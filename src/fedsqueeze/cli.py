@@ -328,6 +328,33 @@ def _options_table(title: str, rows: list[tuple[str, str, str]]):
     return table
 
 
+def _strategies_table():
+    """Server optimizers, robust rules and attacks, each as the setting that picks it and what it does."""
+    from rich.table import Table
+
+    from fedsqueeze.config import ATTACKS
+    from fedsqueeze.methods.robust import SCALAR_RULES, TENSOR_RULES
+    from fedsqueeze.methods.server_opt import DESCRIPTIONS
+
+    table = Table(title="[bold]strategies[/bold] (docs/strategies.md)", title_justify="left", show_edge=False)
+    table.add_column("setting", no_wrap=True)
+    table.add_column("applies to")
+    table.add_column("what it does")
+    for rule, text in DESCRIPTIONS.items():
+        table.add_row(f"server_opt={rule}", "tensor methods", text)
+    for rule, fn in TENSOR_RULES.items():
+        table.add_row(f"robust={rule}", "tensor methods", (fn.__doc__ or "").strip().splitlines()[0])
+    table.add_row("norm_bound=C", "tensor methods", "clip each client update to L2 norm C before the robust rule")
+    table.add_row("prox_mu=μ", "tensor methods", "FedProx: μ/2·‖w − w_global‖² added to the local loss")
+    table.add_row("flip_cap=c", "mask methods", "ignore a client whose mask flips more than a fraction c of the positions")
+    table.add_row("vote_trim=β", "mask methods", "per-position trimmed vote (β dropped at each end)")
+    for rule, fn in SCALAR_RULES.items():
+        table.add_row(f"aggregate={rule}", "decomfl", (fn.__doc__ or "").strip().splitlines()[0])
+    for attack, text in ATTACKS.items():
+        table.add_row(f"attack={attack}", "run option (attack_fraction, attack_scale)", text)
+    return table
+
+
 @app.command()
 def methods(
     name: Optional[str] = typer.Argument(None, help="show only this method, codec, or 'run' for the run options"),
@@ -388,6 +415,9 @@ def methods(
         if name in CODECS and hasattr(CODECS[name], "Options"):
             rows = [(f"{name}_{opt}", repr(default), help_) for opt, default, help_ in describe_options(CODECS[name].Options)]
             console.print(_options_table(f"[bold]{name}[/bold] options", rows))
+    if name is None:
+        console.print(_strategies_table())
+        console.print()
     if name in (None, "run"):
         rows = [(opt, repr(default), help_) for opt, default, help_ in describe_options(RunConfig)]
         console.print(_options_table("[bold]run options[/bold] (CLI flags, --config TOML, or --set)", rows))

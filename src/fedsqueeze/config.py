@@ -8,6 +8,7 @@ checked against that method's declared options, so a typo is an error, not a sil
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,23 @@ RUNTIMES = ("local", "flower-sim", "flower")
 PROBABILITY = between(0.0, 1.0, hi_open=True)  # a seeded per-client draw; 1 would fail every client
 SECONDS = at_least(0.0)
 POSITIVE = at_least(1)
+
+# attack -> what its attackers do (run option `attack`; the rewrites are in fedsqueeze.attacks and runtime/faults.py)
+ATTACKS = {
+    "none": "no attacker",
+    "sign_flip": "send −Δ (the negated update; for ZO scalars, the negated scalars)",
+    "scale": "send attack_scale · Δ",
+    "gaussian": "send Gaussian noise of attack_scale × the update's RMS instead of Δ",
+    "label_flip": "train on labels y → C − 1 − y (data poisoning)",
+    "mask_all": "mask methods: a mask flipped at every position (a filter over all positions)",
+    "zo_huge": "DeComFL: every scalar ±attack_scale · 1000 (seeded signs)",
+    "inflate_count": "claim 1000 × the true example count",
+}
+
+
+def attacker_count(fraction: float, clients: int) -> int:
+    """How many of ``clients`` attack: the fraction rounded half up."""
+    return int(math.floor(fraction * clients + 0.5))
 
 
 @dataclass
@@ -63,6 +81,9 @@ class RunConfig:
     fault_garbage: float = option(
         0.0, "probability that a client returns garbage instead of its update (fault injection)", check=PROBABILITY
     )
+    attack: str = option("none", "attack by a fixed seeded set of clients (see docs/strategies.md)", choices=tuple(ATTACKS))
+    attack_fraction: float = option(0.2, "fraction of the clients that attack (rounded half up)", check=between(0.0, 1.0))
+    attack_scale: float = option(10.0, "strength of the scale, gaussian and zo_huge attacks", check=above(0.0))
     client_timeout: float = option(
         0.0, "seconds a client's update may take before the client is dropped for the round (0 = no limit)", check=SECONDS
     )
@@ -124,6 +145,10 @@ class RunConfig:
             raise ConfigError("fault_hang needs client_timeout > 0, or a hung client would stall the run forever")
         if self.min_clients > self.clients_per_round:
             raise ConfigError(f"min_clients must be in [0, clients_per_round={self.clients_per_round}], got {self.min_clients}")
+        if self.attack != "none" and attacker_count(self.attack_fraction, self.clients) == 0:
+            raise ConfigError(
+                f"attack={self.attack!r} with attack_fraction={self.attack_fraction:g} of {self.clients} clients makes no attacker"
+            )
         if self.train_size < self.clients:
             raise ConfigError("train_size must be at least the number of clients")
         return self

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from fedsqueeze.attacks import poison_labels
 from fedsqueeze.config import RunConfig
 from fedsqueeze.data import RawDataset, RawSplit, load_dataset, partition
 from fedsqueeze.errors import ConfigError
@@ -98,6 +99,7 @@ def build_task(cfg: RunConfig, raw: RawDataset | None = None) -> Task:
     train = encode_split(raw.train, loaded.tokenizer, cfg.max_length, template)
     test = encode_split(raw.test, loaded.tokenizer, cfg.max_length, template)
     parts = partition(raw.train.labels, cfg.clients, cfg.partition, cfg.alpha, np_rng(cfg.seed, 0, SERVER, "partition"))
+    train = poison_labels(cfg, train, parts, raw.num_classes)  # the label_flip attack's data hook (else unchanged)
     model_params = sum(p.numel() for p in loaded.model.parameters())
     loaded.model.eval()
     task = Task(cfg, loaded.model, train, test, parts, raw.label_names, model_params, raw.kind, loaded.prompted)

@@ -16,6 +16,12 @@ codec path as FedAvg's (``uplink_codec=...`` composes with no new code) and DP-F
   the backbone's output is longer than the input; the virtual positions are dropped before the
   Classifier's mean pooling so pooling still runs over the real tokens only. Text models only.
 - ``ia3``     — HF peft (IA)³: learned scaling vectors on keys, values and the FFN.
+- ``ffa-lora``  — FFA-LoRA (Sun et al., ICLR 2024): LoRA with every A frozen at its seeded initial
+  value (the same on every party), so only B and the head train and travel; the server's mean of
+  the B's is then the exact mean of the clients' ΔW = B·A.
+- ``fedsa-lora`` — FedSA-LoRA (Guo et al., ICLR 2025): A and the head are shared (trained, sent,
+  averaged); each client's B trains too but stays in its client state. See :class:`FedSaLora`
+  for how its personalised models are evaluated.
 
 The head is trained by every method, at TensorMethod's ``head_lr`` (a freshly initialised linear
 layer wants a larger step than the pre-trained backbone's small add-ons).
@@ -32,12 +38,14 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutput
 
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.methods.base import register_method
+from fedsqueeze.methods.base import ClientOutput, RoundContext, register_method
 from fedsqueeze.methods.head import head_names
 from fedsqueeze.methods.tensor import TensorMethod, TensorOptions
+from fedsqueeze.methods.weights import load_weights, named_params, read_weights
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, names_list, option
 from fedsqueeze.seeding import SERVER, seed_int, seeded_torch
+from fedsqueeze.training import evaluate
 
 
 def added_parameters(model: nn.Module, inject: Callable[[], object]) -> list[str]:
@@ -118,6 +126,80 @@ class Lora(PeftMethod):
         o = self.opts
         targets = split_modules(o.target_modules)
         return inject_lora(model, o.rank, o.lora_alpha, targets, self.name, dropout=o.lora_dropout, seed=self.init_seed())
+
+
+def is_lora_a(name: str) -> bool:
+    """Whether a parameter name is a LoRA A (down-projection) matrix of peft."""
+    return ".lora_A." in name
+
+
+def is_lora_b(name: str) -> bool:
+    """Whether a parameter name is a LoRA B (up-projection) matrix of peft."""
+    return ".lora_B." in name
+
+
+@register_method
+class FfaLora(Lora):
+    name = "ffa-lora"
+    summary = "FFA-LoRA: LoRA with A frozen at its seeded init; only B and the head train and travel"
+
+    def select_trainable(self, model: Classifier) -> list[str]:
+        return [n for n in self.added if not is_lora_a(n)] + head_names(model)
+
+
+@register_method
+class FedSaLora(Lora):
+    """FedSA-LoRA: A and the head travel and are averaged; each client keeps its own B.
+
+    A client's state is ``{"b": {name: B}, "codec": codec state}``; a client that never took part
+    starts from B = 0 (peft's initialisation). Evaluation: the server's accuracy is that of the
+    shared part alone (global A and head with B = 0, so the backbone is the pre-trained one and
+    the LoRA branch is inert). Each client's *personalised* model (global A and head, its own B,
+    after its local training) is evaluated by the client on the test examples of the classes its
+    training data holds; the round record's ``personal_accuracy`` is the mean over the round's
+    reporting clients.
+    """
+
+    name = "fedsa-lora"
+    summary = "FedSA-LoRA: LoRA A and the head shared, each client's B kept local (personalised)"
+
+    def select_trainable(self, model: Classifier) -> list[str]:
+        return [n for n in self.added if not is_lora_b(n)] + head_names(model)
+
+    def setup(self, task) -> None:
+        super().setup(task)
+        self.local_names = [n for n in self.added if is_lora_b(n)]
+        self.local_named = named_params(task.model, self.local_names)
+        for p in self.local_named.values():
+            p.requires_grad_(True)  # trains on the client, never travels
+        self.initial_b = read_weights(self.local_named)
+
+    def param_groups(self) -> list[dict]:
+        groups = super().param_groups()
+        groups[0]["params"] = list(groups[0]["params"]) + list(self.local_named.values())  # B at the backbone lr
+        return groups
+
+    def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
+        load_weights(self.local_named, self.initial_b)  # the shared part alone
+        return super().evaluate(state)
+
+    def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
+        own = state.get("b") if isinstance(state, dict) else None
+        load_weights(self.local_named, own if isinstance(own, dict) else self.initial_b)
+        codec_state = state.get("codec") if isinstance(state, dict) else None
+        out = super().client_update(message, client, codec_state, ctx)
+        metrics = {**out.metrics, "personal_accuracy": self.personal_accuracy(client)}
+        return ClientOutput(out.payload, {"b": read_weights(self.local_named), "codec": out.state or {}}, metrics)
+
+    def personal_accuracy(self, client: int) -> float:
+        """The loaded (personalised) model's accuracy on the test examples of ``client``'s classes."""
+        task = self.task
+        held = torch.unique(task.train.labels[torch.from_numpy(task.client_indices[client])])
+        idx = torch.nonzero(torch.isin(task.test.labels, held)).flatten()
+        if idx.numel() == 0:
+            return 0.0
+        acc, _ = evaluate(task.model, task.test.subset(idx), self.cfg.eval_batch_size)
+        return acc
 
 
 def inject_lora(

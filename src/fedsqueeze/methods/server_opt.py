@@ -29,6 +29,14 @@ Tensors = dict[str, np.ndarray]
 # by about η per round, so η = 1 (right for a plain mean) would wreck the model
 DEFAULT_LR = {"none": 1.0, "avgm": 1.0, "adagrad": 1e-2, "adam": 1e-2, "yogi": 1e-2}
 SERVER_OPTIMIZERS = tuple(DEFAULT_LR)
+# rule -> what it does (listed by `fedsqueeze methods`)
+DESCRIPTIONS = {
+    "none": "FedAvg: x += η·Δ",
+    "avgm": "FedAvgM: m = μ·m + Δ; x += η·m (server_momentum μ)",
+    "adagrad": "FedAdagrad: v += Δ²; x += η·m/(√v+τ) (beta1, tau)",
+    "adam": "FedAdam: v = β2·v + (1−β2)·Δ²; x += η·m/(√v+τ) (beta1, beta2, tau)",
+    "yogi": "FedYogi: v −= (1−β2)·Δ²·sign(v−Δ²); x += η·m/(√v+τ) (beta1, beta2, tau)",
+}
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from fedsqueeze.runtime.checkpoint import (
     save_checkpoint,
 )
 from fedsqueeze.runtime.common import round_record, run_header, sample_clients, simulated_round_time
-from fedsqueeze.runtime.faults import drops_out, inject_faults, straggler_delay
+from fedsqueeze.runtime.faults import check_attack, drops_out, inject_faults, straggler_delay
 from fedsqueeze.runtime.integrity import aggregate_finite, clip_examples
 from fedsqueeze.runtime.progress import RunProgress
 from fedsqueeze.seeding import SERVER
@@ -64,6 +64,7 @@ def prepare(cfg: RunConfig) -> tuple[Method, Task]:
     the Flower ClientApp all call it.
     """
     method = get_method(cfg.method)(cfg)
+    check_attack(cfg, method)
     task = build_task(cfg)
     method.setup(task)
     return method, task
@@ -115,6 +116,7 @@ class RoundTally:
     updates: dict[int, Any] = field(default_factory=dict)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    personal: list[float] = field(default_factory=list)  # personalised-model accuracies the clients report (fedsa-lora)
     link: dict[int, tuple[float, int, int]] = field(default_factory=dict)  # client: (compute s, bytes down, up)
     clipped: list[dict[str, int]] = field(default_factory=list)  # example counts over max_client_examples
     train_s: float = 0.0
@@ -197,6 +199,7 @@ class Engine:
             "train_loss": sum(tally.losses) / len(tally.losses) if tally.losses else None,
             "attempts": attempt + 1,
             "skipped": skipped,
+            **({"personal_accuracy": sum(tally.personal) / len(tally.personal)} if tally.personal else {}),
             **agg_metrics,
             **({"clipped_examples": tally.clipped} if tally.clipped else {}),
             **simulated_round_time(cfg, tally.link),
@@ -244,6 +247,8 @@ class Engine:
         tally.codec_s += _metric(reply.metrics, "codec_s")
         if "train_loss" in reply.metrics:
             tally.losses.append(float(reply.metrics["train_loss"]))
+        if "personal_accuracy" in reply.metrics:
+            tally.personal.append(min(_metric(reply.metrics, "personal_accuracy"), 1.0))
         payload, fault = inject_faults(cfg, ctx, client, reply.payload, ctx.attempt)
         tally.uplink.append(len(payload))  # sent, so counted, even if it arrives late or is rejected
         delay_s = straggler_delay(cfg, ctx, client, ctx.attempt)

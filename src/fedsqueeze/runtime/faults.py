@@ -7,7 +7,9 @@ purpose carries the retry attempt), so the same client fails in the same way in 
   is late by ``straggler_delay``), ``fault_corrupt`` / ``fault_truncate`` (the payload is damaged in
   transit);
 - client side, by :func:`with_injected_faults` around the method's client function, in the local
-  transport and in the Flower ClientApp alike: ``fault_raise``, ``fault_hang``, ``fault_garbage``.
+  transport and in the Flower ClientApp alike: ``fault_raise``, ``fault_hang``, ``fault_garbage``,
+  and the model-poisoning ``attack`` of the run's attackers (:mod:`fedsqueeze.attacks`), which
+  rewrites an attacker's honest upload (:func:`attack_payload`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from fedsqueeze.attacks import attackers
 from fedsqueeze.config import RunConfig
-from fedsqueeze.methods.base import ClientOutput, RoundContext
+from fedsqueeze.errors import ConfigError
+from fedsqueeze.methods.base import ClientOutput, Method, RoundContext
 
 # A client function: (server message, client id, client state, round context, abandon) -> output.
 # ``abandon`` is set when the server stops waiting (a cooperative client returns at once).
@@ -90,8 +94,10 @@ def inject_faults(cfg: RunConfig, ctx: RoundContext, client: int, payload: bytes
     return payload, None
 
 
-def with_injected_faults(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
-    """``client_fn`` with the client-side faults of ``cfg``: crash, hang, or garbage instead of an update."""
+def with_injected_faults(cfg: RunConfig, client_fn: ClientFn, method: Method | None = None) -> ClientFn:
+    """``client_fn`` with the client-side faults of ``cfg``: crash, hang, or garbage instead of an
+    update; and, for the run's attackers (given ``method``, whose payloads they rewrite), the attack."""
+    attacking = attackers(cfg) if method is not None else frozenset()
 
     def faulty(message: bytes, client: int, cstate: Any, ctx: RoundContext, abandon: threading.Event) -> ClientOutput:
         fault = client_fault(cfg, ctx, client, ctx.attempt)
@@ -102,11 +108,146 @@ def with_injected_faults(cfg: RunConfig, client_fn: ClientFn) -> ClientFn:
             abandon.wait(cfg.client_timeout + HANG_GRACE_S)
             raise ClientFault("injected fault: the client hung")
         out = client_fn(message, client, cstate, ctx, abandon)
+        if client in attacking and method is not None and isinstance(out, ClientOutput) and isinstance(out.payload, bytes):
+            out = ClientOutput(attack_payload(cfg, method, message, out.payload, client, ctx), out.state, out.metrics)
         if fault == "garbage" and isinstance(out, ClientOutput):
             out = ClientOutput(garbage_payload(ctx, client, out.payload, ctx.attempt), out.state, out.metrics)
         return out
 
     return faulty
+
+
+# ---- attacks: an attacker's honest upload, rewritten (see fedsqueeze.attacks) -----------------------
+
+INFLATION = 1000  # inflate_count: the attacker claims this many times its true example count
+ZO_HUGE = 1000.0  # zo_huge: every scalar is ±attack_scale × this
+
+
+def attack_family(method: Method) -> str:
+    """'tensor', 'mask' or 'zo': which payload rewrite applies to ``method``'s uploads."""
+    from fedsqueeze.methods.decomfl import DeComFL
+    from fedsqueeze.methods.mask_method import MaskMethod
+    from fedsqueeze.methods.tensor import TensorMethod
+
+    if isinstance(method, TensorMethod):
+        return "tensor"
+    if isinstance(method, MaskMethod):
+        return "mask"
+    if isinstance(method, DeComFL):
+        return "zo"
+    return "none"
+
+
+# family -> the attacks that apply to it (label_flip poisons data, so it applies to all)
+FAMILY_ATTACKS = {
+    "tensor": {"sign_flip", "scale", "gaussian", "label_flip", "inflate_count"},
+    "mask": {"mask_all", "label_flip", "inflate_count"},
+    "zo": {"sign_flip", "scale", "gaussian", "zo_huge", "label_flip", "inflate_count"},
+    "none": {"label_flip"},
+}
+
+
+def check_attack(cfg: RunConfig, method: Method) -> None:
+    """ConfigError unless ``cfg.attack`` applies to ``method``'s family."""
+    if cfg.attack == "none":
+        return
+    family = attack_family(method)
+    if cfg.attack not in FAMILY_ATTACKS[family]:
+        fits = ", ".join(sorted(FAMILY_ATTACKS[family]))
+        raise ConfigError(f"attack={cfg.attack!r} does not apply to method {method.name!r} ({family} updates); choose one of: {fits}")
+
+
+def perturb(values: np.ndarray, attack: str, scale: float, rms: float, rng: np.random.Generator) -> np.ndarray:
+    """One tensor (or scalar block) of an attacker's update under ``attack``, float32."""
+    if attack == "sign_flip":
+        return (-values).astype(np.float32)
+    if attack == "scale":
+        return (values * np.float32(scale)).astype(np.float32)
+    if attack == "gaussian":
+        return rng.normal(0.0, scale * rms, size=values.shape).astype(np.float32)
+    return values
+
+
+def _rms(tensors: dict[str, np.ndarray]) -> float:
+    count = sum(a.size for a in tensors.values())
+    total = sum(float(np.einsum("i,i->", a.reshape(-1), a.reshape(-1), dtype=np.float64)) for a in tensors.values())
+    return float(np.sqrt(total / max(count, 1)))
+
+
+def attack_payload(cfg: RunConfig, method: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext) -> bytes:
+    """The attacker's upload: its honest ``payload`` rewritten by ``cfg.attack`` (seeded by round and client)."""
+    attack = cfg.attack
+    if attack in ("none", "label_flip"):  # label_flip poisoned the data: the update is honest training on it
+        return payload
+    rng = ctx.rng(client, purpose("attack", ctx.attempt))
+    family = attack_family(method)
+    if family == "tensor":
+        return _attack_tensors(cfg, method, message, payload, client, ctx, rng)
+    if family == "mask":
+        return _attack_mask(cfg, method, message, payload, client, ctx)
+    if family == "zo":
+        return _attack_zo(cfg, method, payload, ctx, rng)
+    return payload
+
+
+def _attack_tensors(cfg: RunConfig, m: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext, rng) -> bytes:
+    from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors
+    from fedsqueeze.seeding import SERVER
+
+    limits = CodecContext(max_elements=m.max_elements, expect=m.expect)
+    tensors, extra = decode_tensors(payload, limits, codec=m.up_codec)
+    n = int(extra.get("n", 1))
+    if cfg.attack == "inflate_count":
+        n *= INFLATION
+    else:
+        base: dict[str, np.ndarray] = {}
+        if m.uplink_sends_weights:  # the upload is weights: attack the change they make to the global ones
+            base, _ = decode_tensors(
+                message,
+                CodecContext(seed=ctx.seed_for(SERVER, "downlink"), max_elements=m.max_elements, expect=m.expect),
+                codec=m.down_codec,
+            )
+            tensors = {k: tensors[k] - base[k] for k in tensors}
+        rms = _rms(tensors)
+        tensors = {k: perturb(v, cfg.attack, cfg.attack_scale, rms, rng) for k, v in tensors.items()}
+        if base:
+            tensors = {k: (tensors[k] + base[k]).astype(np.float32) for k in tensors}
+    # a fresh codec state: the attacker's error feedback (if any) stays the honest one it keeps
+    return encode_tensors(m.up_codec, tensors, CodecContext(seed=ctx.seed_for(client, "uplink")), n=n)
+
+
+def _attack_mask(cfg: RunConfig, m: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext) -> bytes:
+    up = m.wire.decode_uplink(m.uplink_kind, payload, client, m.task.client_sizes())
+    if cfg.attack == "inflate_count":
+        return m.wire.encode_uplink(m.uplink_kind, up.n * INFLATION, up.mask_meta, bytes(up.mask_body), up.head_delta)
+    # mask_all: flip every position of the reference mask; deltamask sends a filter over all of them
+    sym, levels, _, stratum = m.decode_downlink(message)
+    theta_start = m.start_theta(m.theta_of(sym, levels))
+    u = m.uniforms(ctx, client, stratum)
+    if hasattr(m, "encode_positions"):
+        mask_meta, mask_body = m.encode_positions(np.arange(m.n, dtype=np.uint64))
+    else:
+        flipped = ~(u < theta_start)
+        mask_meta, mask_body, _ = m.encode_mask(u, flipped.astype(np.float32), theta_start, sym, levels, ctx)
+    return m.wire.encode_uplink(m.uplink_kind, up.n, mask_meta, mask_body, up.head_delta)
+
+
+def _attack_zo(cfg: RunConfig, m: Any, payload: bytes, ctx: RoundContext, rng) -> bytes:
+    from fedsqueeze.codecs import unframe
+    from fedsqueeze.methods.decomfl_wire import decode_uplink, encode_uplink
+
+    _, meta, _ = unframe(payload)
+    if meta.get("k") is None:  # a warm-start round's head delta: attacked only in the zeroth-order rounds
+        return payload
+    scalars = decode_uplink(payload, m.wire, ctx.round)
+    n = int(meta.get("n", 1))
+    if cfg.attack == "inflate_count":
+        n *= INFLATION
+    elif cfg.attack == "zo_huge":
+        scalars = (np.where(rng.random(scalars.shape) < 0.5, -1.0, 1.0) * cfg.attack_scale * ZO_HUGE).astype(np.float32)
+    else:
+        scalars = perturb(scalars, cfg.attack, cfg.attack_scale, float(np.sqrt(np.mean(scalars.astype(np.float64) ** 2))), rng)
+    return encode_uplink(m.wire, ctx.round, n, scalars)
 
 
 def timeout_reason(timeout_s: float) -> str:

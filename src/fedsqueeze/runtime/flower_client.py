@@ -166,7 +166,7 @@ def client_work(req: TrainRequest, state: Any, initial: bool = False) -> ClientO
     if initial:
         state = method.init_client(req.client)
     ctx = RoundContext(round=req.round, rounds=req.rounds, seed=req.seed, attempt=req.attempt, participants=req.participants)
-    client_fn = with_injected_faults(method.cfg, lambda m, c, s, x, _: method.client_update(m, c, s, x))
+    client_fn = with_injected_faults(method.cfg, lambda m, c, s, x, _: method.client_update(m, c, s, x), method)
     # nobody can abandon a Flower client: a hung one gives up on its own, after the server has
     out = client_fn(req.message, req.client, state, ctx, threading.Event())
     if not isinstance(out.payload, (bytes, bytearray)):

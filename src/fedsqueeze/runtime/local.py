@@ -37,7 +37,7 @@ class LocalTransport(Transport):
     def __init__(self, method: Method, cfg: RunConfig, client_states: dict[int, Any] | None = None) -> None:
         self.method, self.cfg = method, cfg
         self.states: dict[int, Any] = {} if client_states is None else client_states
-        self.client_fn = with_injected_faults(cfg, self._update)
+        self.client_fn = with_injected_faults(cfg, self._update, method)
 
     def _update(self, message: bytes, client: int, cstate: Any, ctx: RoundContext, abandon: threading.Event) -> ClientOutput:
         return self.method.client_update(message, client, cstate, ctx)

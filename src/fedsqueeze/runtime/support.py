@@ -70,6 +70,9 @@ FIELD_SUPPORT: dict[str, frozenset[str]] = {
     },
     # ... and the client-side fault wrapper (the local transport and the ClientApp alike)
     **{name: EVERY for name in ("fault_raise", "fault_hang", "fault_garbage")},
+    # attacks: the same seeded attackers everywhere; their uploads are rewritten by the same client-side
+    # wrapper, and label_flip poisons the attackers' labels when the task is built (in every process)
+    **{name: EVERY for name in ("attack", "attack_fraction", "attack_scale")},
     "client_timeout": EVERY,  # local: per client call; flower: how long the server pulls for replies
     # the link model: computed by the engine from the bytes of each round
     **{name: EVERY for name in ("uplink_mbps", "downlink_mbps", "latency_ms", "link_spread")},
