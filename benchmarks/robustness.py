@@ -37,7 +37,7 @@ FAMILIES = {
         "deltamask",
         {},
         ["none", "mask_all", "label_flip"],
-        {"sum": {}, "flip_cap=0.5": {"flip_cap": 0.5}},
+        {"sum": {}, "client_flip_cap=0.5": {"client_flip_cap": 0.5}},
     ),
     "decomfl (ZO)": (
         "decomfl",

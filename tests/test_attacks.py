@@ -10,10 +10,11 @@ from conftest import tiny_config
 from handmade import OUT, fresh, hand_deltas, shared_task
 
 from fedsqueeze.attacks import attacker_count, attackers, poison_labels
-from fedsqueeze.codecs import decode_tensors, encode_tensors, frame
+from fedsqueeze.codecs import decode_tensors, encode_tensors
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import ClientOutput, get_method
 from fedsqueeze.methods.base import RoundContext
+from fedsqueeze.methods.zo_wire import compact_frame
 from fedsqueeze.runtime.faults import check_attack, with_injected_faults
 
 
@@ -95,14 +96,19 @@ def test_inflated_count_is_dropped_by_the_server(task):
         m.decode_update(sent, 1, m.init_server(), ctx)
 
 
-def test_mask_all_sends_a_filter_over_every_position_and_the_flip_cap_stops_it(task):
-    cfg, m = _method(task, "deltamask", "mask_all", flip_cap=0.5)
+@pytest.mark.parametrize("name", ["fedpm", "deltamask"])
+def test_mask_all_flips_every_position_it_can_and_the_client_flip_cap_stops_it(task, name):
+    cfg, m = _method(task, name, "mask_all", client_flip_cap=0.01, aggregate="delta")
     state = m.init_server()
     ctx = RoundContext(round=1, rounds=2, seed=0)
     message = m.downlink(state, ctx, 1)
     honest = m.client_update(message, 1, None, ctx).payload
     update = m.decode_update(_attacked(cfg, m, message, honest, ctx=ctx), 1, state, ctx)
-    assert update.mask.keys == m.n
+    theta_start = m.start_theta(m.theta_of(state["theta_sym"], state["levels"]))
+    ref = m.server_uniforms(ctx, 1) < theta_start
+    mask, _ = m.rebuild_mask(update, theta_start, ref, 1, ctx)
+    flips = int(np.count_nonzero(mask != ref))
+    assert flips == (m.n if name == "fedpm" else m.flip_cap(ctx))  # deltamask: its κ·n cap, the most a server accepts
     _, metrics = m.aggregate(state, {1: update}, ctx)
     assert metrics["flip_capped"] == 1.0 and metrics["mask_keep_frac"] > 0.9
 
@@ -110,7 +116,7 @@ def test_mask_all_sends_a_filter_over_every_position_and_the_flip_cap_stops_it(t
 def test_zo_huge_scalars(task):
     cfg, m = _method(task, "decomfl", "zo_huge", params="head", warm_start_rounds=0, perturbations=2)
     ctx = RoundContext(round=1, rounds=2, seed=0)
-    honest = frame("decomfl-up", {"round": 1, "k": m.k, "p": m.p, "n": 5}, np.ones((m.k, m.p), "<f4").tobytes())
+    honest = compact_frame("decomfl-up", 1, [], np.ones((m.k, m.p), "<f4").tobytes())
     scalars = m.decode_update(_attacked(cfg, m, b"", honest, ctx=ctx), 1, m.init_server(), ctx).scalars
     assert np.array_equal(np.abs(scalars), np.full((m.k, m.p), 1e4, np.float32))
 

@@ -210,7 +210,7 @@ def _mask_round(m, keeps_of, ctx):
 
 
 def test_mask_flip_cap_ignores_a_client_that_flips_everything(task):
-    m = build("fedpm", task, aggregate="delta", flip_cap=0.5)
+    m = build("fedpm", task, aggregate="delta", client_flip_cap=0.5)
     ctx = RoundContext(round=1, rounds=2, seed=4)
     few = np.arange(0, m.n, 97)
 
@@ -281,5 +281,5 @@ def test_methods_lists_every_strategy_rule_and_attack():
     out = CliRunner().invoke(app, ["methods"], terminal_width=250).output
     settings = [f"server_opt={r}" for r in SERVER_OPTIMIZERS] + [f"robust={r}" for r in TENSOR_RULES] + [f"attack={a}" for a in ATTACKS]
     assert all(s in out for s in settings), [s for s in settings if s not in out]
-    for opt in ("server_momentum", "trim_beta", "krum_f", "norm_bound", "prox_mu", "flip_cap", "vote_trim", "attack_fraction"):
+    for opt in ("server_momentum", "trim_beta", "krum_f", "norm_bound", "prox_mu", "client_flip_cap", "vote_trim", "attack_fraction"):
         assert opt in out

@@ -346,7 +346,7 @@ def _strategies_table():
         table.add_row(f"robust={rule}", "tensor methods", (fn.__doc__ or "").strip().splitlines()[0])
     table.add_row("norm_bound=C", "tensor methods", "clip each client update to L2 norm C before the robust rule")
     table.add_row("prox_mu=μ", "tensor methods", "FedProx: μ/2·‖w − w_global‖² added to the local loss")
-    table.add_row("flip_cap=c", "mask methods", "ignore a client whose mask flips more than a fraction c of the positions")
+    table.add_row("client_flip_cap=c", "mask methods", "ignore a client whose mask flips more than a fraction c of the positions")
     table.add_row("vote_trim=β", "mask methods", "per-position trimmed vote (β dropped at each end)")
     for rule, fn in SCALAR_RULES.items():
         table.add_row(f"aggregate={rule}", "decomfl", (fn.__doc__ or "").strip().splitlines()[0])

@@ -55,7 +55,7 @@ class MaskOptions:
     head_dtype: str = option("float32", "head weights and deltas on the wire", choices=("float32", "float16"))
     stratify: bool = option(False, "stratified mask uniforms across a round's clients (no drift of θ from sampling noise)")
     aggregate: str = option("beta", "server rule: beta (θ = Σm/K, FedPM) or delta (θ += mean of m − reference mask)", choices=AGGREGATES)
-    flip_cap: float = option(
+    client_flip_cap: float = option(
         0.0,
         "robust: a client whose mask differs from its reference in more than this fraction of positions is ignored (0 = off)",
         check=between(0.0, 1.0),
@@ -177,7 +177,7 @@ class MaskMethod(Method):
         delta = self.opts.aggregate == "delta"
         counts = np.zeros(self.n, dtype=np.int32)  # Σm (beta) or Σ(m − ref) (delta)
         extra: dict[str, list[float]] = {}
-        cap, trim = self.opts.flip_cap, self.opts.vote_trim
+        cap, trim = self.opts.client_flip_cap, self.opts.vote_trim
         votes = []  # per-client votes, kept only for a trimmed vote
         for client, upd in updates.items():
             ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference() or cap > 0) else None

@@ -142,7 +142,7 @@ def attack_family(method: Method) -> str:
 FAMILY_ATTACKS = {
     "tensor": {"sign_flip", "scale", "gaussian", "label_flip", "inflate_count"},
     "mask": {"mask_all", "label_flip", "inflate_count"},
-    "zo": {"sign_flip", "scale", "gaussian", "zo_huge", "label_flip", "inflate_count"},
+    "zo": {"sign_flip", "scale", "gaussian", "zo_huge", "label_flip"},  # no example count on DeComFL's wire
     "none": {"label_flip"},
 }
 
@@ -217,37 +217,34 @@ def _attack_tensors(cfg: RunConfig, m: Any, message: bytes, payload: bytes, clie
 
 
 def _attack_mask(cfg: RunConfig, m: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext) -> bytes:
-    up = m.wire.decode_uplink(m.uplink_kind, payload, client, m.task.client_sizes())
+    from fedsqueeze.codecs import frame, unframe
+
+    kind, meta, body = unframe(payload, expect_kind=m.uplink_kind)
     if cfg.attack == "inflate_count":
-        return m.wire.encode_uplink(m.uplink_kind, up.n * INFLATION, up.mask_meta, bytes(up.mask_body), up.head_delta)
-    # mask_all: flip every position of the reference mask; deltamask sends a filter over all of them
+        return frame(kind, {**meta, "n": int(meta["n"]) * INFLATION}, bytes(body))
+    # mask_all: the reference mask flipped at every position, coded by the method's own client coder
+    # (so the payload is valid: deltamask keeps as many flips as its κ·n cap, the most a server accepts)
     sym, levels, _, stratum = m.decode_downlink(message)
     theta_start = m.start_theta(m.theta_of(sym, levels))
     u = m.uniforms(ctx, client, stratum)
-    if hasattr(m, "encode_positions"):
-        mask_meta, mask_body = m.encode_positions(np.arange(m.n, dtype=np.uint64))
-    else:
-        flipped = ~(u < theta_start)
-        mask_meta, mask_body, _ = m.encode_mask(u, flipped.astype(np.float32), theta_start, sym, levels, ctx)
-    return m.wire.encode_uplink(m.uplink_kind, up.n, mask_meta, mask_body, up.head_delta)
+    flipped = ~(u < theta_start)
+    mask_meta, mask_body, _ = m.encode_mask(u, flipped.astype(np.float32), theta_start, sym, levels, ctx)
+    head_body = bytes(body[int(meta["sections"][0]) :])  # the honest head delta, as sent
+    new_meta = {**meta, "mask": mask_meta, "sections": [len(mask_body), len(head_body)]}
+    return frame(kind, new_meta, bytes(mask_body) + head_body)
 
 
 def _attack_zo(cfg: RunConfig, m: Any, payload: bytes, ctx: RoundContext, rng) -> bytes:
-    from fedsqueeze.codecs import unframe
     from fedsqueeze.methods.decomfl_wire import decode_uplink, encode_uplink
 
-    _, meta, _ = unframe(payload)
-    if meta.get("k") is None:  # a warm-start round's head delta: attacked only in the zeroth-order rounds
+    if m.is_warm(ctx.round):  # a warm-start round's head delta: attacked only in the zeroth-order rounds
         return payload
     scalars = decode_uplink(payload, m.wire, ctx.round)
-    n = int(meta.get("n", 1))
-    if cfg.attack == "inflate_count":
-        n *= INFLATION
-    elif cfg.attack == "zo_huge":
+    if cfg.attack == "zo_huge":
         scalars = (np.where(rng.random(scalars.shape) < 0.5, -1.0, 1.0) * cfg.attack_scale * ZO_HUGE).astype(np.float32)
     else:
         scalars = perturb(scalars, cfg.attack, cfg.attack_scale, float(np.sqrt(np.mean(scalars.astype(np.float64) ** 2))), rng)
-    return encode_uplink(m.wire, ctx.round, n, scalars)
+    return encode_uplink(m.wire, ctx.round, scalars)
 
 
 def timeout_reason(timeout_s: float) -> str:
