@@ -328,14 +328,16 @@ def run_cli(out, *args: str) -> dict:
 
 
 def hostile_round1(monkeypatch, make_payload):
-    """Round 1's lowest sampled client sends ``make_payload(method, client)`` instead of its update."""
+    """Round 1's first client to train sends ``make_payload(method, client)`` instead of its update."""
     from fedsqueeze.methods.tensor import TensorMethod
 
     honest = TensorMethod.client_update
+    hostile: list[int] = []
 
     def client_update(self, message, client, state, ctx):
         out = honest(self, message, client, state, ctx)
-        if ctx.round == 1 and client == min(ctx.participants):
+        if ctx.round == 1 and hostile in ([], [client]):
+            hostile[:] = [client]
             out.payload = make_payload(self, client)
         return out
 
@@ -358,6 +360,33 @@ def test_cli_a_huge_finite_update_never_makes_the_model_non_finite(tmp_path, mon
     assert all(np.isfinite(r["loss"]) and r["accuracy"] > 0 for r in (r1, r2))
     weights = load_checkpoint(tmp_path / "run").server_state["weights"]
     assert all(np.all(np.isfinite(a)) for a in weights.values())
+
+
+def _n(m, client):
+    return len(m.task.client_data(client))
+
+
+HOSTILE_UPDATES = {
+    # another codec than the server's raw float32 (before: decoded and averaged)
+    "qsgd-coded": (lambda m, c: encode_tensors(get_codec("qsgd"), hand_deltas(m, 0), CodecContext(seed=1), n=_n(m, c)), "kind"),
+    # bool- and int64-typed tensors (before: cast to float32 and averaged)
+    "bool": (lambda m, c: encode_tensors(m.up_codec, {n: np.ones(m.shapes[n], np.bool_) for n in m.names}, n=_n(m, c)), "float32"),
+    "int64": (lambda m, c: encode_tensors(m.up_codec, {n: np.ones(m.shapes[n], np.int64) for n in m.names}, n=_n(m, c)), "float32"),
+    # finite as float64, inf as float32 (before: the model became inf)
+    "float64-1e300": (lambda m, c: encode_tensors(m.up_codec, {n: np.full(m.shapes[n], 1e300) for n in m.names}, n=_n(m, c)), "float32"),
+    # 10**18 examples (before: ~100% of the FedAvg weight)
+    "n=1e18": (lambda m, c: encode_tensors(m.up_codec, hand_deltas(m, 0), n=10**18), "partition"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_UPDATES))
+def test_cli_a_hostile_update_is_dropped_with_its_reason(tmp_path, monkeypatch, kind):
+    make, needle = HOSTILE_UPDATES[kind]
+    hostile_round1(monkeypatch, make)
+    res = run_cli(tmp_path / "run", "--method", "fedavg", "--rounds", "1")
+    (r1,) = res["rounds"]
+    assert len(r1["dropped"]) == 1 and needle in r1["dropped"][0]["reason"], r1["dropped"]
+    assert r1["clients_aggregated"] == 1 and np.isfinite(r1["loss"])
 
 
 def test_cli_example_counts_are_clipped_to_max_client_examples(tmp_path):

@@ -38,6 +38,38 @@ def _clean_error(p: subprocess.CompletedProcess, *needles: str) -> str:
 # ---- --out ------------------------------------------------------------------------------------
 
 
+def _cli_here(capsys, *args: str) -> tuple[int, str]:
+    """``fedsqueeze ...`` in this process (no interpreter start-up); its exit code and stderr."""
+    from fedsqueeze.cli import main
+
+    argv = sys.argv
+    sys.argv = ["fedsqueeze", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runtime", ["local", "flower"])
+def test_a_run_into_an_earlier_runs_out_leaves_its_files_untouched(tmp_path, capsys, runtime):
+    """Before: `run --runtime flower` deleted OUT/results.json before it started, and a fresh local run
+    rewrote config.toml and emptied rounds.csv at once."""
+    out = tmp_path / "run"
+    code, err = _cli_here(capsys, "run", *TINY, *SMALL, "--method", "head", "--out", str(out))
+    assert code == 0, err
+    files = {name: (out / name).read_bytes() for name in ("results.json", "config.toml", "rounds.csv", "checkpoint")}
+    again = ["run", *TINY, *SMALL, "--method", "head", "--seed", "1", "--out", str(out), "--runtime", runtime]
+    if runtime == "flower":  # no SuperLink listens there: the refusal must come before any connection
+        again += ["--insecure", "--superlink", "127.0.0.1:9"]
+    code, err = _cli_here(capsys, *again)
+    assert code == 2 and "already holds a run" in err and "--overwrite" in err, err
+    assert {name: (out / name).read_bytes() for name in files} == files
+
+
 def test_out_is_a_file(tmp_path):
     (tmp_path / "afile").write_text("not a directory")
     _clean_error(_cli("run", *TINY, *SMALL, "--out", str(tmp_path / "afile")), "afile")
