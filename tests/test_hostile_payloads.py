@@ -362,6 +362,18 @@ def test_cli_a_huge_finite_update_never_makes_the_model_non_finite(tmp_path, mon
     assert all(np.all(np.isfinite(a)) for a in weights.values())
 
 
+def test_cli_too_few_clients_left_after_the_drop_keep_the_previous_model(tmp_path, monkeypatch):
+    def huge(m, client):
+        return encode_tensors(m.up_codec, {n: np.full(m.shapes[n], -3e38, np.float32) for n in m.names}, n=_n(m, client))
+
+    hostile_round1(monkeypatch, huge)
+    res = run_cli(tmp_path / "run", "--method", "fedavg", "--set", "server_lr=4", "--set", "min_clients=2")
+    r1, r2 = res["rounds"]
+    assert r1["skipped"] and r1["clients_aggregated"] == 0 and "min_clients=2" in r1["aggregate_rejected"]
+    assert len(r1["dropped"]) == 1 and "non-finite" in r1["dropped"][0]["reason"]
+    assert not r2["skipped"] and r2["clients_aggregated"] == 2 and np.isfinite(r2["loss"])
+
+
 def _n(m, client):
     return len(m.task.client_data(client))
 
