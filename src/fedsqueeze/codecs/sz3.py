@@ -200,10 +200,15 @@ def scan(a: np.ndarray, rows: bool = True) -> Scan:
     if with_rows:  # per-row min and max, a cache-sized block of rows at a time
         m = a.reshape(a.shape[0], -1)
         step = max(1, _SCAN_BLOCK // max(m.shape[1], 1))
-        part_lo, part_hi = np.empty(m.shape[0], dtype=m.dtype), np.empty(m.shape[0], dtype=m.dtype)
-        for i in range(0, m.shape[0], step):
-            np.min(m[i : i + step], axis=1, out=part_lo[i : i + step])
-            np.max(m[i : i + step], axis=1, out=part_hi[i : i + step])
+        if step >= m.shape[0]:  # one block: no loop
+            part_lo, part_hi = m.min(axis=1), m.max(axis=1)
+        else:
+            part_lo, part_hi = np.empty(m.shape[0], dtype=m.dtype), np.empty(m.shape[0], dtype=m.dtype)
+            for i in range(0, m.shape[0], step):
+                np.min(m[i : i + step], axis=1, out=part_lo[i : i + step])
+                np.max(m[i : i + step], axis=1, out=part_hi[i : i + step])
+    elif a.size <= _SCAN_BLOCK:  # fits the cache whole: one min and one max, no per-block work
+        part_lo, part_hi = np.array([a.min()]), np.array([a.max()])
     else:  # min and max of each cache-sized block of the flat tensor
         flat = a.reshape(-1)
         starts = range(0, flat.size, _SCAN_BLOCK)
