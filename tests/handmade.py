@@ -62,7 +62,7 @@ def mask_payload(m, state, ctx, client, keep, head_delta, n):
     """A client's real upload whose drawn mask is exactly ``keep`` (θ_client ∈ {0, 1} makes ``u < θ`` = keep)."""
     sym, levels = state["theta_sym"], int(state["levels"])
     theta_start = m.start_theta(m.theta_of(sym, levels))
-    u = m.uniforms(ctx, client, None)
+    u = m.server_uniforms(ctx, client)  # the client's own draw (its stratum, with stratify), as the server recomputes it
     mask_meta, mask_body, _ = m.encode_mask(u, keep.astype(np.float32), theta_start, sym, levels, ctx)
     head_meta, head_body = m.wire.encode_head(head_delta)
     meta = {"n": n, "mask": mask_meta, "head": head_meta, "sections": [len(mask_body), len(head_body)]}
