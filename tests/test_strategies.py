@@ -283,3 +283,20 @@ def test_methods_lists_every_strategy_rule_and_attack():
     assert all(s in out for s in settings), [s for s in settings if s not in out]
     for opt in ("server_momentum", "trim_beta", "krum_f", "norm_bound", "prox_mu", "client_flip_cap", "vote_trim", "attack_fraction"):
         assert opt in out
+
+
+def test_server_optimizer_state_survives_a_checkpoint(task):
+    from fedsqueeze.runtime.checkpoint import decode_checkpoint, encode_checkpoint
+    from fedsqueeze.runtime.engine import check_state_like
+
+    m = build("head", task, server_opt="yogi")
+    state = m.init_server()
+    for r, (values, counts) in enumerate(ROUNDS, start=1):
+        state, _ = _round(m, state, _hand(m, values), counts, r)
+    data = encode_checkpoint(
+        config={}, round_=2, server_state=state, client_states={}, rounds=[{"round": 1}, {"round": 2}], state_versions={}
+    )
+    back = decode_checkpoint(data).server_state
+    check_state_like(back, m.init_server(), "server state")  # what a resume checks
+    for part in ("m", "v"):
+        assert all(np.array_equal(back["server_opt"][part][n], state["server_opt"][part][n]) for n in m.names)
