@@ -1,4 +1,4 @@
-"""DeComFL on the default task: accuracy per round and the exact bytes each client sent and received.
+"""The zeroth-order methods on the default task: accuracy per round and the exact bytes each client sent and received.
 
 Builds the task once and plays each variant with the local simulator's own round loop, logging the
 length of every message per client (results.json only keeps per-round sums). Heavy: run it under
@@ -25,7 +25,7 @@ from fedsqueeze.runtime.local import run_round
 from fedsqueeze.task import build_task
 
 VARIANTS: dict[str, dict] = {
-    # name: (run fields, method options)
+    # name: (run fields, method options[, method]); the method is decomfl unless named
     "head-zo": {"run": {"local_steps": 20}, "options": {"params": "head", "zo_batch_size": -1}},
     "head-zo-lr1e-2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1}},
     "head-zo-lr1e-1": {"run": {"local_steps": 20, "lr": 1e-1}, "options": {"params": "head", "zo_batch_size": -1}},
@@ -36,7 +36,56 @@ VARIANTS: dict[str, dict] = {
     "head-zo-warm2": {"run": {"local_steps": 20, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1, "warm_start_rounds": 2}},
     "full-zo": {"run": {"local_steps": 10, "rounds": 3}, "options": {"params": "full"}},
     "warm-only": {"run": {"local_steps": 1, "lr": 1e-12}, "options": {"params": "head"}},
+    # issue 18 screens: many cheap steps on the head (cached features), whole-client batches
+    "head-k500-lr3e-3": {"run": {"local_steps": 500, "lr": 3e-3}, "options": {"params": "head", "zo_batch_size": -1}},
+    "head-k500-lr1e-2": {"run": {"local_steps": 500, "lr": 1e-2}, "options": {"params": "head", "zo_batch_size": -1}},
+    "head-k500-lr1e-2-warm300": {
+        "run": {"local_steps": 500, "lr": 1e-2},
+        "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300},
+    },
+    "fedkseed-head-k500": {
+        "method": "fedkseed",
+        "run": {"local_steps": 500, "lr": 1e-2},
+        "options": {"params": "head", "zo_batch_size": -1, "pool_size": 1024},
+    },
+    "fedkseed-pro-head-k500": {
+        "method": "fedkseed",
+        "run": {"local_steps": 500, "lr": 1e-2},
+        "options": {"params": "head", "zo_batch_size": -1, "pool_size": 1024, "importance": "pro"},
+    },
+    "feedsign-head-k4000": {
+        "method": "feedsign",
+        "run": {"local_steps": 4000, "lr": 1e-3},
+        "options": {"params": "head", "zo_batch_size": -1},
+    },
+    "feedsign-head-k2000": {
+        "method": "feedsign",
+        "run": {"local_steps": 2000, "lr": 1e-3},
+        "options": {"params": "head", "zo_batch_size": -1},
+    },
+    "lora-k60": {"run": {"local_steps": 60, "lr": 2e-3}, "options": {"params": "lora"}},
 }
+
+
+def probe_ceiling(task, steps: int, lr: float) -> dict:
+    """Centralised linear probing on all the training features (full batch, AdamW): the head's ceiling."""
+    import torch
+    from torch.nn import functional as F
+
+    head = task.model.head
+    feats, labels = task.frozen_features("train"), task.train.labels
+    opt = torch.optim.AdamW(head.parameters(), lr=lr)
+    curve = []
+    for step in range(1, steps + 1):
+        opt.zero_grad()
+        F.cross_entropy(head(feats), labels).backward()
+        opt.step()
+        if step in (100, 300, 1000, 3000, steps):
+            with torch.no_grad():
+                acc = float((head(task.frozen_features("test")).argmax(1) == task.test.labels).float().mean())
+            curve.append({"steps": step, "accuracy": acc})
+            print(f"  probe {step} steps: {acc:.4f}", flush=True)
+    return {"curve": curve, "lr": lr}
 
 
 def play(cfg: RunConfig, task, pristine: dict, out_dir: Path | None) -> dict:
@@ -47,17 +96,14 @@ def play(cfg: RunConfig, task, pristine: dict, out_dir: Path | None) -> dict:
     per_client: dict[int, int] = defaultdict(int)
     downlink, decode = method.downlink, method.decode_update
 
-    last = [0]  # the runtime decodes a client's upload right after serving it
-
     def logged_downlink(state, ctx, client):
         msg = downlink(state, ctx, client)
-        last[0] = client
         per_client[client] += len(msg)
         return msg
 
-    def logged_decode(payload, state, ctx):
-        per_client[last[0]] += len(payload)
-        return decode(payload, state, ctx)
+    def logged_decode(payload, client, state, ctx):
+        per_client[client] += len(payload)
+        return decode(payload, client, state, ctx)
 
     method.downlink, method.decode_update = logged_downlink, logged_decode
     state = method.init_server()
@@ -68,7 +114,18 @@ def play(cfg: RunConfig, task, pristine: dict, out_dir: Path | None) -> dict:
         ctx = RoundContext(round=r, rounds=cfg.rounds, seed=cfg.seed)
         state, record = run_round(method, task, cfg, state, client_states, ctx)
         writer.add_round(record)
-        rounds.append({k: record[k] for k in ("round", "accuracy", "loss", "uplink_bytes", "downlink_bytes", "wall_s")})
+        keep = (
+            "round",
+            "accuracy",
+            "loss",
+            "uplink_bytes",
+            "downlink_bytes",
+            "wall_s",
+            "train_loss",
+            "zo_scalar_abs_mean",
+            "vote_agreement",
+        )
+        rounds.append({k: record[k] for k in keep if k in record})
         print(
             f"  round {r:2d} acc {record['accuracy']:.4f} up {record['uplink_bytes']} down {record['downlink_bytes']} {record['wall_s']:.1f}s",
             flush=True,
@@ -77,6 +134,7 @@ def play(cfg: RunConfig, task, pristine: dict, out_dir: Path | None) -> dict:
         writer.write_json()
     totals = [per_client.get(c, 0) for c in range(cfg.clients)]
     return {
+        "method": cfg.method,
         "options": cfg.options,
         "local_steps": cfg.local_steps,
         "lr": method.lr,
@@ -95,8 +153,9 @@ def main() -> None:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--out", default="benchmarks/results/decomfl_default.json")
     ap.add_argument("--runs-dir", default="", help="also write each variant's results.json under this folder")
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    base = RunConfig(method="decomfl", rounds=args.rounds, model=args.model).validate()
+    base = RunConfig(method="decomfl", rounds=args.rounds, model=args.model, threads=args.threads).validate()
     t0 = time.perf_counter()
     task = build_task(base)
     task.frozen_features("train"), task.frozen_features("test")
@@ -105,9 +164,17 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     for name in args.variants.split(","):
+        if name == "probe-ceiling":
+            results[name] = probe_ceiling(task, 3000, 1e-2)
+            task.model.load_state_dict(pristine)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1))
+            continue
         v = VARIANTS[name]
         run = {"rounds": args.rounds, **v["run"]}
-        cfg = RunConfig(method="decomfl", model=args.model, **run, options=dict(v["options"])).validate()
+        cfg = RunConfig(
+            method=v.get("method", "decomfl"), model=args.model, threads=args.threads, **run, options=dict(v["options"])
+        ).validate()
         print(name, flush=True)
         t = time.perf_counter()
         run_dir = Path(args.runs_dir) / name if args.runs_dir else None
