@@ -6,7 +6,7 @@ a decoder that needs options or another payload plugs in with one ``fuzz_codec``
 
 import numpy as np
 import pytest
-from fuzzing import EXAMPLES, PEAK, REJECTED, TRIED, decode_budget, fuzz_codec, fuzz_decoder, reframe
+from fuzzing import EXAMPLES, PEAK, REJECTED, TRIED, decode_budget, fuzz_codec, fuzz_decoder, reframe, traced_peak
 from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors, get_codec, unframe
@@ -169,22 +169,23 @@ def test_decomfl_decoders(task):
     # the zeroth-order rounds use compact frames: fuzzed in tests/test_zo_wire.py
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 200 KB frame header (deeply nested JSON) costs ~500 KiB to parse before it is refused; DeComFL's "
-    "zeroth-order uplink legitimately carries K x P = 6 floats, so any header over ~64 KiB exceeds the target "
-    "(a per-kind header cap in codecs/framing.py would fix it)",
-)
 def test_decomfl_zo_decode_update_peak_memory(task):
-    from fedsqueeze.codecs import frame
+    """The zeroth-order uplink is a compact frame (no JSON header): its decoding stays within 2 x float32 of K x P."""
+    from fedsqueeze.methods.zo_wire import compact_frame
 
     m = build("decomfl", task, params="head", warm_start_rounds=1, warm_start_steps=1, perturbations=2)
     raw, warm, zo = get_codec("raw"), RoundContext(round=1, rounds=4, seed=0), RoundContext(round=2, rounds=4, seed=0)
     delta = {n: np.full(m.named[n].shape, 1e-3, np.float16) for n in m.head}
     state = m.init_server()
     state, _ = m.aggregate(state, {0: m.decode_update(encode_tensors(raw, delta, n=3), 0, state, warm)}, warm)
-    up = frame("decomfl-up", {"round": 2, "k": m.k, "p": m.p, "n": 5}, np.ones((m.k, m.p), "<f4").tobytes())
-    fuzz_decoder("decomfl.decode_update[zo,peak]", lambda d: m.decode_update(d, 0, state, zo), up, max_peak=decode_budget(m.k * m.p))
+    up = compact_frame("decomfl-up", 2, [], np.ones((m.k, m.p), "<f4").tobytes())
+    budget = decode_budget(m.k * m.p)
+    # the honest upload, a correctly checksummed 200 KB body, a truncated one, and another kind of frame
+    payloads = [up, compact_frame("decomfl-up", 2, [], bytes(200_000)), up[:-5], compact_frame("decomfl-down", 2, [], up)]
+    for i, data in enumerate(payloads):
+        peak, err = traced_peak(lambda data=data: m.decode_update(data, 0, state, zo))
+        assert (err is None) == (i == 0) and (err is None or isinstance(err, PayloadError)), err
+        assert 0 < peak <= budget, (i, peak, budget)
 
 
 def test_unframe():
