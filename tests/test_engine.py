@@ -212,6 +212,8 @@ def test_a_field_a_runtime_does_not_honour_is_rejected_naming_the_runtime(name, 
         "label_column": "l",
         "checkpoint": not default,
     }.get(name)
+    if changed is None and isinstance(default, str):
+        changed = default + "x"  # any other string (check_runtime compares with the default, not the choices)
     if changed is None:
         changed = default + 1 if not isinstance(default, float) else default + 0.5
         if name.startswith(("fault_", "dropout", "straggler")) and name != "straggler_delay":
