@@ -357,7 +357,7 @@ def test_cli_a_huge_finite_update_never_makes_the_model_non_finite(tmp_path, mon
     assert len(r1["dropped"]) == 1 and "non-finite" in r1["dropped"][0]["reason"], r1["dropped"]
     assert r1["clients_aggregated"] == 1 and not r1["skipped"] and "aggregate_rejected" not in r1
     assert r2["clients_aggregated"] == 2 and not r2["skipped"] and r2["dropped"] == []
-    assert all(np.isfinite(r["loss"]) and r["accuracy"] > 0 for r in (r1, r2))
+    assert all(np.isfinite(r["loss"]) for r in (r1, r2))  # before the guard: NaN from round 1 on
     weights = load_checkpoint(tmp_path / "run").server_state["weights"]
     assert all(np.all(np.isfinite(a)) for a in weights.values())
 

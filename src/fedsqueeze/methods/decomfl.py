@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -384,22 +385,25 @@ class ZOMethod(Method):
         return ClientOutput(payload, new_state, {**metrics, "train_s": train_s, "codec_s": codec_s})
 
     # ---- the zeroth-order rounds: defined by each method ----------------------------------------
+    @abstractmethod
     def zo_downlink(self, state: dict[str, Any], ctx: RoundContext, synced: int, warm_head: Tensors | None) -> bytes:
-        raise NotImplementedError
+        """The zeroth-order downlink for a client synced up to round ``synced``."""
 
+    @abstractmethod
     def zo_decode(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> ZOUpdate:
-        raise NotImplementedError
+        """Decode (and bound) one client's zeroth-order upload."""
 
+    @abstractmethod
     def zo_aggregate(self, state: dict[str, Any], updates: dict[int, ZOUpdate], ctx: RoundContext) -> dict[str, float]:
-        raise NotImplementedError
+        """Fold the round's zeroth-order uploads into the server state; return round metrics."""
 
+    @abstractmethod
     def zo_catch_up(self, message: bytes, own: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         """Bring the loaded model (and ``own``'s extra state) to round − 1; return the updated ``own``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def zo_train(self, client: int, own: dict[str, Any], ctx: RoundContext) -> tuple[bytes, float]:
         """This client's local zeroth-order steps: the payload and the mean loss."""
-        raise NotImplementedError
 
 
 @register_method
