@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task  # noqa: E402
+from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task, zeros_zstd  # noqa: E402
 
 from fedsqueeze.codecs import CodecContext, encode_tensors, frame, get_codec, unframe  # noqa: E402
 from fedsqueeze.codecs.framing import FORMAT_VERSION, MAGIC  # noqa: E402
@@ -126,19 +126,6 @@ def replace(node: Any, path: tuple, value: Any) -> Any:
     node = dict(node) if isinstance(node, dict) else list(node)
     node[path[0]] = replace(node[path[0]], path[1:], value)
     return node
-
-
-def zeros_zstd(size: int, piece: int = 1 << 22) -> bytes:
-    import zstandard
-
-    cobj = zstandard.ZstdCompressor(level=1, write_content_size=True).compressobj(size=size)
-    zero, out, left = bytes(piece), [], size
-    while left:
-        step = min(piece, left)
-        out.append(cobj.compress(zero[:step]))
-        left -= step
-    out.append(cobj.flush())
-    return b"".join(out)
 
 
 @functools.cache

@@ -119,3 +119,17 @@ def assert_accuracy_is_real(cfg, res):
         assert 0 <= r["accuracy"] <= 1 and abs(correct - round(correct)) < 1e-6, r["accuracy"]
     assert res["rounds"][-1]["accuracy"] == acc == res["final"]["accuracy"]
     assert abs(res["rounds"][-1]["loss"] - loss) <= 1e-9 * max(1.0, abs(loss))
+
+
+def zeros_zstd(size: int, piece: int = 1 << 20) -> bytes:
+    """A zstd frame of ``size`` zero bytes (content size written), made without holding them all."""
+    import zstandard
+
+    cobj = zstandard.ZstdCompressor(level=1, write_content_size=True).compressobj(size=size)
+    zero, out, left = bytes(piece), [], size
+    while left:
+        step = min(piece, left)
+        out.append(cobj.compress(zero[:step]))
+        left -= step
+    out.append(cobj.flush())
+    return b"".join(out)

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import zstandard
 from fuzzing import traced_peak
-from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
+from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task, zeros_zstd
 
 from fedsqueeze.codecs import CodecContext, encode_tensors, frame, get_codec
 from fedsqueeze.codecs.qsgd import QSGDCodec
@@ -28,18 +27,6 @@ CTX = RoundContext(round=1, rounds=2, seed=0)
 @pytest.fixture(scope="module")
 def task():
     return shared_task()
-
-
-def zeros_zstd(size: int, piece: int = 1 << 20) -> bytes:
-    """A zstd frame of ``size`` zero bytes (content size written), made without holding them all."""
-    cobj = zstandard.ZstdCompressor(level=1, write_content_size=True).compressobj(size=size)
-    zero, out, left = bytes(piece), [], size
-    while left:
-        step = min(piece, left)
-        out.append(cobj.compress(zero[:step]))
-        left -= step
-    out.append(cobj.flush())
-    return b"".join(out)
 
 
 def bucket_bomb(tensors: int = 30, bucket: int = 1 << 20, levels: int = 300) -> bytes:

@@ -31,15 +31,20 @@ def zstd_compress(data: bytes | bytearray | memoryview, level: int = 3) -> bytes
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
-def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
-    """Inverse of :func:`zstd_compress` for a frame that must hold exactly ``size`` bytes."""
-    data = bytes(data)
+def check_frame_size(data: bytes | memoryview, size: int) -> None:
+    """Refuse a zstd frame whose header does not declare exactly ``size`` bytes (before anything is decompressed)."""
     try:
         declared = zstandard.frame_content_size(data)
     except zstandard.ZstdError as exc:
         raise PayloadError(f"zstd frame header is invalid: {exc}") from exc
     if declared != size:
         raise PayloadError(f"zstd frame declares {declared} bytes where {size} are expected")
+
+
+def zstd_decompress(data: bytes | memoryview, size: int) -> bytes:
+    """Inverse of :func:`zstd_compress` for a frame that must hold exactly ``size`` bytes."""
+    data = bytes(data)
+    check_frame_size(data, size)
     try:
         out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
     except zstandard.ZstdError as exc:
@@ -54,12 +59,7 @@ class ZstdReader:
     without ever holding the whole output)."""
 
     def __init__(self, data: bytes | memoryview, size: int) -> None:
-        try:
-            declared = zstandard.frame_content_size(data)
-        except zstandard.ZstdError as exc:
-            raise PayloadError(f"zstd frame header is invalid: {exc}") from exc
-        if declared != size:
-            raise PayloadError(f"zstd frame declares {declared} bytes where {size} are expected")
+        check_frame_size(data, size)
         self._reader = zstandard.ZstdDecompressor().stream_reader(data, read_across_frames=False)
         self.left = size
 
