@@ -7,7 +7,10 @@ to the server's. Then it runs K local zeroth-order steps with P perturbations ea
 from the seed, never stored; see :mod:`fedsqueeze.methods.zo`) and uploads only the K·P
 directional-derivative scalars. The server averages them per (step, perturbation), applies the
 record to its own weights by the same replay, and keeps the records back to its stalest client.
-The wire formats are in :mod:`fedsqueeze.methods.decomfl_wire`.
+The wire formats are in :mod:`fedsqueeze.methods.decomfl_wire`. ``adjust_perturb`` (DeComFL's flag)
+changes P at set rounds; P(round) is a pure function of the config, so both ends size every
+message alike. ``momentum`` (every ZO method but fedkseed) replays records through a moving
+average that the server and each client keep (:class:`fedsqueeze.methods.zo.Momentum`).
 
 :class:`ZOMethod` holds what every seed-and-scalar method shares (fedkseed and feedsign subclass
 it): what trains (``params``: LoRA on the query/value projections plus the head, every weight, or
@@ -51,9 +54,9 @@ from fedsqueeze.methods.peft import inject_lora
 from fedsqueeze.methods.robust import SCALAR_RULES
 from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, example_count, of_type, stepped, weighted_mean
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
-from fedsqueeze.methods.zo import Perturber, local_zo
+from fedsqueeze.methods.zo import Momentum, Perturber, local_zo
 from fedsqueeze.models import Classifier
-from fedsqueeze.options import above, at_least, between, option
+from fedsqueeze.options import Check, above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.task import Task
@@ -64,6 +67,40 @@ Tensors = dict[str, np.ndarray]
 # not the error; lora 1e-2 diverged (centralised screen), 2e-3 learnt steadily
 DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "head": 1e-3}
 WARM_DTYPES = {"float16": np.float16, "float32": np.float32}
+MAX_PERTURBATIONS = 4096  # the most perturbations per step adjust_perturb may reach (bounds every message)
+
+
+def perturb_changes(text: str, base: int) -> tuple[tuple[int, int], ...]:
+    """The ``adjust_perturb`` schedule as (round, P from that round on); ValueError if malformed.
+
+    ``text`` is comma-separated items, each ``R`` (P doubles at round R) or ``R:P`` (P becomes P
+    at round R), with strictly increasing rounds ≥ 1: ``"4,7"`` from P = 1 gives P = 1, 2, 4 from
+    rounds 1, 4, 7; ``"3:5,6:2"`` gives 1, 5, 2 from rounds 1, 3, 6. ``""`` = no change.
+    """
+    changes: list[tuple[int, int]] = []
+    p, last = base, 0
+    for item in (part.strip() for part in text.split(",")):
+        if not item and not text.strip():
+            continue
+        round_text, sep, p_text = item.partition(":")
+        start = int(round_text)
+        p = int(p_text) if sep else 2 * p
+        if start <= last or p < 1:
+            raise ValueError(f"adjust_perturb item {item!r}: rounds must increase from 1 and P be >= 1")
+        changes.append((start, p))
+        last = start
+    return tuple(changes)
+
+
+def _parses(text: str) -> bool:
+    try:
+        perturb_changes(text, 1)
+    except ValueError:
+        return False
+    return True
+
+
+PERTURB_SCHEDULE = Check(_parses, "empty or comma-separated R (P doubles at round R) or R:P items, rounds increasing", "0")
 
 
 @dataclass
@@ -93,6 +130,12 @@ class ZOOptions:
     warm_start_dtype: str = option("float16", "wire dtype of the warm-start head and its deltas", choices=tuple(WARM_DTYPES))
     rank: int = option(8, "LoRA rank r for params='lora'", check=at_least(1))
     lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' (update scaled by alpha / r)", check=above(0.0))
+    momentum: float = option(
+        0.0,
+        "β of a moving average of the zeroth-order steps, m ← β·m + (1−β)·ĝ, w ← w − lr·m (0 = plain ZO-SGD); "
+        "server and clients keep m (one more copy of the trainable weights), so replay stays exact",
+        check=between(0.0, 1.0, hi_open=True),
+    )
 
 
 @dataclass
@@ -101,6 +144,12 @@ class DeComFLOptions(ZOOptions):
     renamed: ClassVar[dict[str, str]] = {"aggregation": "aggregate", "lora_r": "rank"}
 
     perturbations: int = option(1, "P: random perturbations per local step (each uploads one float32)", check=at_least(1))
+    adjust_perturb: str = option(
+        "",
+        "DeComFL's adjust_perturb: rounds where P changes, e.g. '4,7' (P doubles at rounds 4 and 7) or '4:2,7:8' "
+        f"(P set); both ends derive P of each round, so the messages grow with it (P <= {MAX_PERTURBATIONS})",
+        check=PERTURB_SCHEDULE,
+    )
     aggregate: str = option(
         "mean", "how the server combines the clients' scalars: 'mean', or robust 'median' / 'trimmed_mean'", choices=tuple(SCALAR_RULES)
     )
@@ -113,6 +162,9 @@ class DeComFLOptions(ZOOptions):
     dp_delta: float = option(1e-5, "DP: δ at which ε is reported", check=between(0.0, 1.0, lo_open=True, hi_open=True))
 
     def validate(self) -> None:
+        top = max([p for _, p in perturb_changes(self.adjust_perturb, self.perturbations)] + [self.perturbations])
+        if top > MAX_PERTURBATIONS:
+            raise ConfigError(f"adjust_perturb reaches P = {top}; at most {MAX_PERTURBATIONS} perturbations per step")
         if self.dp_noise > 0 and self.dp_clip <= 0:
             raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
         if self.dp_clip > 0 and self.aggregate != "mean":
@@ -130,6 +182,10 @@ class ZOMethod(Method):
     Options: ClassVar[type] = ZOOptions
     perturbations_per_step: int = 1
 
+    def perturb_changes(self) -> tuple[tuple[int, int], ...]:
+        """The rounds where P changes, as (round, P); none unless the method offers ``adjust_perturb``."""
+        return ()
+
     # ---- set-up ---------------------------------------------------------------------------------
     def check_run(self, cfg) -> None:
         if cfg.local_steps < 1:
@@ -145,12 +201,13 @@ class ZOMethod(Method):
             p.requires_grad_(n in self.head)  # only the warm start uses autograd (on the head)
         self.named = named_params(model, self.names)
         self.perturber = Perturber(list(self.named.values()))
+        self.momentum = Momentum(self.perturber, o.momentum) if o.momentum > 0 else None
         self.k = self.cfg.local_steps
         self.p = self.perturbations_per_step
         self.warm_dtype = WARM_DTYPES[o.warm_start_dtype]
         self.head_elements = sum(self.named[n].numel() for n in self.head)
         head_shapes = {n: tuple(self.named[n].shape) for n in self.head}
-        self.wire = ZOShape(self.k, self.p, head_shapes, np.dtype(self.warm_dtype), max(1, self.cfg.rounds))
+        self.wire = ZOShape(self.k, self.p, head_shapes, np.dtype(self.warm_dtype), max(1, self.cfg.rounds), self.perturb_changes())
         self.initial = read_weights(self.named)  # the pre-trained weights every party starts from
         self.raw = get_codec("raw")
         model.eval()
@@ -172,6 +229,10 @@ class ZOMethod(Method):
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.named.values())
 
+    def p_at(self, round_: int) -> int:
+        """P (perturbations per step) of ``round_``: both ends derive it from the run config."""
+        return self.wire.p_at(round_)
+
     def lr_at(self, round_: int) -> float:
         """The zeroth-order learning rate of ``round_`` (a pure function: replay needs it too)."""
         t = round_ - self.opts.warm_start_rounds - 1
@@ -192,8 +253,26 @@ class ZOMethod(Method):
         )
 
     # ---- server ---------------------------------------------------------------------------------
+    def zero_momentum(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{"momentum": m = 0}`` if the moving average is on (what every party starts from), else {}."""
+        return {"momentum": {n: np.zeros_like(a) for n, a in self.initial.items()}} if self.momentum else {}
+
+    def load_model(self, held: dict[str, Any]) -> None:
+        """Load ``held``'s weights (and moving average) into the model."""
+        load_weights(self.named, held["weights"])
+        if self.momentum is not None:
+            load_weights(dict(zip(self.named, self.momentum.buffers)), held["momentum"])
+
+    def read_model(self) -> dict[str, Any]:
+        """The model's weights (and moving average), as ``load_model`` takes them."""
+        out: dict[str, Any] = {"weights": read_weights(self.named)}
+        if self.momentum is not None:
+            out["momentum"] = read_weights(dict(zip(self.named, self.momentum.buffers)))
+        return out
+
     def init_server(self) -> dict[str, Any]:
         return {
+            **self.zero_momentum(),
             "weights": {n: a.copy() for n, a in self.initial.items()},
             "history": [],  # the records of the rounds some client still lacks, oldest first
             "synced": np.zeros(self.cfg.clients, dtype=np.int64),  # global round each client holds
@@ -290,10 +369,10 @@ class ZOMethod(Method):
         return {"dp_epsilon": eps if np.isfinite(eps) else None, "dp_delta": self.opts.dp_delta}
 
     def apply_to_server(self, state: dict[str, Any], apply: Any) -> None:
-        """Run ``apply()`` (a replay of one record) on the server's weights."""
-        load_weights(self.named, state["weights"])
+        """Run ``apply()`` (a replay of one record) on the server's weights (and moving average)."""
+        self.load_model(state)
         apply()
-        state["weights"] = read_weights(self.named)
+        state.update(self.read_model())
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
         if self.opts.params == "head":
@@ -304,22 +383,22 @@ class ZOMethod(Method):
     # ---- client ---------------------------------------------------------------------------------
     def init_client_state(self) -> dict[str, Any]:
         """What a client holds before it first takes part: the pre-trained weights, synced to round 0."""
-        return {"synced": 0, "weights": self.initial}
+        return {"synced": 0, "weights": self.initial, **self.zero_momentum()}
 
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
         own = state if isinstance(state, dict) else self.init_client_state()
-        load_weights(self.named, own["weights"])  # this client's own model (simulator: clients share one model object)
+        self.load_model(own)  # this client's own model (simulator: clients share one model object)
         if self.is_warm(ctx.round):
             return self._warm_update(message, client, own, ctx, t0)
         own = self.zo_catch_up(message, own, ctx)
-        view = read_weights(self.named)  # == the server's weights after round − 1
+        view = self.read_model()  # == the server's weights (and moving average) after round − 1
         codec_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         payload, loss = self.zo_train(client, own, ctx)
         train_s = time.perf_counter() - t1
-        new_state = {**own, "synced": ctx.round - 1, "weights": view}
+        new_state = {**own, **view, "synced": ctx.round - 1}
         return ClientOutput(payload, new_state, {"train_s": train_s, "codec_s": codec_s, "train_loss": loss})
 
     def load_warm_head(self, head: Tensors | None, synced: int, first_record: int | None) -> int:
@@ -352,7 +431,8 @@ class ZOMethod(Method):
         self.task.model.eval()  # no dropout: both evaluations of a perturbation must see the same function
         batches = iterate_batches(n, bs, len(seeds), ctx.torch_gen(client, "batches"))
         o = self.opts
-        return local_zo(self.perturber, loss_of, batches, seeds, self.p, o.mu, o.difference, self.lr_at(ctx.round), step)
+        p, lr = self.p_at(ctx.round), self.lr_at(ctx.round)
+        return local_zo(self.perturber, loss_of, batches, seeds, p, o.mu, o.difference, lr, step, self.momentum)
 
     def _warm_update(self, message: bytes, client: int, own: dict[str, Any], ctx: RoundContext, t0: float) -> ClientOutput:
         """Federated linear probing on cached features: head down, head delta up."""
@@ -417,6 +497,9 @@ class DeComFL(ZOMethod):
     def perturbations_per_step(self) -> int:  # type: ignore[override]
         return self.opts.perturbations
 
+    def perturb_changes(self) -> tuple[tuple[int, int], ...]:
+        return perturb_changes(self.opts.adjust_perturb, self.opts.perturbations)
+
     def zo_downlink(self, state: dict[str, Any], ctx: RoundContext, synced: int, warm_head: Tensors | None) -> bytes:
         return encode_downlink(self.wire, ctx.round, self.missed(state, synced), warm_head)
 
@@ -427,7 +510,7 @@ class DeComFL(ZOMethod):
         scalars = [u.scalars for u in updates.values()]
         metrics: dict[str, Any] = {}
         if self.dp_on:
-            like = {"g": np.zeros((self.k, self.p), dtype=np.float32)}
+            like = {"g": np.zeros((self.k, self.p_at(ctx.round)), dtype=np.float32)}
             noisy, metrics = private_mean(
                 [{"g": s} for s in scalars],
                 like,
@@ -444,11 +527,13 @@ class DeComFL(ZOMethod):
         record = {"round": ctx.round, "scalars": combined}
         self.apply_to_server(state, lambda: self.replay(record, ctx.seed))
         state["history"].append(record)
-        return {**metrics, "zo_scalar_abs_mean": float(np.abs(combined).mean(dtype=np.float64)), "zo_lr": self.lr_at(ctx.round)}
+        zo_metrics = {"zo_scalar_abs_mean": float(np.abs(combined).mean(dtype=np.float64)), "zo_lr": self.lr_at(ctx.round)}
+        return {**metrics, **zo_metrics, "zo_perturbations": float(self.p_at(ctx.round))}
 
     def replay(self, record: dict[str, Any], seed: int) -> None:
-        """Apply one record to the loaded model: ``w ← w − lr/P · Σ g[k, i] · z(seed_k, i)``, step by step."""
-        self.perturber.apply_record(self.step_seeds(record["round"], seed), record["scalars"], self.lr_at(record["round"]))
+        """Apply one record to the loaded model: ``w ← w − lr/P · Σ g[k, i] · z(seed_k, i)``, step by step (or with momentum)."""
+        r = record["round"]
+        self.perturber.apply_record(self.step_seeds(r, seed), record["scalars"], self.lr_at(r), self.momentum)
 
     def zo_catch_up(self, message: bytes, own: dict[str, Any], ctx: RoundContext) -> dict[str, Any]:
         msg = decode_downlink(message, self.wire, ctx.round)

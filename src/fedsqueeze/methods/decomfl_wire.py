@@ -1,7 +1,9 @@
 """DeComFL's zeroth-order wire formats, in compact frames (:mod:`fedsqueeze.methods.zo_wire`).
 
 Every step seed is a function of the run seed and the round, and K and P come from the run
-config, so neither travels: a message holds only its scalars.
+config, so neither travels: a message holds only its scalars. P may change at set rounds
+(``adjust_perturb``); it is then a function of the round, the same on both ends, and each record
+and upload holds K·P(round) scalars.
 
 - uplink ``decomfl-up``: no fields; body = the client's K·P float32 scalars (row = step).
 - downlink ``decomfl-down``: fields = ``head`` (0/1) + the missed records' rounds as runs; body =
@@ -39,6 +41,15 @@ class ZOShape:
     head_shapes: Mapping[str, tuple[int, ...]]  # in wire order
     head_dtype: np.dtype
     max_records: int  # the run's number of rounds: no message can carry more records
+    changes: tuple[tuple[int, int], ...] = ()  # (round, P from that round on), increasing rounds
+
+    def p_at(self, round_: int) -> int:
+        """P of ``round_``: the last change at or before it, else the base ``p``."""
+        p = self.p
+        for start, value in self.changes:
+            if start <= round_:
+                p = value
+        return p
 
     @property
     def head_bytes(self) -> int:
@@ -50,7 +61,7 @@ class ZODownlink:
     """A decoded ``decomfl-down`` message."""
 
     rounds: list[int]  # the missed rounds' numbers, increasing
-    scalars: np.ndarray  # float32 [R, K, P], all finite
+    scalars: list[np.ndarray]  # R float32 arrays [K, P(round)], all finite
     head: Tensors | None  # the warm-started head in its wire dtype, if the client lacked it
 
 
@@ -68,8 +79,7 @@ def decode_downlink(message: bytes, shape: ZOShape, round_: int) -> ZODownlink:
     has_head = reader.varint(1)
     rounds = decode_runs(reader, round_, shape.max_records)
     head = read_head(reader.take(shape.head_bytes), shape) if has_head else None
-    n, k, p = len(rounds), shape.k, shape.p
-    scalars = read_finite(reader.take(n * k * p * 4), (n, k, p))
+    scalars = [read_finite(reader.take(shape.k * shape.p_at(r) * 4), (shape.k, shape.p_at(r))) for r in rounds]
     reader.end()
     return ZODownlink(rounds, scalars, head)
 
@@ -101,6 +111,7 @@ def encode_uplink(shape: ZOShape, round_: int, scalars: np.ndarray) -> bytes:
 def decode_uplink(payload: bytes, shape: ZOShape, round_: int) -> np.ndarray:
     """The K×P float32 scalars of a ``decomfl-up`` message for ``round_``, all finite."""
     reader = compact_unframe(payload, UP_KIND, round_)
-    scalars = read_finite(reader.take(shape.k * shape.p * 4), (shape.k, shape.p))
+    p = shape.p_at(round_)
+    scalars = read_finite(reader.take(shape.k * p * 4), (shape.k, p))
     reader.end()
     return scalars

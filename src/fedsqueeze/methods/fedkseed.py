@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsqueeze.errors import PayloadError
+from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
 from fedsqueeze.methods.decomfl import DEFAULT_LR, ZOMethod, ZOOptions
 from fedsqueeze.methods.decomfl_wire import read_finite, read_head
@@ -57,6 +57,14 @@ class FedKSeedOptions(ZOOptions):
         choices=("uniform", "pro"),
     )
     importance_clip: float = option(5.0, "FedKSeed-Pro: |scalar| is clipped to this before it enters a seed's amplitude", check=above(0.0))
+
+    def validate(self) -> None:
+        if self.momentum > 0:
+            raise ConfigError(
+                "momentum is not offered for fedkseed: a stale client may jump to the accumulated seed coefficients, "
+                "which do not carry the moving average m, and a round's record sums each seed's steps out of order "
+                "(use decomfl or feedsign with momentum)"
+            )
 
 
 def _gaps(index: np.ndarray) -> list[int]:

@@ -11,6 +11,8 @@ replaying the records it missed, K bits each (bit-identical to the server).
 
 A sign vote bounds each client's influence on a step to one vote, which is FeedSign's argument
 for robustness to Byzantine clients; the step size is ``lr`` itself (there is no magnitude).
+With ``momentum`` β > 0 the votes go through the moving average instead: ``m ← β·m + (1 − β)·vote·z``,
+``w ← w − lr·m`` (server, replay and the client's own steps alike).
 """
 
 from __future__ import annotations
@@ -64,10 +66,9 @@ class FeedSign(ZOMethod):
     default_lr = DEFAULT_LR["lora"]
 
     def replay(self, record: dict[str, Any], seed: int) -> None:
-        """``w ← w − lr · vote_k · z(seed_k)`` for each step k in order."""
-        lr = self.lr_at(record["round"])
-        for s, v in zip(self.step_seeds(record["round"], seed), record["votes"]):
-            self.perturber.add(int(s), 0, -lr * float(v))
+        """``w ← w − lr · vote_k · z(seed_k)`` for each step k in order (or through the moving average)."""
+        r = record["round"]
+        self.perturber.apply_record(self.step_seeds(r, seed), record["votes"][:, None], self.lr_at(r), self.momentum)
 
     # ---- server ---------------------------------------------------------------------------------
     def zo_downlink(self, state: dict[str, Any], ctx: RoundContext, synced: int, warm_head: Tensors | None) -> bytes:

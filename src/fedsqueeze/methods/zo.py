@@ -5,6 +5,11 @@ A perturbation ``z ~ N(0, I)`` over the trainable tensors is never stored: it is
 it is needed (MeZO's trick). So perturbing, restoring and updating a model costs no memory beyond
 one small chunk buffer, and two parties holding the same weights and the same (seed, scalar)
 records compute bit-identical models: the same float32 operations run in the same order.
+
+With ``momentum`` β > 0 a step keeps an exponential moving average of the estimated gradients,
+``m ← β·m + (1 − β)·(1/P)·Σ_i g_i z_i`` and ``w ← w − lr·m`` (:class:`Momentum`). ``m`` is a
+deterministic function of the same (seed, scalar) records, so replay stays bit-identical as long
+as both parties hold the same ``m`` before it: one more buffer of the trainable tensors' size.
 """
 
 from __future__ import annotations
@@ -47,14 +52,48 @@ class Perturber:
                 z.normal_(generator=self._gen)
                 part.add_(z, alpha=alpha)
 
-    def apply_record(self, seeds: np.ndarray, scalars: np.ndarray, lr: float) -> None:
-        """Replay one round: ``w ← w − lr/P · Σ_i g[k, i] · z(seed_k, i)`` for each step k in order."""
+    def apply_record(self, seeds: np.ndarray, scalars: np.ndarray, lr: float, momentum: Momentum | None = None) -> None:
+        """Replay one round: ``w ← w − lr/P · Σ_i g[k, i] · z(seed_k, i)`` for each step k in order.
+
+        With ``momentum`` each step goes through :meth:`Momentum.step` instead.
+        """
         perts = scalars.shape[1]
         for k, seed in enumerate(seeds):
+            if momentum is not None:
+                momentum.step(int(seed), scalars[k], lr)
+                continue
             for i in range(perts):
                 g = float(scalars[k, i])
                 if g != 0.0:
                     self.add(int(seed), i, -lr * g / perts)
+
+
+class Momentum:
+    """The moving average ``m`` of a zeroth-order method's steps, over the same tensors as a :class:`Perturber`.
+
+    One step with the P scalars g of step seed s: ``m ← β·m + (1 − β)/P · Σ_i g_i · z(s, i)``,
+    then ``w ← w − lr·m``. The (1 − β) factor keeps the step's scale that of plain ZO-SGD at the
+    same lr (a constant gradient gives m → ĝ), so β only trades variance for lag.
+    """
+
+    def __init__(self, perturber: Perturber, beta: float) -> None:
+        self.perturber = perturber
+        self.beta = beta
+        self.buffers = [torch.zeros_like(p) for p in perturber.params]
+        self._into = Perturber(self.buffers, perturber.chunk)  # the same z, added into m
+
+    @torch.no_grad()
+    def step(self, seed: int, scalars: np.ndarray, lr: float) -> None:
+        """Fold one step's P scalars into ``m`` and move the weights by ``−lr·m``."""
+        perts = len(scalars)
+        for b in self.buffers:
+            b.mul_(self.beta)
+        for i in range(perts):
+            g = float(scalars[i])
+            if g != 0.0:
+                self._into.add(seed, i, (1.0 - self.beta) * g / perts)
+        for p, b in zip(self.perturber.params, self.buffers):
+            p.data.add_(b, alpha=-lr)
 
 
 def estimate_step(
@@ -66,6 +105,7 @@ def estimate_step(
     difference: str,
     lr: float,
     step: Callable[[np.ndarray], np.ndarray] | None = None,
+    momentum: Momentum | None = None,
 ) -> np.ndarray:
     """One local zeroth-order step at the current weights; update them and return the P scalars.
 
@@ -75,7 +115,8 @@ def estimate_step(
     ``central``: g = (f(w+μz) − f(w−μz)) / 2μ (two forwards per perturbation);
     ``forward``: g = (f(w+μz) − f(w)) / μ (one forward per perturbation plus one per step).
     Every perturbation is estimated at the same w; the update uses them all, and the last
-    perturbation's restore and update are fused into one pass over the weights.
+    perturbation's restore and update are fused into one pass over the weights. With ``momentum``
+    every perturbation is restored first and the update is :meth:`Momentum.step`.
     """
     grads = np.zeros(perturbations, dtype=np.float32)
     applied = grads
@@ -91,10 +132,16 @@ def estimate_step(
         else:
             grads[i] = (plus - base) / mu
             back = -mu
+        if momentum is not None:
+            perturber.add(seed, i, back)
+            continue
         last = i == perturbations - 1
         if last:
             applied = step(grads) if step is not None else grads
         perturber.add(seed, i, back - (lr * float(applied[i]) / perturbations if last else 0.0))
+    if momentum is not None:
+        momentum.step(seed, step(grads) if step is not None else grads, lr)
+        return grads
     for i in range(perturbations - 1):
         perturber.add(seed, i, -lr * float(applied[i]) / perturbations)
     return grads
@@ -111,6 +158,7 @@ def local_zo(
     difference: str,
     lr: float,
     step: Callable[[np.ndarray], np.ndarray] | None = None,
+    momentum: Momentum | None = None,
 ) -> tuple[np.ndarray, float]:
     """A client's local zeroth-order steps, one per seed, on ``batches`` (example indices).
 
@@ -125,6 +173,6 @@ def local_zo(
             calls.append(loss_of(idx))
             return calls[-1]
 
-        scalars[k] = estimate_step(perturber, loss, int(seeds[k]), perturbations, mu, difference, lr, step)
+        scalars[k] = estimate_step(perturber, loss, int(seeds[k]), perturbations, mu, difference, lr, step, momentum)
         losses.append(sum(calls) / len(calls))
     return scalars, float(np.mean(losses))
