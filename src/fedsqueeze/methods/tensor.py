@@ -12,6 +12,7 @@ Subclasses choose what trains (:meth:`select_trainable`), may change the model o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from abc import abstractmethod
@@ -25,8 +26,10 @@ import torch
 from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors, expect_tensors
 from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
+from fedsqueeze.methods import scaffold
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
 from fedsqueeze.methods.robust import TENSOR_RULES, RobustRule
+from fedsqueeze.methods.scaffold import CONTROLS as SCAFFOLD_CONTROLS
 from fedsqueeze.methods.server_opt import SERVER_OPTIMIZERS, ServerOpt
 from fedsqueeze.methods.updates import TensorUpdate, example_count
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
@@ -77,6 +80,14 @@ class TensorOptions:
     krum_m: int = option(0, "robust=multi_krum: updates averaged (0 = clients − f)", check=at_least(0))
     norm_bound: float = option(0.0, "clip each client update to this L2 norm before combining (0 = off)", check=at_least(0.0))
     prox_mu: float = option(0.0, "FedProx: proximal term μ/2·‖w − w_global‖² in local training (0 = off)", check=at_least(0.0))
+    scaffold: bool = option(
+        False, "SCAFFOLD: control variates correct every local gradient (g − c_i + c); c down and Δc_i up travel raw float32"
+    )
+    scaffold_control: str = option(
+        "ii",
+        "SCAFFOLD's client variate: ii (option II, c_i − c + (x − y)/(K·lr)) or grad_mean (mean raw local gradient)",
+        choices=SCAFFOLD_CONTROLS,
+    )
     head_lr: float = option(
         1e-2, "learning rate of the (randomly initialised) head when backbone parameters train too; 0 = lr", check=at_least(0.0)
     )
@@ -94,6 +105,8 @@ class TensorOptions:
             raise ConfigError("dp_noise needs dp_clip > 0 (the noise is scaled by the clipping norm)")
         if self.dp_clip > 0 and (self.robust != "mean" or self.norm_bound > 0):
             raise ConfigError("robust rules and norm_bound do not compose with DP-FedAvg (dp_clip already bounds each update)")
+        if self.scaffold and self.dp_clip > 0:
+            raise ConfigError("scaffold does not compose with DP-FedAvg: the accountant does not cover the control variates")
 
 
 class TensorMethod(Method):
@@ -119,6 +132,9 @@ class TensorMethod(Method):
         o = self.opts
         self.server_opt = ServerOpt(o.server_opt, o.server_lr, o.server_momentum, o.beta1, o.beta2, o.tau)
         self.rule = RobustRule(o.robust, o.trim_beta, o.krum_f, o.krum_m, o.norm_bound)
+        if o.scaffold and cfg.attack not in ("none", "label_flip"):
+            # the attack rewrites the upload as one codec frame; SCAFFOLD's upload has two sections
+            raise ConfigError(f"attack={cfg.attack!r} does not compose with scaffold=true (only label_flip does)")
 
     # ---- what trains ----------------------------------------------------------------------------
     def prepare_model(self, model: Classifier) -> None:
@@ -167,20 +183,38 @@ class TensorMethod(Method):
     # ---- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
         weights = read_weights(self.named)
-        if self.server_opt.rule == "none":
-            return {"weights": weights}
-        return {"weights": weights, "server_opt": self.server_opt.init_state(weights)}
+        state: dict[str, Any] = {"weights": weights}
+        if self.server_opt.rule != "none":
+            state["server_opt"] = self.server_opt.init_state(weights)
+        if self.opts.scaffold:
+            state["scaffold_c"] = scaffold.zeros_like(weights)
+        return state
 
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
         # every client of a round gets the same bytes: encode once per round, as a real server would
         def encode() -> bytes:
-            return encode_tensors(self.down_codec, state["weights"], CodecContext(seed=ctx.seed_for(SERVER, "downlink")))
+            weights = encode_tensors(self.down_codec, state["weights"], CodecContext(seed=ctx.seed_for(SERVER, "downlink")))
+            if not self.opts.scaffold:
+                return weights
+            return scaffold.pack(scaffold.DOWN_KIND, weights, scaffold.encode_control(state["scaffold_c"]))
 
-        return self._downlink.get((ctx.round, ctx.seed, state_digest(state["weights"])), encode)
+        key = (ctx.round, ctx.seed, state_digest(state["weights"]), state_digest(state.get("scaffold_c")))
+        return self._downlink.get(key, encode)
+
+    def _control(self, data: memoryview, what: str) -> Tensors:
+        """A control variate section (raw float32): exactly the trainable tensors, finite."""
+        control = scaffold.decode_control(data, self._decode_ctx(0))
+        self._check_tensors(control, what)
+        return control
 
     def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate:
         # only the uplink codec this server configured, with its options, float32 of the expected
         # shapes (checked before anything is allocated), finite
+        control = None
+        if self.opts.scaffold:
+            update, control_bytes = scaffold.unpack(scaffold.UP_KIND, payload)
+            control = self._control(control_bytes, "client control variate update")
+            payload = bytes(update)
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")), codec=self.up_codec)
         self._check_tensors(tensors, "client update")
         n = example_count(extra.get("n"), client, self.task.client_sizes())
@@ -192,6 +226,8 @@ class TensorMethod(Method):
             norm = update_norm(tensors)
             if not norm <= bound:
                 raise PayloadError(f"client update has L2 norm {norm:.4g}, over the bound max_update_norm={bound:g}")
+        if control is not None:
+            return scaffold.ScaffoldUpdate(tensors, n, control)
         return TensorUpdate(tensors, n)
 
     def aggregate(
@@ -207,6 +243,9 @@ class TensorMethod(Method):
             combined, metrics = self.rule.combine([u.delta for u in ordered], [u.n for u in ordered])
         opt_state = state.setdefault("server_opt", self.server_opt.init_state(state["weights"])) if self.server_opt.rule != "none" else {}
         self.server_opt.step(state["weights"], combined, opt_state)
+        if self.opts.scaffold:  # c += Σ_S Δc_i / N, in client order (the same bits whatever order they arrived in)
+            controls = [u.control for _, u in sorted(updates.items()) if isinstance(u, scaffold.ScaffoldUpdate)]
+            state["scaffold_c"] = scaffold.server_control(state["scaffold_c"], controls, self.cfg.clients)
         return state, metrics
 
     def _private_mean(self, updates: dict[int, TensorUpdate], state: dict[str, Any], ctx: RoundContext) -> tuple[Tensors, dict[str, Any]]:
@@ -256,8 +295,19 @@ class TensorMethod(Method):
         """FedProx's proximal term anchored at the trainable tensors' current (global) values, if ``prox_mu`` > 0."""
         return proximal_penalty(self.params, self.opts.prox_mu) if self.opts.prox_mu > 0 else None
 
+    def local_lrs(self) -> dict[str, float]:
+        """Each trainable tensor's learning rate in the local loop (its :meth:`param_groups` group's)."""
+        by_id = {id(p): float(g["lr"]) for g in self.param_groups() for p in g["params"]}
+        return {n: by_id.get(id(p), self.lr) for n, p in self.named.items()}
+
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
+        own = state if isinstance(state, dict) else {}
+        c: Tensors | None = None
+        if self.opts.scaffold:  # state is {"codec": codec state, "c": c_i}
+            section, control_bytes = scaffold.unpack(scaffold.DOWN_KIND, message)
+            c, message = self._control(control_bytes, "server control variate"), bytes(section)
+            own = own.get("codec") or {}
         weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")), codec=self.down_codec)
         self._check_tensors(weights, "server message")
         load_weights(self.named, weights)
@@ -265,15 +315,44 @@ class TensorMethod(Method):
 
         data = self.task.client_data(client)
         steps = num_local_steps(len(data), self.cfg.batch_size, self.cfg.local_steps, self.cfg.local_epochs)
+        c_i = self._own_control(state, c)
+        grad_sums = scaffold.zeros_like(weights) if c is not None and self.opts.scaffold_control == "grad_mean" else None
         t1 = time.perf_counter()
         torch.manual_seed(ctx.seed_for(client, "dropout-layers"))  # model dropout draws from the global RNG
-        metrics = self.local_train(client, data, steps, ctx.torch_gen(client, "batches"))
+        with self._corrected(c, c_i, grad_sums):
+            metrics = self.local_train(client, data, steps, ctx.torch_gen(client, "batches"))
         train_s = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         after = read_weights(self.named)
         delta = after if self.uplink_sends_weights else {n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names}
-        cctx = CodecContext(seed=ctx.seed_for(client, "uplink"), state=state if isinstance(state, dict) else {})
+        cctx = CodecContext(seed=ctx.seed_for(client, "uplink"), state=own)
         payload = encode_tensors(self.up_codec, delta, cctx, n=len(data))
+        new_state: Any = cctx.state or None
+        if c is not None and c_i is not None:
+            if grad_sums is not None:
+                c_new = {n: (g / np.float32(steps)).astype(np.float32) for n, g in grad_sums.items()}
+            else:
+                c_new = scaffold.option2_control(c_i, c, weights, after, steps, self.local_lrs())
+            change = {n: (c_new[n] - c_i[n]).astype(np.float32) for n in self.names}
+            payload = scaffold.pack(scaffold.UP_KIND, payload, scaffold.encode_control(change))
+            new_state = {"codec": cctx.state, "c": c_new}
         codec_s += time.perf_counter() - t2
-        return ClientOutput(payload, cctx.state or None, {**metrics, "train_s": train_s, "codec_s": codec_s})
+        return ClientOutput(payload, new_state, {**metrics, "train_s": train_s, "codec_s": codec_s})
+
+    def _own_control(self, state: Any, c: Tensors | None) -> Tensors | None:
+        """SCAFFOLD's c_i from the client state (zero before the client's first round); None without SCAFFOLD."""
+        if c is None:
+            return None
+        kept = state.get("c") if isinstance(state, dict) else None
+        if not isinstance(kept, dict):
+            return scaffold.zeros_like(c)
+        self._check_tensors(kept, "client state's control variate")
+        return kept
+
+    def _corrected(self, c: Tensors | None, c_i: Tensors | None, grad_sums: Tensors | None) -> contextlib.AbstractContextManager[None]:
+        """Local training with SCAFFOLD's correction c − c_i added to every gradient (nothing without SCAFFOLD)."""
+        if c is None or c_i is None:
+            return contextlib.nullcontext()
+        correction = {n: (c[n] - c_i[n]).astype(np.float32) for n in self.names}
+        return scaffold.corrected_gradients(self.named, correction, grad_sums)
