@@ -10,6 +10,16 @@ from fuzzing import EXAMPLES, PEAK, REJECTED, TRIED, decode_budget, fuzz_codec, 
 from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task
 
 from fedsqueeze.codecs import CODECS, CodecContext, decode_tensors, encode_tensors, get_codec, unframe
+from fedsqueeze.codecs.ans import bernoulli_bits, decode_grouped_ranks, grouped_bits_cap
+from fedsqueeze.codecs.sideinfo import (
+    NUM_CONTEXTS,
+    context_sizes,
+    decode_flips_counted,
+    encode_flips,
+    flip_bound_bits,
+    flip_contexts,
+    unpack_counts,
+)
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.runtime.checkpoint import decode_checkpoint, encode_checkpoint
@@ -119,22 +129,7 @@ def test_mask_method_decoders(task, name, options):
     fuzz_decoder(f"{label}.decode_update", decode, payload, EXAMPLES // 2)
 
 
-MASK_OVER = pytest.mark.xfail(
-    strict=True,
-    reason="the mask methods' default mask coder ('context', issue 16, helper 'coding') allocates ~345 KiB to decode a "
-    "valid 17k-weight mask, over 2x float32 of the masked weights and head (~200 KiB with the header allowance); "
-    "the xor8 filter and elias-fano coders stay within it",
-)
-
-
-@pytest.mark.parametrize(
-    "name, options",
-    [
-        (n, o) if o.get("filter") == "xor8" or o.get("coder") == "elias-fano" else pytest.param(n, o, marks=MASK_OVER)
-        for n, o in MASK_METHODS
-    ],
-    ids=lambda v: str(v),
-)
+@pytest.mark.parametrize("name, options", MASK_METHODS, ids=lambda v: str(v))
 def test_mask_method_decode_update_peak_memory(task, name, options):
     """decode_update alone, its peak memory held to 2 x float32 of the masked weights and the head."""
     m = build(name, task, **options)
@@ -147,6 +142,75 @@ def test_mask_method_decode_update_peak_memory(task, name, options):
     budget = decode_budget(m.n + sum(int(np.prod(s)) for s in m.head_shapes.values()))
     fuzz_decoder(label, lambda d: m.decode_update(d, 2, state, ctx), payload, EXAMPLES // 5, max_peak=budget)
     assert 0 < PEAK[label] <= budget
+
+
+def context_upload(m, ones, words: bytes = b"") -> bytes:
+    """A mask upload whose context code states per-context flip counts ``ones`` (then ``words``)."""
+    from fedsqueeze.codecs import frame
+    from fedsqueeze.codecs.sideinfo import pack_counts
+
+    state, ctx = m.init_server(), RoundContext(round=1, rounds=2, seed=0)
+    body = pack_counts(np.asarray(ones), context_sizes(m.server_contexts(state, ctx, 2))) + words
+    head_meta, head_body = m.wire.encode_head(hand_head(m, 0))
+    meta = {"n": 5, "mask": {"coder": "context"}, "head": head_meta, "sections": [len(body), len(head_body)]}
+    return frame(m.uplink_kind, meta, body + head_body)
+
+
+@pytest.mark.parametrize("stratify", [False, True])
+def test_context_decoding_is_chunked_and_bit_exact(task, stratify):
+    """The server rebuilds the uniforms and contexts chunk by chunk: the same values as one draw, and
+    a flip code decodes to exactly its flips, whatever the piece size (several pieces per context)."""
+    m = build("fedpm", task, stratify=stratify)
+    state, ctx = m.init_server(), RoundContext(round=1, rounds=2, seed=0)
+    stratum = m.stratum(ctx, 2) if stratify else None
+    u = m.uniforms(ctx, 2, stratum)
+    np.testing.assert_array_equal(np.concatenate(list(m.uniform_chunks(ctx, 2, stratum, 1000))), u)
+    theta_start = m.start_theta(m.theta_of(state["theta_sym"], state["levels"]))
+    contexts = flip_contexts(u, theta_start)
+    np.testing.assert_array_equal(m.server_contexts(state, ctx, 2), contexts)
+    flips = np.random.default_rng(3).random(m.n) < np.where(np.abs(u - theta_start) < 0.05, 0.3, 0.002)
+    meta, body = encode_flips(flips, contexts)
+    sizes = context_sizes(contexts)
+    ones, start = unpack_counts(body, sizes)
+    for piece in (7, 1000, m.n):
+        ranks = decode_grouped_ranks(ones, sizes.tolist(), body[start:], piece, np.int32)
+        want = np.concatenate([np.flatnonzero(flips[contexts == c]) for c in range(NUM_CONTEXTS)])
+        np.testing.assert_array_equal(ranks, want)
+    positions, bound = decode_flips_counted(meta, body, contexts, max_flips=m.n)
+    np.testing.assert_array_equal(positions, np.flatnonzero(flips))
+    assert positions.dtype == np.int32 and bound == flip_bound_bits(flips, contexts)
+
+
+def test_hostile_context_codes_are_refused_or_decoded_within_budget(task):
+    """fedpm's cap on flips is n itself: a code claiming every position flipped (an empty ANS stream)
+    decodes, to every position, within budget; oversized counts, a stream longer than the counts
+    allow, one that decodes to other counts, a truncated or wrong-kind frame are refused within it."""
+    m = build("fedpm", task)
+    state, ctx = m.init_server(), RoundContext(round=1, rounds=2, seed=0)
+    sizes = context_sizes(m.server_contexts(state, ctx, 2))
+    budget = decode_budget(m.n + sum(int(np.prod(s)) for s in m.head_shapes.values()))
+    full = context_upload(m, sizes)
+    peak, err = traced_peak(lambda: m.decode_update(full, 2, state, ctx))
+    assert err is None and 0 < peak <= budget, (peak, budget, err)
+    np.testing.assert_array_equal(m.decode_update(full, 2, state, ctx).mask.positions, np.arange(m.n))
+    big = int(np.argmax(sizes))
+    over = sizes.copy()
+    over[big] += 1
+    half = np.zeros_like(sizes)
+    half[big] = sizes[big] // 2
+    longer = grouped_bits_cap(bernoulli_bits(half, sizes), 1) + 4  # one word past what the counts can need
+    cases = [
+        (context_upload(m, over), "context of"),
+        (context_upload(m, half, b"\x01\x00\x00\x00" * (longer // 4)), "longer than its counts"),
+        (context_upload(m, half, b"\x01\x00\x00\x00" * 4), "decodes a group to other than"),
+        (full[:-9], "checksum|truncated|length"),
+        (context_upload(build("deltamask", task), sizes), "kind|expected"),
+    ]
+    for data, match in cases:
+        peak, err = traced_peak(lambda data=data: m.decode_update(data, 2, state, ctx))
+        assert isinstance(err, PayloadError) and 0 < peak <= budget, (match, peak, budget, err)
+        with pytest.raises(PayloadError, match=match):
+            m.decode_update(data, 2, state, ctx)
 
 
 def test_decomfl_decoders(task):

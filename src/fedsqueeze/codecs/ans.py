@@ -95,6 +95,49 @@ def encode_grouped_bits(bits: np.ndarray, groups: np.ndarray, num_groups: int, c
     return {"ones": ones.tolist()}, _words(coder)
 
 
+def _grouped_stream(ones: list[int], sizes: list[int], body: memoryview | bytes) -> constriction.stream.stack.AnsCoder:
+    """The ANS stream of a grouped bit code, once its length is within what the ``ones`` can need."""
+    coded = sum(1 for o, s in zip(ones, sizes) if 0 < o < s)
+    cap = grouped_bits_cap(bernoulli_bits(ones, sizes), coded)
+    if len(body) > cap:
+        raise PayloadError(f"mask ANS stream of {len(body)} bytes is longer than its counts can need ({cap})")
+    return _coder_from(body)
+
+
+def decode_grouped_ranks(ones: list[int], sizes: list[int], body: memoryview | bytes, piece: int, dtype: type = np.int64) -> np.ndarray:
+    """The ones of :func:`encode_grouped_bits` as ranks: for each group in turn, the sorted indices
+    (within the group, in position order) of its ones; ``sum(ones)`` of them.
+
+    The caller checks ``ones`` against ``sizes`` and bounds their sum. The stream is decoded
+    ``piece`` bits at a time, so no temporary grows with a group's size (the same symbols as one
+    decode: the stack pops them in order); a group that decodes to another count than its header
+    states is refused.
+    """
+    coder = _grouped_stream(ones, sizes, body)
+    out: np.ndarray = np.empty(sum(ones), dtype=dtype)
+    at = 0
+    try:
+        for k, size in zip(ones, sizes):
+            if k == size:
+                out[at : at + k] = np.arange(k)
+            elif k > 0:
+                model, got = _bernoulli(k, size), 0
+                for lo in range(0, size, piece):
+                    hits = np.flatnonzero(coder.decode(model, min(piece, size - lo)))
+                    if got + hits.size > k:
+                        break
+                    out[at + got : at + got + hits.size] = hits + lo
+                    got += hits.size
+                if got != k:
+                    raise PayloadError(f"mask ANS stream decodes a group to other than the {k} ones its header states")
+            at += k
+    except PayloadError:
+        raise
+    except Exception as exc:
+        raise PayloadError(f"mask ANS stream does not decode: {exc}") from exc
+    return out
+
+
 def decode_grouped_bits(meta: dict[str, Any], body: memoryview | bytes, groups: np.ndarray, num_groups: int) -> np.ndarray:
     """Invert :func:`encode_grouped_bits` given the same ``groups``.
 
@@ -108,11 +151,7 @@ def decode_grouped_bits(meta: dict[str, Any], body: memoryview | bytes, groups: 
     sizes = np.diff(bounds)
     if any(not 0 <= o <= s for o, s in zip(ones, sizes.tolist())):
         raise PayloadError("mask header counts more ones than a group holds")
-    coded = sum(1 for o, s in zip(ones, sizes.tolist()) if 0 < o < s)
-    cap = grouped_bits_cap(bernoulli_bits(ones, sizes), coded)
-    if len(body) > cap:
-        raise PayloadError(f"mask ANS stream of {len(body)} bytes is longer than its counts can need ({cap})")
-    coder = _coder_from(body)
+    coder = _grouped_stream(ones, sizes.tolist(), body)
     bits = np.zeros(groups.size, dtype=bool)
     try:
         for g in range(num_groups):

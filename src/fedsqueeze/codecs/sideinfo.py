@@ -27,16 +27,21 @@ Wire (the caller frames it): meta ``{"coder": "context"}``; body the per-context
 to be empty are skipped; a JSON list of 64 counts would cost more than the whole code of a small
 model's flips), then the ANS words. The decoder checks the counts against the context sizes and a cap on the flips before
 decoding, and the ANS stream against what the counts can need.
+
+The server decodes in bounded memory (:func:`decode_flips_counted`): the contexts as one uint8 per
+position (built chunk by chunk, :func:`chunk_size`), the flips as int32 ranks within their context,
+decoded a chunk at a time and turned into positions in place; no temporary over the whole mask.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs.ans import bernoulli_bits, decode_grouped_bits, encode_grouped_bits, grouped_bits_cap
+from fedsqueeze.codecs.ans import bernoulli_bits, decode_grouped_ranks, encode_grouped_bits, grouped_bits_cap
 from fedsqueeze.errors import PayloadError
 
 CONTEXT_BINS = 32  # half-octave bins of |u − θ_ref|: 1 down to 2^-16, then one bin for everything nearer
@@ -57,9 +62,31 @@ def flip_contexts(u: np.ndarray, theta_ref: np.ndarray) -> np.ndarray:
     return ctx
 
 
+def chunk_size(n: int) -> int:
+    """Positions per chunk of the server's decoding of ``n`` positions: its temporaries (~24 bytes a
+    position) stay a small fraction of the mask, and the chunks few enough for numpy to do the work."""
+    return min(1 << 16, max(1 << 10, n >> 4))
+
+
+def chunked_contexts(n: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The contexts of :func:`flip_contexts` of ``n`` positions, from ``(u, θ_ref)`` chunks in order."""
+    contexts = np.empty(n, dtype=np.uint8)
+    lo = 0
+    for u, theta_ref in chunks:
+        contexts[lo : lo + u.size] = flip_contexts(u, theta_ref)
+        lo += u.size
+    if lo != n:
+        raise ValueError(f"the chunks cover {lo} positions, not {n}")
+    return contexts
+
+
 def context_sizes(contexts: np.ndarray) -> np.ndarray:
-    """How many positions each context holds."""
-    return np.bincount(contexts, minlength=NUM_CONTEXTS)
+    """How many positions each context holds (counted a chunk at a time: bincount widens to int64)."""
+    sizes = np.zeros(NUM_CONTEXTS, dtype=np.int64)
+    step = chunk_size(contexts.size)
+    for lo in range(0, contexts.size, step):
+        sizes += np.bincount(contexts[lo : lo + step], minlength=NUM_CONTEXTS)
+    return sizes
 
 
 def flip_bound_bits(flips: np.ndarray, contexts: np.ndarray) -> float:
@@ -121,14 +148,52 @@ def encode_flips(flips: np.ndarray, contexts: np.ndarray) -> tuple[dict[str, Any
 
 
 def decode_flips(meta: Any, body: memoryview | bytes, contexts: np.ndarray, max_flips: int) -> np.ndarray:
-    """The flipped positions (sorted int64) of :func:`encode_flips`; at most ``max_flips`` of them."""
+    """The flipped positions (sorted) of :func:`encode_flips`; at most ``max_flips`` of them."""
+    return decode_flips_counted(meta, body, contexts, max_flips)[0]
+
+
+def decode_flips_counted(meta: Any, body: memoryview | bytes, contexts: np.ndarray, max_flips: int) -> tuple[np.ndarray, float]:
+    """``(positions, bound bits)``: the sorted flipped positions of :func:`encode_flips` (int32 below
+    2^31 positions), at most ``max_flips`` of them, and the code's bound ``n · H(F | C)``.
+
+    Memory: the positions and chunk-sized temporaries, besides the caller's ``contexts``.
+    """
     if not isinstance(meta, dict) or meta.get("coder") != "context":
         raise PayloadError(f"flip code header is not a context code: {str(meta)[:80]}")
-    ones, start = unpack_counts(body, context_sizes(contexts))
+    sizes = context_sizes(contexts)
+    ones, start = unpack_counts(body, sizes)
     if sum(ones) > max_flips:
         raise PayloadError(f"flip code claims {sum(ones)} flips, more than the {max_flips} this round allows")
-    bits = decode_grouped_bits({"ones": ones}, body[start:], contexts, NUM_CONTEXTS)
-    return np.flatnonzero(bits)
+    step = chunk_size(contexts.size)
+    dtype = np.int32 if contexts.size < 1 << 31 else np.int64
+    positions = decode_grouped_ranks(ones, sizes.tolist(), body[start:], step, dtype)
+    ranks_to_positions(positions, ones, contexts)
+    positions.sort()
+    return positions, bernoulli_bits(ones, sizes)
+
+
+def ranks_to_positions(ranks: np.ndarray, ones: list[int], contexts: np.ndarray) -> None:
+    """Turn, in place, each context's flip ranks (the ``j``-th position of context ``c``, counting in
+    position order; ``ones[c]`` of them, sorted, context after context) into the positions themselves.
+
+    One pass over ``contexts`` a chunk at a time: within a chunk, a stable sort by context lists
+    each context's positions in order, and the ranks that fall in the chunk index into it.
+    """
+    ends = np.cumsum(np.asarray(ones, dtype=np.int64))
+    todo = ends - np.asarray(ones, dtype=np.int64)  # each context's first rank not yet turned
+    seen = np.zeros(NUM_CONTEXTS, dtype=np.int64)  # each context's positions in earlier chunks
+    step = chunk_size(contexts.size)
+    for lo in range(0, contexts.size, step):
+        chunk = contexts[lo : lo + step]
+        order = np.argsort(chunk, kind="stable")
+        counts = np.bincount(chunk, minlength=NUM_CONTEXTS)
+        starts = np.cumsum(counts) - counts
+        for c in np.flatnonzero((todo < ends) & (counts > 0)).tolist():
+            a = int(todo[c])
+            b = a + int(np.searchsorted(ranks[a : ends[c]], seen[c] + counts[c]))
+            ranks[a:b] = lo + order[starts[c] + ranks[a:b] - seen[c]]
+            todo[c] = b
+        seen += counts
 
 
 def flips_cap_bytes(n: int, max_flips: int) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from abc import abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from fedsqueeze.codecs.positions import entropy_bound_bits
-from fedsqueeze.codecs.sideinfo import decode_flips, encode_flips, flip_bound_bits, flip_contexts
+from fedsqueeze.codecs.sideinfo import chunk_size, chunked_contexts, decode_flips_counted, encode_flips, flip_bound_bits, flip_contexts
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
@@ -154,9 +155,14 @@ class MaskMethod(Method):
 
     def uniforms(self, ctx: RoundContext, client: int, stratum: tuple[int, int] | None) -> np.ndarray:
         """The uniforms of ``client``'s mask draw this round, rebuildable by the server."""
-        if stratum is None:
-            return shared_uniforms(ctx.rng(client, "mask-draw"), self.n)
-        return stratified_uniforms(ctx.rng(SERVER, "mask-draw"), self.n, *stratum)
+        return next(self.uniform_chunks(ctx, client, stratum, max(self.n, 1)), np.zeros(0, np.float32))
+
+    def uniform_chunks(self, ctx: RoundContext, client: int, stratum: tuple[int, int] | None, step: int) -> Iterator[np.ndarray]:
+        """The same uniforms, ``step`` at a time (numpy's stream is the same drawn in pieces)."""
+        rng = ctx.rng(client, "mask-draw") if stratum is None else ctx.rng(SERVER, "mask-draw")
+        for lo in range(0, self.n, step):
+            size = min(step, self.n - lo)
+            yield shared_uniforms(rng, size) if stratum is None else stratified_uniforms(rng, size, *stratum)
 
     def server_uniforms(self, ctx: RoundContext, client: int) -> np.ndarray:
         """Server: the same uniforms, from the stratum it gave ``client`` this round."""
@@ -328,13 +334,23 @@ class MaskMethod(Method):
     def decode_context_flips(
         self, meta: Any, body: memoryview, state: dict[str, Any], ctx: RoundContext, client: int, max_flips: int
     ) -> ExactFlips:
-        """Server: ``client``'s context-coded flips, from the uniforms and θ_start it rebuilds."""
-        theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
-        contexts = flip_contexts(self.server_uniforms(ctx, client), theta_start)
-        positions = decode_flips(meta, body, contexts, max_flips)
-        flips = np.zeros(self.n, dtype=bool)
-        flips[positions] = True
-        return ExactFlips(positions, len(body), flip_bound_bits(flips, contexts))
+        """Server: ``client``'s context-coded flips, from the uniforms and θ_start it rebuilds.
+
+        Memory: one byte of context per position and the decoded positions; the uniforms and θ_start
+        are rebuilt a chunk at a time (never a float array over the whole mask).
+        """
+        positions, bound = decode_flips_counted(meta, body, self.server_contexts(state, ctx, client), max_flips)
+        return ExactFlips(positions, len(body), bound)
+
+    def server_contexts(self, state: dict[str, Any], ctx: RoundContext, client: int) -> np.ndarray:
+        """Server: the flip contexts of ``client``'s draw (:func:`~fedsqueeze.codecs.sideinfo.flip_contexts`
+        of its uniforms and θ_start), built a chunk at a time."""
+        sym, levels, step = state["theta_sym"], int(state["levels"]), chunk_size(self.n)
+        stratum = self.stratum(ctx, client) if self.opts.stratify else None
+        chunks = self.uniform_chunks(ctx, client, stratum, step)
+        return chunked_contexts(
+            self.n, ((u, self.start_theta(self.theta_of(sym[lo : lo + u.size], levels))) for lo, u in zip(range(0, self.n, step), chunks))
+        )
 
     def apply_flips(
         self, code: FilterFlips | ExactFlips, theta_start: np.ndarray, ref: np.ndarray | None, client: int, ctx: RoundContext
