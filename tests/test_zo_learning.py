@@ -183,6 +183,39 @@ def test_decomfl_momentum_server_update_is_the_recursion_on_hand_made_scalars(ta
     assert any(np.abs(state["momentum"][n]).max() > 0 for n in m.names)
 
 
+def test_decomfl_adam_server_update_is_the_recursion_on_hand_made_scalars(task):
+    """ZO-AdaMM on the aggregated scalars: ĝ, m, v, bias corrections with the global step count t."""
+    b1, b2, eps, lr, k, p = 0.9, 0.99, 1e-8, 1e-3, 2, 2
+    m = make("decomfl", task, params="head", warm_start_rounds=0, perturbations=p, local_steps=k, momentum=b1, adam_beta2=b2, lr=lr)
+    state = m.init_server()
+    w = {n: a.astype(np.float64) for n, a in state["weights"].items()}
+    mom = {n: np.zeros_like(a) for n, a in w.items()}
+    sec = {n: np.zeros_like(a) for n, a in w.items()}
+    t = 0
+    for r in (1, 2):
+        ctx = RoundContext(r, 10, 0)
+        g = {c: (np.array([[1.0, -2.0], [0.5, 3.0]]) * (c + 1) * r).astype(np.float32) for c in (0, 1)}
+        ups = {c: m.decode_update(compact_frame("decomfl-up", r, [], v.astype("<f4").tobytes()), c, state, ctx) for c, v in g.items()}
+        state, _ = m.aggregate(state, ups, ctx)
+        mean = (g[0].astype(np.float64) + g[1]) / 2
+        seeds = np_rng(0, r, SERVER, "decomfl-seeds").integers(0, 1 << 63, size=k, dtype=np.uint64)
+        for kk, s in enumerate(seeds):
+            t += 1
+            zs = [z_of(m, s, i) for i in range(p)]
+            for n in m.names:
+                ghat = sum(mean[kk, i] * zs[i][n] for i in range(p)) / p
+                mom[n] = b1 * mom[n] + (1 - b1) * ghat
+                sec[n] = b2 * sec[n] + (1 - b2) * ghat**2
+                w[n] = w[n] - lr * (mom[n] / (1 - b1**t)) / (np.sqrt(sec[n] / (1 - b2**t)) + eps)
+        assert state["zo_steps"] == t == 2 * r
+        for n in m.names:
+            np.testing.assert_allclose(state["momentum"][n], mom[n], rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(state["second_moment"][n], sec[n], rtol=1e-5, atol=1e-9)
+            np.testing.assert_allclose(state["weights"][n], w[n], rtol=1e-5, atol=1e-6)
+    # the first Adam step moves every coordinate by about lr (m̂ / √v̂ = ±1 when ĝ has one term)
+    assert any(np.abs(state["weights"][n] - m.initial[n]).max() > lr / 2 for n in m.names)
+
+
 def test_feedsign_momentum_server_update_is_the_recursion_on_hand_made_votes(task):
     beta, lr = 0.9, 0.01
     m = make("feedsign", task, params="head", warm_start_rounds=0, local_steps=4, momentum=beta, lr=lr)
@@ -210,6 +243,7 @@ def test_feedsign_momentum_server_update_is_the_recursion_on_hand_made_votes(tas
     [
         ("decomfl", {"perturbations": 2, "adjust_perturb": "4", "momentum": 0.9}),
         ("feedsign", {"momentum": 0.8}),
+        ("decomfl", {"momentum": 0.9, "adam_beta2": 0.99, "perturbations": 2}),
     ],
 )
 def test_momentum_stale_client_replays_to_the_live_model_bit_for_bit(task, name, options):
@@ -220,17 +254,21 @@ def test_momentum_stale_client_replays_to_the_live_model_bit_for_bit(task, name,
     plan = {1: [0, 1], 2: [0, 2], 3: [0, 2], 4: [0, 2], 5: [0, 2], 6: [0, 1, 2]}  # client 1 away for rounds 2..5
     for r, who in plan.items():
         if r == 6:
-            live = {key: {n: a.copy() for n, a in state[key].items()} for key in ("weights", "momentum")}
+            live = {key: {n: a.copy() for n, a in state[key].items()} for key in ("weights", "momentum", "second_moment") if key in state}
+            steps = state["zo_steps"]
         state, _, _ = play(m, state, clients, r, who)
-    for key in ("weights", "momentum"):  # clients keep the model they trained from: the server's after round 5
+    keys = [key for key in ("weights", "momentum", "second_moment") if key in state]
+    for key in keys:  # clients keep the model they trained from: the server's after round 5
         for n in m.names:
             for c in (0, 1, 2):
                 assert torch.equal(torch.from_numpy(clients[c][key][n]), torch.from_numpy(live[key][n])), (key, n, c)
+    assert all(clients[c]["zo_steps"] == steps == 4 * 5 for c in (0, 1, 2))  # 4 ZO rounds of K = 5 steps
     assert any(np.abs(live["momentum"][n]).max() > 0 for n in m.names)  # the average really moved
     assert any(not np.array_equal(live["weights"][n], m.initial[n]) for n in m.names)
 
 
 def test_fedkseed_refuses_momentum():
-    with pytest.raises(ConfigError, match="momentum is not offered for fedkseed"):
-        get_method("fedkseed")(build_config(None, {"method": "fedkseed"}, {"momentum": 0.9}))
+    for sets in ({"momentum": 0.9}, {"adam_beta2": 0.99}):
+        with pytest.raises(ConfigError, match="is not offered for fedkseed"):
+            get_method("fedkseed")(build_config(None, {"method": "fedkseed"}, sets))
     assert get_method("fedkseed")(build_config(None, {"method": "fedkseed"}, {"momentum": 0.0})).opts.momentum == 0.0

@@ -136,6 +136,12 @@ class ZOOptions:
         "server and clients keep m (one more copy of the trainable weights), so replay stays exact",
         check=between(0.0, 1.0, hi_open=True),
     )
+    adam_beta2: float = option(
+        0.0,
+        "Adam-style ZO (ZO-AdaMM): β2 of the second moment v ← β2·v + (1−β2)·ĝ², w ← w − lr·m̂/(√v̂ + 1e-8) with m of "
+        "'momentum', both bias-corrected (0 = off); server and clients keep m, v and the step count (three copies)",
+        check=between(0.0, 1.0, hi_open=True),
+    )
 
 
 @dataclass
@@ -201,7 +207,8 @@ class ZOMethod(Method):
             p.requires_grad_(n in self.head)  # only the warm start uses autograd (on the head)
         self.named = named_params(model, self.names)
         self.perturber = Perturber(list(self.named.values()))
-        self.momentum = Momentum(self.perturber, o.momentum) if o.momentum > 0 else None
+        moments = o.momentum > 0 or o.adam_beta2 > 0
+        self.momentum = Momentum(self.perturber, o.momentum, o.adam_beta2) if moments else None
         self.k = self.cfg.local_steps
         self.p = self.perturbations_per_step
         self.warm_dtype = WARM_DTYPES[o.warm_start_dtype]
@@ -253,21 +260,30 @@ class ZOMethod(Method):
         )
 
     # ---- server ---------------------------------------------------------------------------------
-    def zero_momentum(self) -> dict[str, dict[str, np.ndarray]]:
-        """``{"momentum": m = 0}`` if the moving average is on (what every party starts from), else {}."""
-        return {"momentum": {n: np.zeros_like(a) for n, a in self.initial.items()}} if self.momentum else {}
+    def zero_momentum(self) -> dict[str, Any]:
+        """The moments every party starts from (m = 0, v = 0, t = 0) if they are on, else {}."""
+        if self.momentum is None:
+            return {}
+        zeros = {n: np.zeros_like(a) for n, a in self.initial.items()}
+        return {"momentum": zeros, "zo_steps": 0, **({"second_moment": zeros} if self.momentum.second else {})}
 
     def load_model(self, held: dict[str, Any]) -> None:
-        """Load ``held``'s weights (and moving average) into the model."""
+        """Load ``held``'s weights (and moments) into the model."""
         load_weights(self.named, held["weights"])
         if self.momentum is not None:
             load_weights(dict(zip(self.named, self.momentum.buffers)), held["momentum"])
+            if self.momentum.second:
+                load_weights(dict(zip(self.named, self.momentum.second)), held["second_moment"])
+            self.momentum.steps = int(held["zo_steps"])
 
     def read_model(self) -> dict[str, Any]:
-        """The model's weights (and moving average), as ``load_model`` takes them."""
+        """The model's weights (and moments), as ``load_model`` takes them."""
         out: dict[str, Any] = {"weights": read_weights(self.named)}
         if self.momentum is not None:
             out["momentum"] = read_weights(dict(zip(self.named, self.momentum.buffers)))
+            if self.momentum.second:
+                out["second_moment"] = read_weights(dict(zip(self.named, self.momentum.second)))
+            out["zo_steps"] = self.momentum.steps
         return out
 
     def init_server(self) -> dict[str, Any]:

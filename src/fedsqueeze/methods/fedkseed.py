@@ -59,9 +59,9 @@ class FedKSeedOptions(ZOOptions):
     importance_clip: float = option(5.0, "FedKSeed-Pro: |scalar| is clipped to this before it enters a seed's amplitude", check=above(0.0))
 
     def validate(self) -> None:
-        if self.momentum > 0:
+        if self.momentum > 0 or self.adam_beta2 > 0:
             raise ConfigError(
-                "momentum is not offered for fedkseed: a stale client may jump to the accumulated seed coefficients, "
+                "momentum (and adam_beta2) is not offered for fedkseed: a stale client may jump to the accumulated seed coefficients, "
                 "which do not carry the moving average m, and a round's record sums each seed's steps out of order "
                 "(use decomfl or feedsign with momentum)"
             )

@@ -10,6 +10,7 @@ With ``momentum`` β > 0 a step keeps an exponential moving average of the estim
 ``m ← β·m + (1 − β)·(1/P)·Σ_i g_i z_i`` and ``w ← w − lr·m`` (:class:`Momentum`). ``m`` is a
 deterministic function of the same (seed, scalar) records, so replay stays bit-identical as long
 as both parties hold the same ``m`` before it: one more buffer of the trainable tensors' size.
+With ``beta2`` > 0 it is Adam-style (a second moment ``v`` and a step count; three buffers).
 """
 
 from __future__ import annotations
@@ -69,31 +70,57 @@ class Perturber:
 
 
 class Momentum:
-    """The moving average ``m`` of a zeroth-order method's steps, over the same tensors as a :class:`Perturber`.
+    """The moments of a zeroth-order method's steps, over the same tensors as a :class:`Perturber`.
 
-    One step with the P scalars g of step seed s: ``m ← β·m + (1 − β)/P · Σ_i g_i · z(s, i)``,
-    then ``w ← w − lr·m``. The (1 − β) factor keeps the step's scale that of plain ZO-SGD at the
-    same lr (a constant gradient gives m → ĝ), so β only trades variance for lag.
+    One step with the P scalars g of step seed s, ``ĝ = (1/P) · Σ_i g_i · z(s, i)``:
+
+    - ``beta2 = 0`` (momentum): ``m ← β·m + (1 − β)·ĝ``, then ``w ← w − lr·m``. The (1 − β)
+      factor keeps the step's scale that of plain ZO-SGD at the same lr (a constant gradient gives
+      m → ĝ), so β only trades variance for lag.
+    - ``beta2 > 0`` (Adam-style, as ZO-AdaMM): also ``v ← β2·v + (1 − β2)·ĝ²`` and ``t ← t + 1``,
+      then ``w ← w − lr · m̂ / (√v̂ + ε)`` with ``m̂ = m / (1 − β^t)``, ``v̂ = v / (1 − β2^t)``.
+
+    ``m`` (and ``v``, ``t``) are functions of the same (seed, scalar) records, so two parties that
+    hold the same moments and replay the same records stay bit-identical.
     """
 
-    def __init__(self, perturber: Perturber, beta: float) -> None:
+    def __init__(self, perturber: Perturber, beta: float, beta2: float = 0.0, eps: float = 1e-8) -> None:
         self.perturber = perturber
-        self.beta = beta
-        self.buffers = [torch.zeros_like(p) for p in perturber.params]
+        self.beta, self.beta2, self.eps = beta, beta2, eps
+        self.buffers = [torch.zeros_like(p) for p in perturber.params]  # m
+        self.second = [torch.zeros_like(p) for p in perturber.params] if beta2 > 0 else []  # v
+        self.steps = 0  # t: the steps folded in so far (the bias correction needs it)
+        self._grad = [torch.zeros_like(p) for p in perturber.params] if beta2 > 0 else []  # ĝ of one step
         self._into = Perturber(self.buffers, perturber.chunk)  # the same z, added into m
+        self._into_grad = Perturber(self._grad, perturber.chunk) if beta2 > 0 else None
 
     @torch.no_grad()
     def step(self, seed: int, scalars: np.ndarray, lr: float) -> None:
-        """Fold one step's P scalars into ``m`` and move the weights by ``−lr·m``."""
+        """Fold one step's P scalars into the moments and move the weights."""
         perts = len(scalars)
-        for b in self.buffers:
-            b.mul_(self.beta)
+        self.steps += 1
+        if self._into_grad is None:
+            for b in self.buffers:
+                b.mul_(self.beta)
+            for i in range(perts):
+                g = float(scalars[i])
+                if g != 0.0:
+                    self._into.add(seed, i, (1.0 - self.beta) * g / perts)
+            for p, b in zip(self.perturber.params, self.buffers):
+                p.data.add_(b, alpha=-lr)
+            return
+        for d in self._grad:
+            d.zero_()
         for i in range(perts):
             g = float(scalars[i])
             if g != 0.0:
-                self._into.add(seed, i, (1.0 - self.beta) * g / perts)
-        for p, b in zip(self.perturber.params, self.buffers):
-            p.data.add_(b, alpha=-lr)
+                self._into_grad.add(seed, i, g / perts)
+        fix1, fix2 = 1.0 - self.beta**self.steps, 1.0 - self.beta2**self.steps
+        for p, m, v, d in zip(self.perturber.params, self.buffers, self.second, self._grad):
+            m.mul_(self.beta).add_(d, alpha=1.0 - self.beta)
+            v.mul_(self.beta2).addcmul_(d, d, value=1.0 - self.beta2)
+            denom = (v / fix2).sqrt_().add_(self.eps)
+            p.data.addcdiv_(m, denom, value=-lr / fix1)
 
 
 def estimate_step(
