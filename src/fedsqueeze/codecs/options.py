@@ -45,9 +45,18 @@ def split_codec_options(given: dict[str, Any], reserved: set[str]) -> tuple[dict
 
 
 def link_codecs(
-    uplink: str, downlink: str, codec_opts: CodecOptions, uplink_defaults: dict[str, dict[str, Any]] | None = None
+    uplink: str,
+    downlink: str,
+    codec_opts: CodecOptions,
+    uplink_defaults: dict[str, dict[str, Any]] | None = None,
+    *,
+    downlink_updates: bool = False,
 ) -> tuple[Codec, Codec]:
-    """The uplink and downlink codecs with their options; reject options no used codec takes."""
+    """The uplink and downlink codecs with their options; reject options no used codec takes.
+
+    ``downlink_updates``: the downlink carries changes (a delta downlink), so any codec may code
+    it; otherwise it carries model weights and must be a weight codec.
+    """
     used = {"uplink": uplink, "downlink": downlink}
     for (direction, cid), opts in codec_opts.items():
         targets = [direction] if direction else list(DIRECTIONS)
@@ -68,8 +77,9 @@ def link_codecs(
             **codec_opts.get((d, cid), {}),
         }
         codecs.append(get_codec(cid, **opts))
-    if not codecs[1].for_weights:
+    if not codecs[1].for_weights and not downlink_updates:
         raise ConfigError(
-            f"downlink_codec={downlink!r} is meant for updates, not model weights; use raw, zstd, fp16 or sz3 on the downlink"
+            f"downlink_codec={downlink!r} is meant for updates, not model weights; use raw, zstd, fp16 or sz3 on the "
+            "downlink, or send the change with downlink=delta"
         )
     return codecs[0], codecs[1]

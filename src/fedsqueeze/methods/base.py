@@ -3,6 +3,8 @@
 ::
 
     server:  downlink(state, ctx, client)            -> message bytes for that client
+             (the engine calls downlink_for(state, ctx, client, held), which adds the version of
+             the client state it knows the client holds; by default it is downlink())
     client:  client_update(message, client, cstate, ctx) -> ClientOutput(payload bytes, cstate, metrics)
     server:  decode_update(payload, client, state, ctx) -> a decoded update (or PayloadError)
              aggregate(state, {client: update}, ctx) -> (state, metrics)
@@ -186,6 +188,15 @@ class Method(ABC):
     @abstractmethod
     def downlink(self, state: Any, ctx: RoundContext, client: int) -> bytes:
         """The message the server sends to ``client`` this round."""
+
+    def downlink_for(self, state: Any, ctx: RoundContext, client: int, held: tuple[int, int] | None) -> bytes:
+        """The message for ``client``, which holds the client state it made in round ``held[0]``
+        (attempt ``held[1]``; None: its initial state), as the round engine knows from its replies.
+
+        A method whose message depends on what the client holds (the tensor methods' delta
+        downlink) overrides this; the default ignores it and sends :meth:`downlink`.
+        """
+        return self.downlink(state, ctx, client)
 
     @abstractmethod
     def decode_update(self, payload: bytes, client: int, state: Any, ctx: RoundContext) -> Any:

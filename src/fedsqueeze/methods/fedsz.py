@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods.base import register_method
 from fedsqueeze.methods.fedavg import FedAvg
 from fedsqueeze.methods.tensor import TensorOptions, codec_ids
@@ -36,3 +37,7 @@ class FedSZ(FedAvg):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.uplink_sends_weights = self.opts.compress_weights
+        if self.uplink_sends_weights and self.opts.downlink == "delta" and cfg.attack != "none":
+            # an attacker rewrites the change its upload makes to the weights it started from,
+            # which with downlink=delta only the client's own state holds
+            raise ConfigError("fedsz: compress_weights=true with downlink=delta does not support attack= (attack the update instead)")

@@ -1,7 +1,8 @@
 """TensorMethod: the shared shape of every method whose messages are named float tensors.
 
 Downlink: the global values of the trainable tensors (never the frozen backbone, which every party
-already has). Uplink: the client's change to them, ``delta = after − before``, weighted by its
+already has), or with ``downlink=delta`` their coded change since the view the client holds, with
+server-side error feedback (:mod:`fedsqueeze.methods.downlink`). Uplink: the client's change to them, ``delta = after − before``, weighted by its
 number of examples at the server. Both directions go through a codec chosen by the options
 ``downlink_codec`` / ``uplink_codec`` (``raw`` = float32, FedAvg's 32 bits per parameter), so a
 compressor composes with any subclass (fedavg, head, the PEFT methods...) with no new code.
@@ -28,6 +29,7 @@ from fedsqueeze.codecs.options import link_codecs, split_codec_options
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import scaffold
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
+from fedsqueeze.methods.downlink import MODES, VIEW_KEY, DeltaDownlink
 from fedsqueeze.methods.robust import TENSOR_RULES, RobustRule
 from fedsqueeze.methods.scaffold import CONTROLS as SCAFFOLD_CONTROLS
 from fedsqueeze.methods.server_opt import SERVER_OPTIMIZERS, ServerOpt
@@ -47,11 +49,6 @@ def codec_ids() -> list[str]:
     return sorted(CODECS)
 
 
-def weight_codec_ids() -> list[str]:
-    """The codecs meant for model weights, i.e. the ones the downlink may use."""
-    return sorted(cid for cid, cls in CODECS.items() if cls.for_weights)
-
-
 def update_norm(tensors: Tensors) -> float:
     """The L2 norm of all the tensors together, summed in float64 (no overflow for float32 values)."""
     return float(np.sqrt(sum(float(np.einsum("i,i->", a.reshape(-1), a.reshape(-1), dtype=np.float64)) for a in tensors.values())))
@@ -60,7 +57,15 @@ def update_norm(tensors: Tensors) -> float:
 @dataclass
 class TensorOptions:
     uplink_codec: str = option("raw", "codec for the client update (see `fedsqueeze methods`)", choices=codec_ids)
-    downlink_codec: str = option("raw", "codec for the global tensors sent to clients", choices=weight_codec_ids)
+    downlink: str = option(
+        "full",
+        "what the server sends: full = the global tensors every round; delta = their coded change since the view "
+        "the client holds, with server-side error feedback (docs/codecs.md)",
+        choices=MODES,
+    )
+    downlink_codec: str = option(
+        "raw", "codec for the downlink (downlink=full: a weight codec, raw/zstd/fp16/sz3; delta: any codec)", choices=codec_ids
+    )
     optimizer: str = option("adamw", "local optimizer", choices=OPTIMIZERS)
     server_opt: str = option(
         "none", "server optimizer on the combined update: none (FedAvg), avgm, adam, yogi, adagrad", choices=SERVER_OPTIMIZERS
@@ -127,8 +132,13 @@ class TensorMethod(Method):
         self.cfg = cfg
         self._downlink = RoundMemo()  # the round's message, keyed by the weights it encodes
         self.up_codec, self.down_codec = link_codecs(
-            self.opts.uplink_codec, self.opts.downlink_codec, codec_opts, self.uplink_codec_defaults
+            self.opts.uplink_codec,
+            self.opts.downlink_codec,
+            codec_opts,
+            self.uplink_codec_defaults,
+            downlink_updates=self.opts.downlink == "delta",
         )
+        self.delta_downlink: DeltaDownlink | None = None  # set up with the model (downlink=delta)
         o = self.opts
         self.server_opt = ServerOpt(o.server_opt, o.server_lr, o.server_momentum, o.beta1, o.beta2, o.tau)
         self.rule = RobustRule(o.robust, o.trim_beta, o.krum_f, o.krum_m, o.norm_bound)
@@ -160,6 +170,9 @@ class TensorMethod(Method):
         self.max_elements = sum(p.numel() for p in self.params)
         # what a payload in either direction must hold: these tensors, float32, these shapes
         self.expect = expect_tensors(self.shapes, np.float32)
+        if self.opts.downlink == "delta":
+            self.delta_downlink = DeltaDownlink(self.down_codec, self.expect, self.max_elements, self._check_tensors)
+            self.initial_view = read_weights(self.named)  # v_0: the model every party builds before round 1
 
     def trainable_params(self) -> int:
         return self.max_elements
@@ -188,18 +201,34 @@ class TensorMethod(Method):
             state["server_opt"] = self.server_opt.init_state(weights)
         if self.opts.scaffold:
             state["scaffold_c"] = scaffold.zeros_like(weights)
+        if self.delta_downlink is not None:
+            state[VIEW_KEY] = self.delta_downlink.init_state(weights)
         return state
 
+    def downlink_for(self, state: dict[str, Any], ctx: RoundContext, client: int, held: tuple[int, int] | None) -> bytes:
+        if self.delta_downlink is None:
+            return self.downlink(state, ctx, client)
+        # the first message of a round makes its broadcast and moves the server's client view
+        self.delta_downlink.advance(state[VIEW_KEY], state["weights"], ctx.seed, ctx.round)
+        return self._with_control(self.delta_downlink.message(state[VIEW_KEY], 0 if held is None else int(held[0])), state)
+
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
+        if self.delta_downlink is not None:  # a caller that does not say what the client holds: its initial state
+            return self.downlink_for(state, ctx, client, None)
+
         # every client of a round gets the same bytes: encode once per round, as a real server would
         def encode() -> bytes:
             weights = encode_tensors(self.down_codec, state["weights"], CodecContext(seed=ctx.seed_for(SERVER, "downlink")))
-            if not self.opts.scaffold:
-                return weights
-            return scaffold.pack(scaffold.DOWN_KIND, weights, scaffold.encode_control(state["scaffold_c"]))
+            return self._with_control(weights, state)
 
         key = (ctx.round, ctx.seed, state_digest(state["weights"]), state_digest(state.get("scaffold_c")))
         return self._downlink.get(key, encode)
+
+    def _with_control(self, message: bytes, state: dict[str, Any]) -> bytes:
+        """The downlink message, with SCAFFOLD's server control variate when it runs."""
+        if not self.opts.scaffold:
+            return message
+        return scaffold.pack(scaffold.DOWN_KIND, message, scaffold.encode_control(state["scaffold_c"]))
 
     def _control(self, data: memoryview, what: str) -> Tensors:
         """A control variate section (raw float32): exactly the trainable tensors, finite."""
@@ -218,8 +247,9 @@ class TensorMethod(Method):
         tensors, extra = decode_tensors(payload, self._decode_ctx(ctx.seed_for(-2, "uplink")), codec=self.up_codec)
         self._check_tensors(tensors, "client update")
         n = example_count(extra.get("n"), client, self.task.client_sizes())
-        if self.uplink_sends_weights:
-            tensors = {n: tensors[n].astype(np.float32) - state["weights"][n] for n in self.names}
+        if self.uplink_sends_weights:  # the client trained from the client view (downlink=delta) or the global weights
+            start = state[VIEW_KEY]["tensors"] if self.delta_downlink is not None else state["weights"]
+            tensors = {n: tensors[n].astype(np.float32) - start[n] for n in self.names}
             self._check_tensors(tensors, "client update (as a delta)")
         bound = self.opts.max_update_norm
         if bound > 0:
@@ -300,6 +330,25 @@ class TensorMethod(Method):
         by_id = {id(p): float(g["lr"]) for g in self.param_groups() for p in g["params"]}
         return {n: by_id.get(id(p), self.lr) for n, p in self.named.items()}
 
+    def receive_downlink(self, message: bytes, state: Any, ctx: RoundContext) -> tuple[Tensors, dict[str, Any]]:
+        """The tensors to train from, decoded from the server's message, and the client state to go on with.
+
+        ``downlink=delta``: the client view this client reaches from the one its state holds (the
+        initial model if none); it goes into the returned state (a new dict: a client that fails
+        later in the round keeps its old state, which is the one the server believes it holds).
+        """
+        state = dict(state) if isinstance(state, dict) else {}
+        if self.delta_downlink is None:
+            weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")), codec=self.down_codec)
+            self._check_tensors(weights, "server message")
+            return weights, state
+        held = state.get(VIEW_KEY)
+        held_round, held_view = (int(held["round"]), held["tensors"]) if isinstance(held, dict) else (0, self.initial_view)
+        self._check_tensors(held_view, "the client's own view")
+        view = self.delta_downlink.receive(message, held_round, held_view, ctx.seed, ctx.round)
+        state[VIEW_KEY] = {"round": ctx.round, "tensors": view}
+        return view, state
+
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
         own = state if isinstance(state, dict) else {}
@@ -308,8 +357,7 @@ class TensorMethod(Method):
             section, control_bytes = scaffold.unpack(scaffold.DOWN_KIND, message)
             c, message = self._control(control_bytes, "server control variate"), bytes(section)
             own = own.get("codec") or {}
-        weights, _ = decode_tensors(message, self._decode_ctx(ctx.seed_for(SERVER, "downlink")), codec=self.down_codec)
-        self._check_tensors(weights, "server message")
+        weights, own = self.receive_downlink(message, own, ctx)
         load_weights(self.named, weights)
         codec_s = time.perf_counter() - t0
 

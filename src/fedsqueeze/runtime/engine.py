@@ -225,7 +225,7 @@ class Engine:
         calls = []
         for client in clients:
             t0 = time.perf_counter()
-            message = self.method.downlink(state, ctx, client)
+            message = self.method.downlink_for(state, ctx, client, self.state_versions.get(client))
             tally.codec_s += time.perf_counter() - t0
             tally.downlink.append(len(message))
             if drops_out(self.cfg, ctx, client, ctx.attempt):
