@@ -12,9 +12,13 @@ A synthetic round at ``--n`` masked weights: θ_start as uint8 symbols (90% near
   uint8 context per position built a chunk at a time, int32 ranks decoded in pieces and turned
   into positions in place.
 
-Records the median seconds of ``--repeats`` interleaved runs of each (and of the encode), their
-ratio, and each decode's tracemalloc peak against 2 × float32 of the mask. Both must give the
-same positions (checked). Writes benchmarks/results/context_decode.json.
+The same for fedpm's ``coder=levels`` (the whole sampled mask ``u < θ_client``, ANS-coded per
+level of θ): the grouped-bit decode before (an int64 grouping sort, kept here as ``whole_bits``)
+against ``decode_grouped_bits`` now (int32 positions of the ones, found chunk by chunk).
+
+Records the median seconds of ``--repeats`` interleaved runs of each (and of the encoders), the
+ratios, and each decode's tracemalloc peak against 2 × float32 of the mask. Each pair must give
+the same result (checked). Writes benchmarks/results/context_decode.json.
 
     nice -n 10 env PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/context_decode.py [--n 2000000]
 """
@@ -30,12 +34,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import constriction
 import numpy as np
 
-from fedsqueeze.codecs.ans import decode_grouped_bits
+from fedsqueeze.codecs.ans import chunk_size, decode_grouped_bits, encode_grouped_bits, group_order
 from fedsqueeze.codecs.sideinfo import (
     NUM_CONTEXTS,
-    chunk_size,
     chunked_contexts,
     decode_flips_counted,
     encode_flips,
@@ -53,16 +57,33 @@ def theta_start(sym: np.ndarray) -> np.ndarray:
     return clip_probs(sym.astype(np.float32) / np.float32(LEVELS), EPS)
 
 
+def whole_bits(ones: list[int], body: memoryview | bytes, groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """The grouped-bit decode before, kept here as the reference: an int64 grouping sort of every
+    position, and each group decoded at once into a bool mask."""
+    order, bounds = group_order(groups, num_groups)
+    coder = constriction.stream.stack.AnsCoder(np.frombuffer(body, dtype="<u4").astype(np.uint32))
+    bits = np.zeros(groups.size, dtype=bool)
+    for g in range(num_groups):
+        lo, hi = int(bounds[g]), int(bounds[g + 1])
+        if ones[g] == hi - lo:
+            bits[order[lo:hi]] = True
+        elif ones[g] > 0:
+            p = ones[g] / (hi - lo)
+            model = constriction.stream.model.Categorical(np.array([1.0 - p, p]), perfect=False)
+            bits[order[lo:hi]] = coder.decode(model, hi - lo) == 1
+    return bits
+
+
 def decode_whole(sym: np.ndarray, meta: dict[str, Any], body: bytes) -> np.ndarray:
-    """The decoder before: everything over the whole mask at once."""
+    """The context decoder before: everything over the whole mask at once."""
     u = shared_uniforms(np.random.default_rng(SEED), sym.size)
     contexts = flip_contexts(u, theta_start(sym))
     ones, start = unpack_counts(body, np.bincount(contexts, minlength=NUM_CONTEXTS))
-    return np.flatnonzero(decode_grouped_bits({"ones": ones}, body[start:], contexts, NUM_CONTEXTS))
+    return np.flatnonzero(whole_bits(ones, body[start:], contexts, NUM_CONTEXTS))
 
 
 def decode_chunked(sym: np.ndarray, meta: dict[str, Any], body: bytes) -> np.ndarray:
-    """The decoder now: uniforms, θ_start and contexts a chunk at a time, then the bounded decode."""
+    """The context decoder now: uniforms, θ_start and contexts a chunk at a time, then the bounded decode."""
     n, step, rng = sym.size, chunk_size(sym.size), np.random.default_rng(SEED)
     chunks = ((shared_uniforms(rng, min(step, n - lo)), theta_start(sym[lo : lo + step])) for lo in range(0, n, step))
     return decode_flips_counted(meta, body, chunked_contexts(n, chunks), n)[0]
@@ -101,31 +122,41 @@ def main() -> None:
 
     meta, body = encode()
     whole, chunked = decode_whole(sym, meta, body), decode_chunked(sym, meta, body)
-    assert np.array_equal(whole, np.flatnonzero(flips)) and np.array_equal(chunked, whole), "the decoders disagree"
-    times: dict[str, list[float]] = {"encode": [], "decode_whole": [], "decode_chunked": []}
-    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-        times["encode"].append(timed(encode))
-        times["decode_whole"].append(timed(lambda: decode_whole(sym, meta, body)))
-        times["decode_chunked"].append(timed(lambda: decode_chunked(sym, meta, body)))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    peaks = {
-        "decode_whole": peak_of(lambda: decode_whole(sym, meta, body)),
-        "decode_chunked": peak_of(lambda: decode_chunked(sym, meta, body)),
+    assert np.array_equal(whole, np.flatnonzero(flips)) and np.array_equal(chunked, whole), "the context decoders disagree"
+    # fedpm coder=levels: the whole sampled mask, grouped by θ's level
+    mask = u < theta_client
+    lmeta, lbody = encode_grouped_bits(mask, sym, LEVELS + 1)
+    assert np.array_equal(whole_bits(lmeta["ones"], lbody, sym, LEVELS + 1), mask), "the levels decoders disagree"
+    assert np.array_equal(decode_grouped_bits(lmeta, lbody, sym, LEVELS + 1), mask), "the levels decoders disagree"
+    runs: dict[str, Callable[[], Any]] = {
+        "context_encode": encode,
+        "context_decode_whole": lambda: decode_whole(sym, meta, body),
+        "context_decode_chunked": lambda: decode_chunked(sym, meta, body),
+        "levels_encode": lambda: encode_grouped_bits(mask, sym, LEVELS + 1),
+        "levels_decode_whole": lambda: whole_bits(lmeta["ones"], lbody, sym, LEVELS + 1),
+        "levels_decode_chunked": lambda: decode_grouped_bits(lmeta, lbody, sym, LEVELS + 1),
     }
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
+        for k, fn in runs.items():
+            times[k].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    peaks = {k: peak_of(fn) for k, fn in runs.items() if "decode" in k}
     target = 2 * 4 * n
+    codes = ("context", "levels")
     res = {
         "n": n,
         "flips": int(flips.sum()),
         "flip_fraction": round(float(flips.mean()), 5),
-        "code_bytes": len(body),
+        "code_bytes": {"context": len(body), "levels": len(lbody)},
         "repeats": args.repeats,
         "median_s": {k: round(v, 5) for k, v in med.items()},
-        "decode_chunked_over_whole": round(med["decode_chunked"] / med["decode_whole"], 3),
-        "decode_chunked_over_encode": round(med["decode_chunked"] / med["encode"], 3),
+        "decode_chunked_over_whole": {c: round(med[f"{c}_decode_chunked"] / med[f"{c}_decode_whole"], 3) for c in codes},
+        "decode_chunked_over_encode": {c: round(med[f"{c}_decode_chunked"] / med[f"{c}_encode"], 3) for c in codes},
         "peak_bytes": peaks,
         "target_bytes": target,
         "peak_over_target": {k: round(v / target, 3) for k, v in peaks.items()},
-        "note": "encode unchanged (whole-mask on the client); times are medians of interleaved runs in one process",
+        "note": "encoders unchanged (whole-mask, on the client); times are medians of interleaved runs in one process",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

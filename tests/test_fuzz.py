@@ -101,6 +101,7 @@ def test_head_client_side_decode(task):
 
 MASK_METHODS = [
     ("fedpm", {}),
+    ("fedpm", {"coder": "levels"}),
     ("fedpm", {"stratify": True, "head_dtype": "float16"}),
     ("deltamask", {}),
     ("deltamask", {"filter": "xor8"}),

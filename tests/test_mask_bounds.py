@@ -202,7 +202,7 @@ def test_context_code_claims_beyond_the_rounds_limits_are_refused_before_decodin
     sizes = sideinfo.context_sizes(sideinfo.flip_contexts(m.server_uniforms(CTX, 2), theta_start))
     ones, start = sideinfo.unpack_counts(body, sizes)
     words = body[start:]
-    monkeypatch.setattr(sideinfo, "decode_grouped_ranks", never)
+    monkeypatch.setattr(sideinfo, "decode_grouped_positions", never)
     too_many = np.minimum(sizes, cap + 1)  # every context full, up to more flips than the cap
     over_size = np.array(ones)
     over_size[int(np.argmax(sizes))] = int(sizes.max()) + 1  # a count past its context's size

@@ -60,6 +60,21 @@ def group_order(groups: np.ndarray, num_groups: int, counting: bool = True) -> t
     return order, bounds
 
 
+def chunk_size(n: int) -> int:
+    """Positions per chunk of a bounded decode of ``n`` positions: its temporaries (~24 bytes a
+    position) stay a small fraction of ``n``, and the chunks few enough for numpy to do the work."""
+    return min(1 << 16, max(1 << 10, n >> 4))
+
+
+def group_sizes(groups: np.ndarray, num_groups: int) -> np.ndarray:
+    """How many positions each group holds (counted a chunk at a time: bincount widens to int64)."""
+    sizes = np.zeros(num_groups, dtype=np.int64)
+    step = chunk_size(groups.size)
+    for lo in range(0, groups.size, step):
+        sizes += np.bincount(groups[lo : lo + step], minlength=num_groups)
+    return sizes
+
+
 def bernoulli_bits(ones: list[int] | np.ndarray, sizes: list[int] | np.ndarray) -> float:
     """``Σ_g n_g H(ones_g / n_g)``: the empirical entropy of a grouped bit vector, the bound of its code."""
     o = np.asarray(ones, dtype=np.float64)
@@ -119,7 +134,7 @@ def decode_grouped_ranks(ones: list[int], sizes: list[int], body: memoryview | b
     try:
         for k, size in zip(ones, sizes):
             if k == size:
-                out[at : at + k] = np.arange(k)
+                out[at : at + k] = np.arange(k, dtype=dtype)
             elif k > 0:
                 model, got = _bernoulli(k, size), 0
                 for lo in range(0, size, piece):
@@ -138,30 +153,61 @@ def decode_grouped_ranks(ones: list[int], sizes: list[int], body: memoryview | b
     return out
 
 
+def ranks_to_positions(ranks: np.ndarray, ones: list[int], groups: np.ndarray) -> None:
+    """Turn, in place, each group's ranks (the ``j``-th position of group ``g``, counting in position
+    order; ``ones[g]`` of them, sorted, group after group) into the positions themselves.
+
+    One pass over ``groups`` a chunk at a time: within a chunk, :func:`group_order` lists each
+    group's positions in order, and the ranks that fall in the chunk index into it.
+    """
+    count = np.asarray(ones, dtype=np.int64)
+    ends = np.cumsum(count)
+    todo = ends - count  # each group's first rank not yet turned
+    seen = np.zeros(count.size, dtype=np.int64)  # each group's positions in earlier chunks
+    step = chunk_size(groups.size)
+    for lo in range(0, groups.size, step):
+        order, bounds = group_order(groups[lo : lo + step], count.size)
+        here = np.diff(bounds)
+        for g in np.flatnonzero((todo < ends) & (here > 0)).tolist():
+            a = int(todo[g])
+            # the bound in the ranks' dtype: an int64 one would make searchsorted copy the ranks wide
+            b = a + int(np.searchsorted(ranks[a : ends[g]], ranks.dtype.type(seen[g] + here[g])))
+            ranks[a:b] = lo + order[bounds[g] + ranks[a:b] - seen[g]]
+            todo[g] = b
+        seen += here
+
+
+def decode_grouped_positions(ones: list[int], sizes: list[int], body: memoryview | bytes, groups: np.ndarray) -> np.ndarray:
+    """The positions of the ones of :func:`encode_grouped_bits`, group after group (sorted within a
+    group): int32 below 2^31 positions. The caller checks ``ones`` against ``sizes`` (the groups'
+    sizes) and bounds their sum.
+
+    Memory: the positions and chunk-sized temporaries (:func:`chunk_size`), never a temporary over
+    all of ``groups``.
+    """
+    dtype = np.int32 if groups.size < 1 << 31 else np.int64
+    ranks = decode_grouped_ranks(ones, sizes, body, chunk_size(groups.size), dtype)
+    ranks_to_positions(ranks, ones, groups)
+    return ranks
+
+
 def decode_grouped_bits(meta: dict[str, Any], body: memoryview | bytes, groups: np.ndarray, num_groups: int) -> np.ndarray:
     """Invert :func:`encode_grouped_bits` given the same ``groups``.
 
     The body may be no longer than the header's counts can need (:func:`grouped_bits_cap`),
-    checked before the stream is read.
+    checked before the stream is read; memory: the bits and the positions of the ones
+    (:func:`decode_grouped_positions`).
     """
     ones = meta.get("ones")
     if not (isinstance(ones, list) and len(ones) == num_groups and all(type(o) is int for o in ones)):
         raise PayloadError("mask header has no valid per-group counts of ones")
-    order, bounds = group_order(groups, num_groups)
-    sizes = np.diff(bounds)
-    if any(not 0 <= o <= s for o, s in zip(ones, sizes.tolist())):
+    sizes = group_sizes(groups, num_groups).tolist()
+    if any(not 0 <= o <= s for o, s in zip(ones, sizes)):
         raise PayloadError("mask header counts more ones than a group holds")
-    coder = _grouped_stream(ones, sizes.tolist(), body)
     bits = np.zeros(groups.size, dtype=bool)
-    try:
-        for g in range(num_groups):
-            lo, hi = int(bounds[g]), int(bounds[g + 1])
-            if ones[g] == sizes[g]:
-                bits[order[lo:hi]] = True
-            elif ones[g] > 0:
-                bits[order[lo:hi]] = coder.decode(_bernoulli(ones[g], int(sizes[g])), hi - lo) == 1
-    except Exception as exc:
-        raise PayloadError(f"mask ANS stream does not decode: {exc}") from exc
+    positions, step = decode_grouped_positions(ones, sizes, body, groups), chunk_size(groups.size)
+    for lo in range(0, positions.size, step):  # in chunks: numpy widens an int32 index to int64
+        bits[positions[lo : lo + step]] = True
     return bits
 
 

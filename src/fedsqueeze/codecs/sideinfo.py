@@ -29,8 +29,8 @@ model's flips), then the ANS words. The decoder checks the counts against the co
 decoding, and the ANS stream against what the counts can need.
 
 The server decodes in bounded memory (:func:`decode_flips_counted`): the contexts as one uint8 per
-position (built chunk by chunk, :func:`chunk_size`), the flips as int32 ranks within their context,
-decoded a chunk at a time and turned into positions in place; no temporary over the whole mask.
+position (built chunk by chunk, :func:`fedsqueeze.codecs.ans.chunk_size`), the flips as int32
+positions (:func:`fedsqueeze.codecs.ans.decode_grouped_positions`); no temporary over the whole mask.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from fedsqueeze.codecs.ans import bernoulli_bits, decode_grouped_ranks, encode_grouped_bits, grouped_bits_cap
+from fedsqueeze.codecs.ans import bernoulli_bits, decode_grouped_positions, encode_grouped_bits, group_sizes, grouped_bits_cap
 from fedsqueeze.errors import PayloadError
 
 CONTEXT_BINS = 32  # half-octave bins of |u − θ_ref|: 1 down to 2^-16, then one bin for everything nearer
@@ -62,12 +62,6 @@ def flip_contexts(u: np.ndarray, theta_ref: np.ndarray) -> np.ndarray:
     return ctx
 
 
-def chunk_size(n: int) -> int:
-    """Positions per chunk of the server's decoding of ``n`` positions: its temporaries (~24 bytes a
-    position) stay a small fraction of the mask, and the chunks few enough for numpy to do the work."""
-    return min(1 << 16, max(1 << 10, n >> 4))
-
-
 def chunked_contexts(n: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """The contexts of :func:`flip_contexts` of ``n`` positions, from ``(u, θ_ref)`` chunks in order."""
     contexts = np.empty(n, dtype=np.uint8)
@@ -81,12 +75,8 @@ def chunked_contexts(n: int, chunks: Iterable[tuple[np.ndarray, np.ndarray]]) ->
 
 
 def context_sizes(contexts: np.ndarray) -> np.ndarray:
-    """How many positions each context holds (counted a chunk at a time: bincount widens to int64)."""
-    sizes = np.zeros(NUM_CONTEXTS, dtype=np.int64)
-    step = chunk_size(contexts.size)
-    for lo in range(0, contexts.size, step):
-        sizes += np.bincount(contexts[lo : lo + step], minlength=NUM_CONTEXTS)
-    return sizes
+    """How many positions each context holds."""
+    return group_sizes(contexts, NUM_CONTEXTS)
 
 
 def flip_bound_bits(flips: np.ndarray, contexts: np.ndarray) -> float:
@@ -164,36 +154,9 @@ def decode_flips_counted(meta: Any, body: memoryview | bytes, contexts: np.ndarr
     ones, start = unpack_counts(body, sizes)
     if sum(ones) > max_flips:
         raise PayloadError(f"flip code claims {sum(ones)} flips, more than the {max_flips} this round allows")
-    step = chunk_size(contexts.size)
-    dtype = np.int32 if contexts.size < 1 << 31 else np.int64
-    positions = decode_grouped_ranks(ones, sizes.tolist(), body[start:], step, dtype)
-    ranks_to_positions(positions, ones, contexts)
+    positions = decode_grouped_positions(ones, sizes.tolist(), body[start:], contexts)
     positions.sort()
     return positions, bernoulli_bits(ones, sizes)
-
-
-def ranks_to_positions(ranks: np.ndarray, ones: list[int], contexts: np.ndarray) -> None:
-    """Turn, in place, each context's flip ranks (the ``j``-th position of context ``c``, counting in
-    position order; ``ones[c]`` of them, sorted, context after context) into the positions themselves.
-
-    One pass over ``contexts`` a chunk at a time: within a chunk, a stable sort by context lists
-    each context's positions in order, and the ranks that fall in the chunk index into it.
-    """
-    ends = np.cumsum(np.asarray(ones, dtype=np.int64))
-    todo = ends - np.asarray(ones, dtype=np.int64)  # each context's first rank not yet turned
-    seen = np.zeros(NUM_CONTEXTS, dtype=np.int64)  # each context's positions in earlier chunks
-    step = chunk_size(contexts.size)
-    for lo in range(0, contexts.size, step):
-        chunk = contexts[lo : lo + step]
-        order = np.argsort(chunk, kind="stable")
-        counts = np.bincount(chunk, minlength=NUM_CONTEXTS)
-        starts = np.cumsum(counts) - counts
-        for c in np.flatnonzero((todo < ends) & (counts > 0)).tolist():
-            a = int(todo[c])
-            b = a + int(np.searchsorted(ranks[a : ends[c]], seen[c] + counts[c]))
-            ranks[a:b] = lo + order[starts[c] + ranks[a:b] - seen[c]]
-            todo[c] = b
-        seen += counts
 
 
 def flips_cap_bytes(n: int, max_flips: int) -> int:

@@ -121,7 +121,7 @@ class FedPM(MaskMethod):
         if self.opts.coder == "context":
             return self.decode_context_flips(meta, body, state, ctx, client, self.n)
         levels = int(state["levels"])
-        return SampledMask(decode_grouped_bits(meta, body, state["theta_sym"].astype(np.int64), levels + 1))
+        return SampledMask(decode_grouped_bits(meta, body, state["theta_sym"], levels + 1))  # uint8/uint16: no wide copy
 
     def rebuild_mask(
         self,

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedsqueeze.codecs.ans import chunk_size
 from fedsqueeze.codecs.positions import entropy_bound_bits
-from fedsqueeze.codecs.sideinfo import chunk_size, chunked_contexts, decode_flips_counted, encode_flips, flip_bound_bits, flip_contexts
+from fedsqueeze.codecs.sideinfo import chunked_contexts, decode_flips_counted, encode_flips, flip_bound_bits, flip_contexts
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest

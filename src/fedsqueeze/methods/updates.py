@@ -67,7 +67,7 @@ class FilterFlips:
 class ExactFlips:
     """deltamask-exact (and the context flip codes of every mask method): the sorted flipped positions, decoded exactly."""
 
-    positions: np.ndarray  # int64
+    positions: np.ndarray  # int64 (context codes: int32 below 2^31 positions)
     nbytes: int  # bytes of the position code on the wire
     bound_bits: float | None = None  # the code's own bound (context codes: H(flips | context)); None: log2 C(n, N)
 
