@@ -253,6 +253,52 @@ def test_decomfl_zo_decode_update_peak_memory(task):
         assert 0 < peak <= budget, (i, peak, budget)
 
 
+def npy(shape, descr="|u1", data=b"", version=(1, 0)) -> bytes:
+    """A ``.npy`` buffer with any header (numpy's own header writer) followed by ``data``."""
+    import io
+
+    from numpy.lib import format as npy_format
+
+    buf = io.BytesIO()
+    write = npy_format.write_array_header_1_0 if version == (1, 0) else npy_format.write_array_header_2_0
+    write(buf, {"descr": descr, "fortran_order": False, "shape": shape})
+    head = bytearray(buf.getvalue())
+    head[6:8] = bytes(version)  # the magic's version bytes (3.0: a version this reader refuses)
+    return bytes(head) + data
+
+
+def test_flower_payload_array_allocates_only_what_it_carries():
+    """A Flower reply's payload record: its .npy header may not make the server allocate what it claims
+    (np.load allocated 1 GiB for a 131-byte buffer claiming 2^30 bytes); honest buffers read back exactly."""
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    from fedsqueeze.runtime.flower_wire import PAYLOAD, bytes_record, npy_bytes, record_bytes
+
+    data = bytes(range(256)) * 40
+    assert npy_bytes(npy((len(data),), data=data)) == data == npy_bytes(npy((len(data),), data=data, version=(2, 0)))
+    assert record_bytes(RecordDict({PAYLOAD: bytes_record(data)})) == data
+    cases = [
+        npy((1 << 30,), data=b"abc"),  # the header claims far more than the buffer holds
+        npy((1 << 62,)),
+        npy((len(data) + 1,), data=data),
+        npy((len(data) - 1,), data=data),
+        npy((len(data) // 4,), "<f4", data),  # another dtype
+        npy((2, len(data) // 2), data=data),  # two dimensions
+        npy((len(data),), data=data, version=(3, 0)),
+        npy((len(data),), data=data)[:9],  # a truncated header
+        b"not npy" + data,
+    ]
+    for bad in cases:
+        peak, err = traced_peak(lambda bad=bad: npy_bytes(bad))
+        assert isinstance(err, PayloadError) and peak <= decode_budget(len(data)), (bad[:60], peak, err)
+        record = ArrayRecord({"bytes": Array(dtype="uint8", shape=(len(data),), stype="numpy.ndarray", data=bad)})
+        with pytest.raises(PayloadError, match="malformed|does not match"):
+            record_bytes(RecordDict({PAYLOAD: record}))
+    other = ArrayRecord({"bytes": Array(dtype="uint8", shape=(3,), stype="pickle", data=b"abc")})
+    with pytest.raises(PayloadError, match="serialisation type"):
+        record_bytes(RecordDict({PAYLOAD: other}))
+
+
 def test_unframe():
     fuzz_decoder("unframe", unframe, reframe(b"raw", b'{"a":[1,2],"b":{"c":null}}', b"body bytes"))
 

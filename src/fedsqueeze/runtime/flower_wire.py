@@ -7,12 +7,14 @@
   reply, ``error`` when the client failed.
 - ``fsq.metrics``  MetricRecord in the reply: train_s, codec_s, train_loss.
 
-Nothing is pickled: arrays travel through numpy's ``.npy`` format (``allow_pickle=False`` on both
-ends). Everything a peer sends is checked here before use: a malformed message is a PayloadError.
+Nothing is pickled: arrays travel through numpy's ``.npy`` format, read back by :func:`npy_bytes`
+(its header checked against its length; never ``np.load``). Everything a peer sends is checked here
+before use: a malformed message is a PayloadError.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError, PayloadError
@@ -47,13 +51,29 @@ def record_bytes(content: RecordDict) -> bytes:
     arr = record["bytes"]
     if arr.dtype != "uint8" or len(arr.shape) != 1:
         raise PayloadError(f"payload must be 1-D uint8, got {arr.dtype} {tuple(arr.shape)}")
+    if arr.stype != SType.NUMPY:
+        raise PayloadError(f"payload array has serialisation type {str(arr.stype)[:40]!r}, not {SType.NUMPY!r}")
+    return npy_bytes(arr.data)
+
+
+def npy_bytes(data: bytes) -> bytes:
+    """The bytes of a 1-D uint8 ``.npy`` buffer, read without ``np.load``: that allocates what the
+    buffer's header claims before it reads the data (a 131-byte reply claiming 2^30 bytes made the
+    server allocate 1 GiB). Here the header must state uint8, one dimension and exactly the bytes that
+    follow it; nothing is allocated but the returned bytes, and nothing is unpickled."""
+    f = io.BytesIO(data)
     try:
-        out = arr.numpy()  # np.load(allow_pickle=False)
+        version = npy_format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f"unsupported .npy version {version}")
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
     except Exception as exc:  # a malformed .npy buffer
         raise PayloadError(f"payload array is malformed: {type(exc).__name__}") from None
-    if out.dtype != np.uint8 or out.ndim != 1:
+    start = f.tell()
+    if dtype != np.uint8 or len(shape) != 1 or shape[0] != len(data) - start:
         raise PayloadError("payload array does not match its declared dtype/shape")
-    return out.tobytes()
+    return bytes(data[start:])
 
 
 def config_to_json(cfg: RunConfig) -> str:
