@@ -22,7 +22,7 @@ from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods import get_method
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.methods.downlink import VIEW_KEY, keep_steps, plan_catch_up, refresh_size, view_digest
-from fedsqueeze.runtime.engine import ClientCall, Engine, prepare
+from fedsqueeze.runtime.engine import ClientCall, Engine, check_resume, load_resume, prepare
 from fedsqueeze.runtime.local import LocalTransport
 from fedsqueeze.seeding import SERVER, seed_int
 
@@ -313,6 +313,15 @@ def test_delta_downlink_from_the_cli(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert [r["dropped"] for r in res["rounds"]] == [[], []]
     assert all(r["downlink_bpp"] < 4 for r in res["rounds"])  # against 32 for the full raw downlink
+    # the views survive the checkpoint: a resumed run gets the server's and every client's back
+    cfg, ckpt = load_resume(out)
+    method, _ = prepare(cfg)
+    check_resume(ckpt, cfg, method, method.init_server())
+    view = ckpt.server_state[VIEW_KEY]
+    assert view["round"] == 2 and view["digest"] == view_digest(view["tensors"])
+    assert [s["bytes"].dtype for s in view["steps"]] == [np.uint8] * len(view["steps"]) and view["steps"]
+    for client, (round_, _) in ckpt.state_versions.items():
+        assert ckpt.client_states[client][VIEW_KEY]["round"] == round_
 
 
 @pytest.mark.slow  # Ray start-up
