@@ -145,6 +145,20 @@ def test_mask_method_decode_update_peak_memory(task, name, options):
     assert 0 < PEAK[label] <= budget
 
 
+@pytest.mark.parametrize("name, options", MASK_METHODS, ids=lambda v: str(v))
+def test_mask_uplink_header_of_empty_lists_stays_within_budget(task, name, options):
+    """Parsing JSON takes up to ~25 bytes per byte of text: a header of empty lists as long as the
+    uplink allows (it allowed a 17 KiB head table: 400 KB parsed) must stay within the mask's budget."""
+    m = build(name, task, **options)
+    state, ctx = m.init_server(), RoundContext(round=1, rounds=2, seed=0)
+    limit = 256 + m.mask_limits(state, ctx).meta_bytes + m.wire.head_meta_bytes
+    meta = ('{"n":5,"x":[' + ",".join(["[]"] * ((limit - 13) // 3)) + "]}").encode()
+    assert limit - 3 <= len(meta) <= limit
+    budget = decode_budget(m.n + sum(int(np.prod(s)) for s in m.head_shapes.values()))
+    peak, err = traced_peak(lambda: m.decode_update(reframe(m.uplink_kind.encode(), meta, b""), 2, state, ctx))
+    assert isinstance(err, PayloadError) and 0 < peak <= budget, (peak, budget, err)
+
+
 def context_upload(m, ones, words: bytes = b"") -> bytes:
     """A mask upload whose context code states per-context flip counts ``ones`` (then ``words``)."""
     from fedsqueeze.codecs import frame

@@ -16,14 +16,16 @@ Every decoder checks what it reads and raises PayloadError.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
 
 from fedsqueeze.codecs import CodecContext, RawCodec, expect_tensors
 from fedsqueeze.codecs.ans import decode_symbols, encode_symbols
-from fedsqueeze.codecs.base import meta_bound, split_body
+from fedsqueeze.codecs.base import split_body
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.updates import example_count
@@ -87,10 +89,16 @@ class MaskWire:
         """Bytes of the head section: every head tensor in the wire dtype."""
         return sum(int(np.prod(s)) for s in self.head_shapes.values()) * np.dtype(self.head_dtype).itemsize
 
-    @property
+    @cached_property
     def head_meta_bytes(self) -> int:
-        """A cap on the head section's table (it grows with the head's tensor count, not their sizes)."""
-        return meta_bound(expect_tensors(self.head_shapes, self.head_dtype))
+        """A cap on the head section's table: the honest table's own JSON length and 64 bytes of slack.
+
+        Parsing JSON takes up to ~25 bytes of Python objects per byte of text (a table of empty
+        lists), so the generic bound for a tensor table (``meta_bound``: 16 KiB and more) would let a
+        header of empty lists make a tiny model's server allocate twice the mask's budget.
+        """
+        table, _ = self.encode_head({n: np.zeros(s, np.float32) for n, s in self.head_shapes.items()})
+        return len(json.dumps(table, separators=(",", ":"))) + 64
 
     def encode_head(self, tensors: Tensors) -> tuple[dict[str, Any], bytes]:
         """Head weights or deltas as raw tensors in the wire dtype: ``(table, body)``."""
