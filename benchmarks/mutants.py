@@ -16,6 +16,12 @@ i.e. ``killed / (total − equivalent − message)``.
     make mutants                                   # the default files (what fits 2 cores in ~45 min)
     python benchmarks/mutants.py --files 'src/fedsqueeze/codecs/*.py' --sample 0.25
     python benchmarks/mutants.py --all             # every file of the three packages (hours)
+    python benchmarks/mutants.py --files src/fedsqueeze/methods/robust.py \
+        --tests tests/test_strategies.py --section robust   # one module against its own tests
+
+``--section NAME`` stores the report under ``sections.NAME`` of the JSON and keeps everything else
+in it (the default files' report at the top level, other sections); a run without it replaces the
+top level and keeps the sections.
 
 Not part of ``make test``.
 """
@@ -185,7 +191,7 @@ def mutmut(work: Path, *args: str, check: bool = True, env: dict | None = None) 
     return proc
 
 
-def prepare(work: Path, files: list[str], rev: str) -> None:
+def prepare(work: Path, files: list[str], rev: str, tests: list[str]) -> None:
     """A scratch copy of commit ``rev`` (src/, the test subset, pyproject.toml) plus the mutmut section.
 
     A commit, not the working tree: other work in progress never leaks into the measurement, and the
@@ -195,21 +201,21 @@ def prepare(work: Path, files: list[str], rev: str) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "archive", rev, "src", "pyproject.toml", *TESTS, *HELPERS], cwd=ROOT, capture_output=True, check=True
+        ["git", "archive", rev, "src", "pyproject.toml", *tests, *HELPERS], cwd=ROOT, capture_output=True, check=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(work)], input=archive, check=True)
-    write_config(work, files)
+    write_config(work, files, tests)
 
 
-def write_config(work: Path, files: list[str]) -> None:
+def write_config(work: Path, files: list[str], tests: list[str]) -> None:
     """``pyproject.toml`` of the copy (and of mutmut's own copy, once it exists) with a ``[tool.mutmut]`` section."""
     toml_list = lambda xs: "[" + ", ".join(json.dumps(x) for x in xs) + "]"  # noqa: E731
-    pytest_args = ["-q", "-x"] + [f"--deselect={d}" for d in DESELECT]
+    pytest_args = ["-q", "-x"] + [f"--deselect={d}" for d in deselected(tests)]
     section = (
         "\n[tool.mutmut]\n"
         'source_paths = ["src"]\n'
         f"only_mutate = {toml_list(files)}\n"
-        f"pytest_add_cli_args_test_selection = {toml_list(TESTS)}\n"
+        f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
         f"pytest_add_cli_args = {toml_list(pytest_args)}\n"
         "use_git_change_detection = false\n"
     )
@@ -217,6 +223,24 @@ def write_config(work: Path, files: list[str]) -> None:
     for target in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
         if target.parent.exists():
             target.write_text(base + section)
+
+
+def deselected(tests: list[str]) -> list[str]:
+    """The DESELECT entries of the test files in use."""
+    return [d for d in DESELECT if d.split("::")[0] in tests]
+
+
+def write_report(out: Path, report: dict, section: str | None) -> None:
+    """Write ``report`` to ``out``: as its top level (keeping its sections), or as ``sections[section]``."""
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    sections = old.get("sections", {})
+    if section:
+        doc = {k: v for k, v in old.items() if k != "sections"}
+        sections[section] = report
+    else:
+        doc = report
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**doc, "sections": sections}, indent=1, ensure_ascii=False) + "\n")
 
 
 def snapshot(rev: str) -> dict[str, object]:
@@ -308,6 +332,8 @@ def main() -> None:
         help="with --recheck: take this test file from another commit, or from a local file, "
         "when the tests of --rev no longer fit the mutated source",
     )
+    ap.add_argument("--tests", nargs="+", help="test files to run against the mutants (default: the fast subset TESTS)")
+    ap.add_argument("--section", help="store the report under sections.SECTION of --out, keeping the rest of it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutants.json"))
     ap.add_argument(
         "--recheck",
@@ -318,6 +344,7 @@ def main() -> None:
     args = ap.parse_args()
 
     files = args.files or DEFAULT_FILES
+    tests = args.tests or TESTS
     if args.all:
         files = [f"src/fedsqueeze/{p}/*.py" for p in PACKAGES]
     work = Path(args.workdir)
@@ -337,6 +364,7 @@ def main() -> None:
     if args.recheck:
         previous = json.loads((work / "report.json").read_text())
         previous_fractions = previous.get("sample_by_file", {})
+        tests = args.tests or previous.get("tests", TESTS)
         files, history = (
             previous["files"],
             previous.get("history", [])
@@ -344,8 +372,8 @@ def main() -> None:
         )
         tests_commit = subprocess.run(["git", "rev-parse", args.rev], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
         overrides = dict(args.test_rev)
-        test_commits = {t: overrides.get(t, tests_commit) for t in TESTS + HELPERS}
-        for t in TESTS + HELPERS:  # the tests of commit --rev; the mutants/ copy is what mutmut runs
+        test_commits = {t: overrides.get(t, tests_commit) for t in tests + HELPERS}
+        for t in tests + HELPERS:  # the tests of commit --rev; the mutants/ copy is what mutmut runs
             rev = test_commits[t]
             text = (
                 Path(rev).read_bytes()
@@ -358,10 +386,10 @@ def main() -> None:
                 test_commits[t] = f"{rev} (a local file, sha256 {hashlib.sha256(text).hexdigest()[:16]})"
             for dest in (work / t, work / "mutants" / t):
                 dest.write_bytes(text)
-        write_config(work, files)
+        write_config(work, files, tests)
         (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)  # re-map tests to functions
     else:
-        prepare(work, files, args.rev)
+        prepare(work, files, args.rev, tests)
         (work / "snapshot.json").write_text(json.dumps(snapshot(args.rev)))
     version = mutmut(work, "--version", env=env).stdout.strip()
     names: list[str] = []
@@ -410,8 +438,8 @@ def main() -> None:
         "test_file_commits": {t: c for t, c in test_commits.items() if c != tests_commit},
         "files": files,
         "files_with_mutants": sorted(by_file),
-        "tests": TESTS,
-        "deselected": DESELECT,
+        "tests": tests,
+        "deselected": deselected(tests),
         "sample": args.sample,
         "sample_by_file": fractions or previous_fractions,
         "seed": args.seed,
@@ -425,8 +453,7 @@ def main() -> None:
     }
     text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
     (work / "report.json").write_text(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_report(Path(args.out), report, args.section)
     for pkg, s in by_pkg.items():
         print(
             f"{pkg:8s} killed {s['killed']:4d}  survived {s['survived']:4d}  timeout {s['timeout']:3d}  total {s['total']:4d}"

@@ -1,6 +1,10 @@
 """One round engine under every runtime: the same config gives the same round records locally and on
 Flower (faults included), a killed Flower run resumes to the uninterrupted result, and every run
-setting is honoured by every runtime or rejected up front."""
+setting is honoured by every runtime or rejected up front.
+
+The two Flower properties share one pair of Ray runs (Ray's start-up is most of their cost): a
+flower-sim run under every fault, SIGKILLed after its first checkpoint and resumed, must give the
+round records of the same config run uninterrupted on the local runtime."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.errors import ConfigError
@@ -33,14 +38,16 @@ FAULTS = dict(
     fault_raise=0.1,
     fault_garbage=0.1,
     fault_hang=0.1,
-    client_timeout=20.0,
+    # each injected hang costs this long; an honest flower-sim round takes ~0.2 s, but its replies may queue
+    # behind a hung client's actor (busy HANG_GRACE_S = 5 s more) on a loaded machine: keep a wide margin
+    client_timeout=10.0,
     fault_corrupt=0.1,
     straggler=0.2,
     deadline=30.0,
     min_clients=2,
     min_clients_policy="retry",
 )
-TASK = dict(model="tiny", clients=4, clients_per_round=3, rounds=3, train_size=200, test_size=100, local_steps=3, batch_size=8, threads=1)
+TASK = dict(model="tiny", clients=4, clients_per_round=3, rounds=4, train_size=200, test_size=100, local_steps=3, batch_size=8, threads=1)
 SAME = (
     "round",
     "accuracy",
@@ -60,15 +67,6 @@ SAME = (
 
 def _cli_args(values: dict) -> list[str]:
     return [a for k, v in values.items() for a in ("--set", f"{k}={json.dumps(v) if isinstance(v, str) else v}")]
-
-
-@pytest.fixture
-def ray_tmp():
-    """A short private TMPDIR (Ray's socket paths must stay short): every Ray process of the run names it."""
-    path = Path(tempfile.mkdtemp(prefix="fsq-", dir="/tmp"))
-    yield path
-    _kill_leftovers(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -120,22 +118,75 @@ def _same_records(a: dict, b: dict) -> None:
             assert ra[key] == rb[key], (ra["round"], key, ra[key], rb[key])
 
 
-def test_local_and_flower_sim_give_identical_round_records_under_faults(tmp_path, ray_tmp):
-    """Dropout, crash, hang (timeout), garbage, corruption and stragglers, with retries: same records."""
-    env = _env(ray_tmp)
+@pytest.fixture(scope="module")
+def faulty_runs(tmp_path_factory) -> dict:
+    """topk under every fault: on flower-sim, SIGKILLed after its first checkpoint, then resumed; and locally, whole.
+
+    topk keeps error-feedback memory on every client, so the resumed nodes must get their states back.
+    The local run is the reference, built in this process from the same settings as the CLI runs.
+    """
+    from fedsqueeze.runtime import run_local
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fsq-", dir="/tmp"))  # Ray's socket paths must stay short
+    env, out = _env(ray_tmp), tmp_path_factory.mktemp("engine") / "killed"
     try:
-        subprocess.run(_run_cmd("flower-sim", "topk", tmp_path / "sim", FAULTS), check=True, timeout=400, env=env)
+        proc = subprocess.Popen(
+            _run_cmd("flower-sim", "topk", out, FAULTS),
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                ckpt = load_checkpoint(out) if (out / "checkpoint").is_file() else None
+                if ckpt is not None and ckpt.round >= 1:
+                    break
+                time.sleep(0.05)
+            ended_early = proc.poll() is not None
+            if not ended_early:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            _kill_leftovers(ray_tmp)
+        killed_at = load_checkpoint(out).round if (out / "checkpoint").is_file() else 0
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
+                env=env,
+                timeout=400,
+                capture_output=True,
+                text=True,
+            )
+        finally:
+            _kill_leftovers(ray_tmp)
     finally:
-        _kill_leftovers(ray_tmp)
-    subprocess.run(_run_cmd("local", "topk", tmp_path / "local", FAULTS), check=True, timeout=400, env=env)
-    sim, local = _results(tmp_path / "sim"), _results(tmp_path / "local")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    threads = torch.get_num_threads()  # the local run sets one thread; later tests get theirs back
+    try:
+        cfg = RunConfig(method="topk", out=str(out.parent / "whole"), **TASK, **FAULTS).validate()
+        local = json.loads(json.dumps(run_local(cfg, show_progress=False)))
+    finally:
+        torch.set_num_threads(threads)
+    sim = _results(out) if done.returncode == 0 else None
+    return {"out": out, "ended_early": ended_early, "killed_at": killed_at, "resume": done, "sim": sim, "local": local}
+
+
+def test_local_and_flower_sim_give_identical_round_records_under_faults(faulty_runs):
+    """Dropout, crash, hang (timeout), garbage, corruption and stragglers, with retries: same records."""
+    done, sim, local = faulty_runs["resume"], faulty_runs["sim"], faulty_runs["local"]
+    assert done.returncode == 0, done.stderr[-3000:]
     assert (sim["runtime"], local["runtime"]) == ("flower-sim", "local")
+    assert {k: v for k, v in sim["config"].items() if k not in ("out", "runtime")} == {
+        k: v for k, v in local["config"].items() if k not in ("out", "runtime")
+    }
     _same_records(local, sim)
     reasons = " | ".join(d["reason"] for r in local["rounds"] for d in r["dropped"])
     for kind in (
         "dropout: no reply",
         "injected fault: the client crashed",
-        "timeout: no reply within client_timeout=20s",
+        f"timeout: no reply within client_timeout={FAULTS['client_timeout']:g}s",
         "bad payload",
         "straggler: reply 60s late",
     ):
@@ -144,46 +195,17 @@ def test_local_and_flower_sim_give_identical_round_records_under_faults(tmp_path
     assert any(r["clients_aggregated"] > 0 for r in local["rounds"]), "no round trained"
 
 
-def test_killed_flower_sim_run_resumes_to_the_uninterrupted_result(tmp_path, ray_tmp):
-    """SIGKILL a Flower simulation after its first checkpoint; --resume ends where an uninterrupted run does.
-
-    topk keeps error-feedback memory on every client, so the resumed nodes must get their states back.
-    """
-    env = _env(ray_tmp)
-    settings = {"rounds": 4, "local_steps": 8}
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        _run_cmd("flower-sim", "topk", out, settings), env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            ckpt = load_checkpoint(out) if (out / "checkpoint").is_file() else None
-            if ckpt is not None and ckpt.round >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        _kill_leftovers(ray_tmp)
-    killed_at = load_checkpoint(out).round
-    assert 1 <= killed_at < settings["rounds"]
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
-            env=env,
-            timeout=400,
-            capture_output=True,
-            text=True,
-        )
-    finally:
-        _kill_leftovers(ray_tmp)
+def test_killed_flower_sim_run_resumes_to_the_uninterrupted_result(faulty_runs):
+    """SIGKILL a Flower simulation after its first checkpoint; --resume ends where an uninterrupted run does."""
+    done, out = faulty_runs["resume"], faulty_runs["out"]
+    assert not faulty_runs["ended_early"], "the run ended before it could be killed"
+    assert 1 <= faulty_runs["killed_at"] < TASK["rounds"]
     assert done.returncode == 0, done.stderr[-3000:]
-    subprocess.run(_run_cmd("local", "topk", tmp_path / "whole", settings), check=True, timeout=400, env=env)
-    resumed, whole = _results(out), _results(tmp_path / "whole")
+    resumed, whole = faulty_runs["sim"], faulty_runs["local"]
     assert resumed["runtime"] == "flower-sim"
     _same_records(whole, resumed)
+    # a round after the kill trained on state the resumed nodes got back
+    assert any(r["round"] > faulty_runs["killed_at"] and r["clients_aggregated"] > 0 for r in resumed["rounds"])
     assert any(p.name.startswith("client-") for p in (out / "client-state").rglob("*.tree"))
 
 

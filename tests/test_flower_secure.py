@@ -44,10 +44,6 @@ def _env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": SRC, "FLWR_TELEMETRY_ENABLED": "0"}
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedsqueeze", *args], capture_output=True, text=True, env=_env(), timeout=timeout)
-
-
 def _kill_tree(pid: int) -> None:
     """SIGTERM ``pid`` (the federation command stops its own processes), then SIGKILL whatever of its tree is left."""
     try:
@@ -149,14 +145,35 @@ RUN_ARGS = [
 ]
 
 
-def test_run_without_certificates_is_refused(tmp_path):
+def _cli_here(capsys, monkeypatch, *args: str) -> tuple[int, str]:
+    """``fedsqueeze ARGS`` in this process (the refusals come before anything starts): exit code, stderr."""
+    from fedsqueeze import cli
+
+    monkeypatch.setattr(sys, "argv", ["fedsqueeze", *args])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    return int(exit_.value.code or 0), capsys.readouterr().err
+
+
+def test_run_without_certificates_is_refused(tmp_path, capsys, monkeypatch):
     port = free_port()  # nothing listens there: the refusal comes before any connection
-    p = _cli(*RUN_ARGS, "--superlink", f"127.0.0.1:{port}", "--out", str(tmp_path / "r"))
-    assert p.returncode == 2, p.stderr
-    assert "refusing an unencrypted connection" in p.stderr and "--insecure" in p.stderr
-    assert "Traceback" not in p.stderr and not (tmp_path / "r" / "results.json").exists()
-    p = _cli(*RUN_ARGS, "--superlink", f"127.0.0.1:{port}", "--insecure", "--root-certificates", "ca.crt", "--out", str(tmp_path / "r"))
-    assert p.returncode == 2 and "choose one" in p.stderr
+    code, err = _cli_here(capsys, monkeypatch, *RUN_ARGS, "--superlink", f"127.0.0.1:{port}", "--out", str(tmp_path / "r"))
+    assert code == 2, err
+    assert "refusing an unencrypted connection" in err and "--insecure" in err
+    assert "Traceback" not in err and not (tmp_path / "r" / "results.json").exists()
+    code, err = _cli_here(
+        capsys,
+        monkeypatch,
+        *RUN_ARGS,
+        "--superlink",
+        f"127.0.0.1:{port}",
+        "--insecure",
+        "--root-certificates",
+        "ca.crt",
+        "--out",
+        str(tmp_path / "r"),
+    )
+    assert code == 2 and "choose one" in err
 
 
 def test_run_with_insecure_connects_in_plain_text(tmp_path, monkeypatch):

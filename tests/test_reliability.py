@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_config
 
+from fedsqueeze.runners import resume
 from fedsqueeze.runtime import run_local
 from fedsqueeze.runtime.checkpoint import load_checkpoint
 from fedsqueeze.runtime.local import ClientFault, call_with_timeout
@@ -79,16 +81,14 @@ def test_sigkill_after_round_2_then_resume_equals_uninterrupted(tmp_path):
     # results.json may lag the checkpoint by a round (the kill can land between the two writes)
     assert json.loads((out / "results.json").read_text())["rounds"][-1]["round"] in (killed_at - 1, killed_at)
 
-    p = subprocess.run(
-        [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--resume", str(out)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stderr
+    # the resume and the reference run in this process (the CLI's --resume runs in test_engine and test_user_errors)
+    threads = torch.get_num_threads()  # both runs set one thread; later tests get theirs back
+    try:
+        resume(out, show_progress=False)
+        reference = run_local(tiny_config(out=str(tmp_path / "reference"), **KILL_RUN), show_progress=False)
+    finally:
+        torch.set_num_threads(threads)
     resumed = json.loads((out / "results.json").read_text())
-    reference = run_local(tiny_config(out=str(tmp_path / "reference"), **KILL_RUN), show_progress=False)
     assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3, 4]
     assert _without_clock(resumed) == _without_clock(json.loads(json.dumps(reference)))
     assert {k: v for k, v in resumed["config"].items() if k != "out"} == {k: v for k, v in reference["config"].items() if k != "out"}
@@ -99,8 +99,6 @@ def test_sigkill_after_round_2_then_resume_equals_uninterrupted(tmp_path):
 def test_resume_of_a_finished_run_changes_nothing(tiny_cfg):
     cfg = tiny_cfg(method="head", rounds=2)
     first = run_local(cfg, show_progress=False)
-    from fedsqueeze.runners import resume
-
     again = resume(cfg.out, show_progress=False)
     assert again["rounds"] == json.loads(json.dumps(first["rounds"]))
 

@@ -1,8 +1,10 @@
 """The same config gives bit-identical round records in two separate processes.
 
-Each run is its own ``python -m fedsqueeze run`` process, so nothing of one (torch's global RNG state,
-a warmed cache) reaches the other. Before issue 15, ``lora``'s and ``adapter``'s initial tuner values
-drew from torch's unseeded global generator and the two processes' losses differed in the fifth digit.
+Each method runs in two separate processes (``tests/cli_driver.py``, the CLI's ``main`` in a fresh
+interpreter), so nothing of one (torch's global RNG state, a warmed cache) reaches the other; the two
+processes run the methods in opposite orders, so neither may a run before it in the same process.
+Before issue 15, ``lora``'s and ``adapter``'s initial tuner values drew from torch's unseeded global
+generator and the two processes' losses differed in the fifth digit.
 """
 
 from __future__ import annotations
@@ -23,16 +25,50 @@ SETS = ("train_size=200", "test_size=100", "local_steps=3", "batch_size=8", "see
 
 def _run(method: str, out: Path, runtime: str = "local", env_extra: dict[str, str] | None = None) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
-    sets = [a for s in (*SETS, "threads=1") for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", method, *TASK, *sets]
-    p = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env={**env, **(env_extra or {})}, timeout=400)
+    p = subprocess.run(
+        [*_cmd(method, runtime), "--out", str(out)], capture_output=True, text=True, env={**env, **(env_extra or {})}, timeout=400
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["lora", "adapter"])
-def test_two_processes_give_bit_identical_round_records(tmp_path, method):
-    a, b = _run(method, tmp_path / "a"), _run(method, tmp_path / "b")
+def _cmd(method: str, runtime: str = "local") -> list[str]:
+    sets = [a for s in (*SETS, "threads=1") for a in ("--set", s)]
+    return [sys.executable, "-m", "fedsqueeze", "run", "--quiet", "--runtime", runtime, "--method", method, *TASK, *sets]
+
+
+METHODS = ["lora", "adapter"]
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> dict[str, tuple[dict, dict]]:
+    """Each method run in two driver processes, in opposite orders: method -> (its run in A, its run in B).
+
+    Process A runs lora then adapter, process B adapter then lora, so a run also may not depend on what
+    ran before it in the same process (torch's global RNG, a warmed cache); one start-up per process.
+    """
+    root = tmp_path_factory.mktemp("repro")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent.parent / "src")}
+    for name, order in (("a", METHODS), ("b", METHODS[::-1])):
+        cases = [[*_cmd(m)[3:], "--out", str(root / name / m)] for m in order]  # the argv after `python -m fedsqueeze`
+        p = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "cli_driver.py"), json.dumps(cases)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        for m, res in zip(order, json.loads(p.stdout.strip().splitlines()[-1])):
+            assert res["code"] == 0, (m, res["stderr"][-3000:])
+    read = lambda name, m: json.loads((root / name / m / "results.json").read_text())  # noqa: E731
+    return {m: (read("a", m), read("b", m)) for m in METHODS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_two_processes_give_bit_identical_round_records(two_processes, method):
+    a, b = two_processes[method]
+    assert a["method"] == b["method"] == method
     assert len(a["rounds"]) == len(b["rounds"]) == 2
     for ra, rb in zip(a["rounds"], b["rounds"]):
         for key in SAME:

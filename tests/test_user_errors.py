@@ -1,12 +1,17 @@
 """Every user-facing failure is one clean line and exit 2, never a traceback (issue 15, item 7).
 
-Each case runs the real CLI (``python -m fedsqueeze run ...``) the way a user would hit it.
+Each case runs the real CLI entry (``fedsqueeze.cli.main``) the way a user would hit it. The cases
+run together in one ``tests/cli_driver.py`` process (one interpreter start-up instead of one per
+case), which records exactly what each case wrote to file descriptor 2 and its exit code; one case
+goes through ``python -m fedsqueeze`` itself, so the real process's exit status and stderr are pinned too.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +22,27 @@ import pytest
 SRC = str(Path(__file__).parent.parent / "src")
 TINY = ("--model", "tiny", "--clients", "4", "--clients-per-round", "2", "--rounds", "1", "--quiet")
 SMALL = ("--set", "train_size=40", "--set", "test_size=20", "--set", "local_steps=1")
+ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": SRC}
+    env = {**os.environ, **ENV}
     return subprocess.run([sys.executable, "-m", "fedsqueeze", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def _drive(cases: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Every case's ``fedsqueeze ARGV`` in one driver process: name -> (exit code, stderr) of that case."""
+    names = list(cases)
+    p = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "cli_driver.py"), json.dumps([cases[n] for n in names])],
+        env={**os.environ, **ENV},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = json.loads(p.stdout.strip().splitlines()[-1])
+    return {n: subprocess.CompletedProcess(r["argv"], r["code"], "", r["stderr"]) for n, r in zip(names, runs)}
 
 
 def _clean_error(p: subprocess.CompletedProcess, *needles: str) -> str:
@@ -70,25 +91,143 @@ def test_a_run_into_an_earlier_runs_out_leaves_its_files_untouched(tmp_path, cap
     assert {name: (out / name).read_bytes() for name in files} == files
 
 
-def test_out_is_a_file(tmp_path):
-    (tmp_path / "afile").write_text("not a directory")
-    _clean_error(_cli("run", *TINY, *SMALL, "--out", str(tmp_path / "afile")), "afile")
+# ---- the failing cases, set up and run together ------------------------------------------------
+
+BAD_VALUES = [
+    ("test_size=0", "option 'test_size' of the run must be >= 1; got 0"),
+    ("eval_batch_size=0", "option 'eval_batch_size' of the run must be >= 1; got 0"),
+    ("max_length=0", "option 'max_length' of the run must be >= 1; got 0"),
+    ("client_timeout=nan", "option 'client_timeout' of the run must be a finite number; got nan"),
+    ("local_epochs=inf", "option 'local_epochs' of the run must be a finite number; got inf"),
+    ("server_lr=nan", "option 'server_lr' of method 'fedavg' must be a finite number; got nan"),
+    ("uplink_mbps=inf", "option 'uplink_mbps' of the run must be a finite number"),
+]
+UNWRITABLE = not hasattr(os, "geteuid") or os.geteuid() == 0
 
 
-def test_out_below_a_file(tmp_path):
-    (tmp_path / "afile").write_text("not a directory")
-    _clean_error(_cli("run", *TINY, *SMALL, "--out", str(tmp_path / "afile" / "run")), "Not a directory", "afile")
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A 2-round tiny fedavg run's OUT (config.toml, checkpoint after round 2)."""
+    from conftest import tiny_config
+
+    from fedsqueeze.runtime import run_local
+
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    run_local(tiny_config(rounds=2, train_size=40, test_size=20, local_steps=1, out=str(out)), False)
+    return out
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write into any directory")
-def test_out_in_an_unwritable_directory(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o555)
+def _tampered(finished_run: Path, where: Path, change) -> Path:
+    """A copy of the run's OUT whose checkpoint (rolled back to round 1) is re-encoded after ``change(tree)``."""
+    from fedsqueeze.runtime.checkpoint import CHECKPOINT_FILE, decode_checkpoint, encode_checkpoint
+    from fedsqueeze.treeio import pack_tree, unpack_tree
+
+    out = where / "run"
+    shutil.copytree(finished_run, out)
+    ck = decode_checkpoint((out / CHECKPOINT_FILE).read_bytes())
+    data = encode_checkpoint(
+        config=ck.config,
+        round_=1,
+        server_state=ck.server_state,
+        client_states=ck.client_states,
+        rounds=ck.rounds[:1],
+        state_versions={c: v for c, v in ck.state_versions.items() if v[0] <= 1},
+    )
+    tree = unpack_tree(data)
+    change(tree)
+    (out / CHECKPOINT_FILE).write_bytes(pack_tree(tree))
+    return out
+
+
+def _weights(tree) -> dict:
+    return tree["server_state"]["weights"]
+
+
+def _first_weight(tree) -> str:
+    return sorted(_weights(tree))[0]
+
+
+def _beyond(tree) -> None:
+    record = json.loads(tree["rounds_json"].tobytes())[0]
+    tree["round"] = 5
+    tree["rounds_json"] = np.frombuffer(json.dumps([{**record, "round": r} for r in range(1, 6)]).encode(), dtype=np.uint8)
+
+
+def _reshape(tree) -> None:
+    _weights(tree)[_first_weight(tree)] = _weights(tree)[_first_weight(tree)].ravel()[:-1].copy()
+
+
+def _retype(tree) -> None:
+    _weights(tree)[_first_weight(tree)] = _weights(tree)[_first_weight(tree)].astype(np.float64)
+
+
+def _stray(tree) -> None:
+    tree["client_states"][99] = None
+
+
+TAMPER = {
+    "beyond": _beyond,
+    "no_server_state": lambda tree: tree.pop("server_state"),
+    "missing_tensor": lambda tree: _weights(tree).pop(_first_weight(tree)),
+    "wrong_shape": _reshape,
+    "wrong_dtype": _retype,
+    "stray_client": _stray,
+    "untampered": lambda tree: None,
+}
+
+
+@pytest.fixture(scope="module")
+def driven(tmp_path_factory, finished_run) -> dict[str, subprocess.CompletedProcess]:
+    """Every case below, each with files of its own, run by one driver process."""
+    root = tmp_path_factory.mktemp("cases")
+
+    def where(name: str) -> Path:
+        (root / name).mkdir()
+        return root / name
+
+    afile = where("file") / "afile"
+    afile.write_text("not a directory")
+    cases = {
+        "out_is_a_file": ["run", *TINY, *SMALL, "--out", str(afile)],
+        "out_below_a_file": ["run", *TINY, *SMALL, "--out", str(afile / "run")],
+    }
+    if not UNWRITABLE:
+        locked = where("locked")
+        cases["out_unwritable"] = ["run", *TINY, *SMALL, "--out", str(locked / "run")]
+    bad = where("utf8") / "bad.toml"
+    bad.write_bytes(b'method = "fedavg"\nnote = "\xff\xfe"\n')
+    cases["not_utf8"] = ["run", "--config", str(bad), "--out", str(bad.parent / "run")]
+    opt = where("opt") / "opt.toml"
+    opt.write_text("options = 5\n")
+    cases["options_not_a_table"] = ["run", "--config", str(opt), "--out", str(opt.parent / "run")]
+    for i, (setting, _) in enumerate(BAD_VALUES):
+        cases[f"set:{setting}"] = ["run", *TINY, "--set", setting, "--out", str(where(f"set{i}") / "run")]
+    nan = where("nan") / "nan.toml"
+    nan.write_text("model = 'tiny'\nlocal_epochs = inf\n[options]\nserver_lr = nan\n")
+    cases["non_finite_toml"] = ["run", "--config", str(nan), "--out", str(nan.parent / "run")]
+    for name, change in TAMPER.items():
+        cases[f"ckpt:{name}"] = ["run", "--resume", str(_tampered(finished_run, where(f"ckpt-{name}"), change))]
+    cases["ckpt:untampered"].append("--quiet")
+    if not UNWRITABLE:
+        locked.chmod(0o555)
     try:
-        _clean_error(_cli("run", *TINY, *SMALL, "--out", str(locked / "run")), "Permission denied")
+        return _drive(cases)
     finally:
-        locked.chmod(0o755)
+        if not UNWRITABLE:
+            locked.chmod(0o755)
+
+
+def test_out_is_a_file(driven):
+    _clean_error(driven["out_is_a_file"], "afile")
+
+
+def test_out_below_a_file(driven):
+    _clean_error(driven["out_below_a_file"], "Not a directory", "afile")
+
+
+@pytest.mark.skipif(UNWRITABLE, reason="root may write into any directory")
+def test_out_in_an_unwritable_directory(driven):
+    _clean_error(driven["out_unwritable"], "Permission denied")
 
 
 def test_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
@@ -111,138 +250,48 @@ def test_disk_full_is_one_line(tmp_path, monkeypatch, capsys):
 # ---- config files and values ------------------------------------------------------------------
 
 
-def test_config_file_not_utf8(tmp_path):
-    bad = tmp_path / "bad.toml"
-    bad.write_bytes(b'method = "fedavg"\nnote = "\xff\xfe"\n')
-    _clean_error(_cli("run", "--config", str(bad), "--out", str(tmp_path / "run")), "bad.toml", "not UTF-8")
+def test_config_file_not_utf8(driven):
+    _clean_error(driven["not_utf8"], "bad.toml", "not UTF-8")
 
 
-def test_config_file_options_not_a_table(tmp_path):
-    cfg = tmp_path / "opt.toml"
-    cfg.write_text("options = 5\n")
-    _clean_error(_cli("run", "--config", str(cfg), "--out", str(tmp_path / "run")), "[options] in the config file must be a table; got 5")
+def test_config_file_options_not_a_table(driven):
+    _clean_error(driven["options_not_a_table"], "[options] in the config file must be a table; got 5")
 
 
 def test_method_name_with_markup_is_printed_verbatim(tmp_path):
+    """The one case through ``python -m fedsqueeze`` itself: the real process exits 2 with one line."""
     _clean_error(_cli("run", "--method", "x[/]", "--out", str(tmp_path / "run")), "unknown method 'x[/]'")
 
 
-@pytest.mark.parametrize(
-    ("setting", "needle"),
-    [
-        ("test_size=0", "option 'test_size' of the run must be >= 1; got 0"),
-        ("eval_batch_size=0", "option 'eval_batch_size' of the run must be >= 1; got 0"),
-        ("max_length=0", "option 'max_length' of the run must be >= 1; got 0"),
-        ("client_timeout=nan", "option 'client_timeout' of the run must be a finite number; got nan"),
-        ("local_epochs=inf", "option 'local_epochs' of the run must be a finite number; got inf"),
-        ("server_lr=nan", "option 'server_lr' of method 'fedavg' must be a finite number; got nan"),
-        ("uplink_mbps=inf", "option 'uplink_mbps' of the run must be a finite number"),
-    ],
-)
-def test_bad_values_through_set(tmp_path, setting, needle):
-    _clean_error(_cli("run", *TINY, "--set", setting, "--out", str(tmp_path / "run")), needle)
+@pytest.mark.parametrize(("setting", "needle"), BAD_VALUES)
+def test_bad_values_through_set(driven, setting, needle):
+    _clean_error(driven[f"set:{setting}"], needle)
 
 
-def test_non_finite_values_in_a_toml_file(tmp_path):
-    cfg = tmp_path / "nan.toml"
-    cfg.write_text("model = 'tiny'\nlocal_epochs = inf\n[options]\nserver_lr = nan\n")
-    _clean_error(_cli("run", "--config", str(cfg), "--out", str(tmp_path / "run")), "local_epochs", "finite")
+def test_non_finite_values_in_a_toml_file(driven):
+    _clean_error(driven["non_finite_toml"], "local_epochs", "finite")
 
 
 # ---- checkpoints with a valid frame and wrong contents ----------------------------------------
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    """A 2-round tiny fedavg run's OUT (config.toml, checkpoint after round 2)."""
-    from conftest import tiny_config
-
-    from fedsqueeze.runtime import run_local
-
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    run_local(tiny_config(rounds=2, train_size=40, test_size=20, local_steps=1, out=str(out)), False)
-    return out
-
-
-def _tampered(finished_run: Path, tmp_path: Path, change) -> Path:
-    """A copy of the run's OUT whose checkpoint (rolled back to round 1) is re-encoded after ``change(tree)``."""
-    import shutil
-
-    from fedsqueeze.runtime.checkpoint import CHECKPOINT_FILE, decode_checkpoint, encode_checkpoint
-    from fedsqueeze.treeio import pack_tree, unpack_tree
-
-    out = tmp_path / "run"
-    shutil.copytree(finished_run, out)
-    ck = decode_checkpoint((out / CHECKPOINT_FILE).read_bytes())
-    data = encode_checkpoint(
-        config=ck.config,
-        round_=1,
-        server_state=ck.server_state,
-        client_states=ck.client_states,
-        rounds=ck.rounds[:1],
-        state_versions={c: v for c, v in ck.state_versions.items() if v[0] <= 1},
-    )
-    tree = unpack_tree(data)
-    change(tree)
-    (out / CHECKPOINT_FILE).write_bytes(pack_tree(tree))
-    return out
+@pytest.mark.parametrize(
+    ("case", "needles"),
+    [
+        ("beyond", ("round 5, beyond the run's rounds=2", "without --resume")),
+        ("no_server_state", ("lacks server_state",)),
+        ("missing_tensor", ("server state['weights'] has the wrong keys", "without --resume")),
+        ("wrong_shape", ("server state['weights']", "expected float32")),
+        ("wrong_dtype", ("is float64", "expected float32")),
+        ("stray_client", ("clients [99]",)),
+    ],
+)
+def test_a_tampered_checkpoint_is_one_clean_error(driven, case, needles):
+    _clean_error(driven[f"ckpt:{case}"], *needles)
 
 
-def _weights(tree) -> dict:
-    return tree["server_state"]["weights"]
-
-
-def test_checkpoint_round_beyond_rounds(finished_run, tmp_path):
-    import json
-
-    def beyond(tree):
-        record = json.loads(tree["rounds_json"].tobytes())[0]
-        tree["round"] = 5
-        tree["rounds_json"] = np.frombuffer(json.dumps([{**record, "round": r} for r in range(1, 6)]).encode(), dtype=np.uint8)
-
-    out = _tampered(finished_run, tmp_path, beyond)
-    _clean_error(_cli("run", "--resume", str(out)), "round 5, beyond the run's rounds=2", "without --resume")
-
-
-def test_checkpoint_missing_server_state(finished_run, tmp_path):
-    out = _tampered(finished_run, tmp_path, lambda tree: tree.pop("server_state"))
-    _clean_error(_cli("run", "--resume", str(out)), "lacks server_state")
-
-
-def test_checkpoint_server_state_missing_a_tensor(finished_run, tmp_path):
-    out = _tampered(finished_run, tmp_path, lambda tree: _weights(tree).pop(sorted(_weights(tree))[0]))
-    _clean_error(_cli("run", "--resume", str(out)), "server state['weights'] has the wrong keys", "without --resume")
-
-
-def test_checkpoint_server_state_of_the_wrong_shape(finished_run, tmp_path):
-    def reshape(tree):
-        name = sorted(_weights(tree))[0]
-        _weights(tree)[name] = _weights(tree)[name].ravel()[:-1].copy()
-
-    out = _tampered(finished_run, tmp_path, reshape)
-    _clean_error(_cli("run", "--resume", str(out)), "server state['weights']", "expected float32")
-
-
-def test_checkpoint_server_state_of_the_wrong_dtype(finished_run, tmp_path):
-    def retype(tree):
-        name = sorted(_weights(tree))[0]
-        _weights(tree)[name] = _weights(tree)[name].astype(np.float64)
-
-    out = _tampered(finished_run, tmp_path, retype)
-    _clean_error(_cli("run", "--resume", str(out)), "is float64", "expected float32")
-
-
-def test_checkpoint_state_of_a_client_outside_the_run(finished_run, tmp_path):
-    def stray(tree):
-        tree["client_states"][99] = None
-
-    out = _tampered(finished_run, tmp_path, stray)
-    _clean_error(_cli("run", "--resume", str(out)), "clients [99]")
-
-
-def test_untampered_checkpoint_still_resumes(finished_run, tmp_path):
-    out = _tampered(finished_run, tmp_path, lambda tree: None)
-    p = _cli("run", "--resume", str(out), "--quiet")
+def test_untampered_checkpoint_still_resumes(driven):
+    p = driven["ckpt:untampered"]
     assert p.returncode == 0, p.stderr[-3000:]
 
 
