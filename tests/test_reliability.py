@@ -199,22 +199,30 @@ BAD_INPUT = [
 ]
 
 
-def _drive(cases, env_extra=None):
+def _drive(cases):
     p = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "cli_driver.py"), json.dumps(cases)],
-        env={**_env(), **(env_extra or {})},
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def test_bad_user_input_is_one_clear_message_and_exit_2(tmp_path):
-    (tmp_path / "typo.toml").write_text('roundz = 3\nmodel = "tiny"\n')
-    cases = [[a.replace("{tmp}", str(tmp_path)) for a in argv] for argv, _ in BAD_INPUT]
-    for (argv, words), res in zip(BAD_INPUT, _drive(cases)):
+@pytest.fixture(scope="module")
+def bad_input(tmp_path_factory):
+    """Every BAD_INPUT case, then a run on a machine without the wordnet package, in one driver process."""
+    tmp = tmp_path_factory.mktemp("bad-input")
+    (tmp / "typo.toml").write_text('roundz = 3\nmodel = "tiny"\n')
+    cases = [[a.replace("{tmp}", str(tmp)) for a in argv] for argv, _ in BAD_INPUT]
+    *results, missing = _drive([*cases, {"argv": ["run", "--model", "tiny", "--out", str(tmp / "run")], "missing_wordnet": True}])
+    return results, missing
+
+
+def test_bad_user_input_is_one_clear_message_and_exit_2(bad_input):
+    for (argv, words), res in zip(BAD_INPUT, bad_input[0], strict=True):
         assert res["code"] == 2, (argv, res)
         assert "Traceback" not in res["stderr"], (argv, res["stderr"])
         flat = " ".join(res["stderr"].split())
@@ -222,8 +230,8 @@ def test_bad_user_input_is_one_clear_message_and_exit_2(tmp_path):
             assert word in flat, (argv, word, flat)
 
 
-def test_missing_debian_dataset_names_the_package():
-    (res,) = _drive([["run", "--model", "tiny"]], {"FAKE_MISSING_WORDNET": "1"})
+def test_missing_debian_dataset_names_the_package(bad_input):
+    res = bad_input[1]
     flat = " ".join(res["stderr"].split())
     assert res["code"] == 2 and "Traceback" not in flat
     assert "apt-get install -y wordnet-base" in flat
