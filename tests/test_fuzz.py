@@ -92,6 +92,31 @@ def test_tensor_method_decode_update(task, name):
     assert 0 < PEAK[f"{name}.decode_update"] <= budget
 
 
+HEADER_OVER = pytest.mark.xfail(
+    strict=True,
+    reason="codecs/base.meta_bound lets a tensor payload's JSON header be 16 KiB + ~460 B per tensor, and JSON of "
+    "empty lists parses to ~24 bytes per byte: head, bitfit and the PEFT methods (a few thousand trainable values) "
+    "allocate 400-620 KB, 5-8x their budget; fix by capping the header at the configured codec's honest header "
+    "for the expected tensors, as mask_wire.head_meta_bytes does (codecs/base.py: the lead's call)",
+)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=HEADER_OVER) if n in {"head", "bitfit", "lora", "adapter", "prompt", "ia3"} else n for n in TENSOR_METHODS],
+)
+def test_tensor_method_header_of_empty_lists_stays_within_budget(task, name):
+    """A header of empty lists as long as the method's header cap allows is refused within budget."""
+    from fedsqueeze.codecs.base import expect_tensors, meta_bound
+
+    m = build(name, fresh(task) if name in {"bitfit", "lora", "adapter", "prompt", "ia3"} else task)
+    state, ctx = m.init_server(), RoundContext(round=1, rounds=2, seed=0)
+    limit = meta_bound(expect_tensors({n: m.shapes[n] for n in m.names}))
+    meta = ('{"n":5,"x":[' + ",".join(["[]"] * ((limit - 13) // 3)) + "]}").encode()
+    peak, err = traced_peak(lambda: m.decode_update(reframe(m.up_codec.codec_id.encode(), meta, b""), 1, state, ctx))
+    assert isinstance(err, PayloadError) and 0 < peak <= decode_budget(m.max_elements), (peak, err)
+
+
 def test_head_client_side_decode(task):
     """The client decodes the server's tensors (decode_tensors + the shape/NaN checks) before training."""
     m = build("head", task, downlink_codec="fp16")
