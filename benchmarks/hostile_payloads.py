@@ -9,7 +9,8 @@ one valid client payload and sends ``--per-decoder`` hostile variants of it:
 - *body*: the body damaged, re-framed with a correct checksum;
 - *huge*: headers declaring huge sizes: a tensor shape of 2**20 × 2**20, every shape scaled up,
   qsgd's bucket at 2**20 with int16 levels, example counts of 10**18, a payload of another codec
-  (a qsgd "bucket bomb" of many one-element tensors, a zstd frame declaring 2**34 bytes).
+  (a qsgd "bucket bomb" of many one-element tensors, a zstd frame declaring 2**34 bytes), a header
+  of 1-48 KiB of empty lists (what parsing a header of that length can cost).
 
 Each decode runs under ``tracemalloc``; the JSON records, per decoder, how many payloads were sent,
 how many were refused (PayloadError), anything else that escaped (must be 0), the largest peak of
@@ -198,9 +199,12 @@ class Mutator:
     def huge(self) -> bytes:
         """A header declaring huge sizes (or a bomb of another codec)."""
         r = self.rng
-        what = int(r.integers(6))
+        what = int(r.integers(7))
         if what == 0:
             return self.bombs[int(r.integers(len(self.bombs)))]
+        if what == 6:  # a header of empty lists (JSON parses to ~24 bytes per byte of it), 1-48 KiB long
+            lists = int(r.integers(1 << 10, 48 << 10)) // 3
+            return reframe(self.kind.encode(), b'{"n":5,"x":[' + b",".join([b"[]"] * lists) + b"]}", self.body)
         # shapes: every [name, dtype, shape] row found anywhere in the header
         rows = [p for p in self.paths if len(p) >= 1 and isinstance(get(self.meta, p), list) and is_row(get(self.meta, p))]
         if what in (1, 2) and rows:
