@@ -133,6 +133,16 @@ def test_pairwise_squared_distances_add_up_every_chunk(monkeypatch):
     np.testing.assert_array_equal(pairwise_sq_distances([x, y]), [[0, 30], [30, 0]])
 
 
+def test_pairwise_squared_distances_of_matrices_and_of_huge_deltas(monkeypatch):
+    monkeypatch.setattr(robust, "CHUNK", 2)  # a 2 x 3 tensor is six values: chunks of the flattened tensor
+    x = {"m": np.array([[1, 0, 0], [0, 0, 2]], dtype=np.float32)}
+    y = {"m": np.zeros((2, 3), dtype=np.float32)}
+    np.testing.assert_array_equal(pairwise_sq_distances([x, y]), [[0, 5], [5, 0]])
+    big = [{"m": np.array([0.0], dtype=np.float32)}, {"m": np.array([1e20], dtype=np.float32)}]
+    dist = pairwise_sq_distances(big)  # (1e20)^2 = 1e40: beyond float32, fine in float64
+    assert np.isfinite(dist).all() and dist[0, 1] == pytest.approx(float(np.float32(1e20)) ** 2, rel=1e-12)
+
+
 def test_krum_scores_sum_the_k_minus_f_minus_2_nearest():
     # k = 5, f = 1: the 2 nearest. Values 0 1 2 10 11:
     # 0: 1 4 | 100 121 -> 5; 1: 1 1 | 81 100 -> 2; 2: 1 4 | 64 81 -> 5; 10: 1 64 -> 65; 11: 1 81 -> 82
@@ -172,6 +182,10 @@ def test_multi_krum_averages_the_m_best_by_examples():
     combined, metrics = RobustRule("multi_krum", f=1, m=2).combine(deltas, counts)
     _check(combined, {"a": [0.75], "b": [0.0]})
     assert metrics == {"krum_selected": 2.0, "krum_first": 1.0}
+    # m = 1: Krum's single choice
+    combined, metrics = RobustRule("multi_krum", f=1, m=1).combine(deltas, counts)
+    _check(combined, {"a": [1.0], "b": [0.0]})
+    assert metrics == {"krum_selected": 1.0, "krum_first": 1.0}
     # m beyond k: all k
     _, metrics = RobustRule("multi_krum", f=1, m=9).combine(deltas, counts)
     assert metrics["krum_selected"] == 5.0

@@ -75,6 +75,9 @@ def test_initial_state():
             np.testing.assert_array_equal(state["v"][n], np.full(a.shape, 0.25))  # τ²
     for n, a in weights.items():
         assert avgm["m"][n].dtype == np.float32 and avgm["m"][n].shape == a.shape and not avgm["m"][n].any()
+    wide = {n: a.astype(np.float64) for n, a in weights.items()}  # the state is float32 whatever the weights
+    for rule in ("avgm", "adam"):
+        assert all(a.dtype == np.float32 for part in ServerOpt(rule).init_state(wide).values() for a in part.values())
 
 
 # the first step by hand (Δ = DELTAS[0]["w"] = 0.5, 2, -1, 0, 0.25; x = 1; η = 0.25, τ = 0.5, v₀ = 0.25):
@@ -139,3 +142,12 @@ def test_momentum_accumulates():
     for _ in range(3):
         opt.step(weights, {"x": np.ones(1, dtype=np.float32)}, state)
     assert weights["x"][0] == 0.25 * 4.25 and state["m"]["x"][0] == 1.75
+
+
+def test_a_float64_delta_is_rounded_to_float32_before_the_step():
+    # 2^-24 + 2^-50 rounds to 2^-24 in float32; 1 + 2^-24 is then a tie that rounds to even (1.0). Taken in
+    # float64 instead, 1 + 2^-24 + 2^-50 would round up to 1 + 2^-23.
+    opt = ServerOpt("none", lr=1.0)
+    weights = {"x": np.ones(1, dtype=np.float32)}
+    opt.step(weights, {"x": np.array([2.0**-24 + 2.0**-50], dtype=np.float64)}, {})
+    assert weights["x"].dtype == np.float32 and weights["x"][0] == 1.0
