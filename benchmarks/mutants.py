@@ -285,6 +285,36 @@ def diffs_of(work: Path, names: list[str], env: dict) -> dict[str, tuple[str, st
     return out
 
 
+def confirm_survivors(work: Path, status: dict[str, str], tests: list[str], env: dict) -> dict[str, str]:
+    """Run ``tests`` against each survivor (and each mutant mutmut found no test for) directly.
+
+    mutmut runs a mutant only against the tests its stats run saw calling the function, and a function
+    called while a module is imported (a factory building a table of closures, such as
+    server_opt._adaptive) is mapped to whichever test happened to import it first, or to none. A
+    survivor that fails the whole selection run with ``MUTANT_UNDER_TEST`` set is counted as killed
+    (``status`` is updated); the reason is returned per mutant. The unmutated run must pass first.
+    """
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests, *[f"--deselect={d}" for d in deselected(tests)]]
+    clean = subprocess.run(cmd, cwd=work / "mutants", env=env, capture_output=True, text=True)
+    if clean.returncode != 0:
+        raise SystemExit(f"--confirm-survivors: the tests fail without a mutant:\n{clean.stdout[-3000:]}")
+    out = {}
+    for name, st in sorted(status.items()):
+        if st not in ("survived", "no tests"):
+            continue
+        try:
+            proc = subprocess.run(
+                cmd, cwd=work / "mutants", env={**env, "MUTANT_UNDER_TEST": name}, capture_output=True, text=True, timeout=600
+            )
+            failed = proc.returncode == 1  # 1: tests failed (2-5: interrupted, usage, no tests collected)
+        except subprocess.TimeoutExpired:
+            failed = True  # as mutmut counts a timeout
+        if failed:
+            status[name] = "killed"
+            out[name] = f"was {st!r}: fails the whole test selection run directly (mutmut's test map missed the function)"
+    return out
+
+
 def summarize(rows: list[dict]) -> dict[str, float | int]:
     count = lambda pred: sum(1 for r in rows if pred(r))  # noqa: E731
     killed = count(lambda r: r["status"] in KILLED)
@@ -333,6 +363,12 @@ def main() -> None:
         "when the tests of --rev no longer fit the mutated source",
     )
     ap.add_argument("--tests", nargs="+", help="test files to run against the mutants (default: the fast subset TESTS)")
+    ap.add_argument(
+        "--confirm-survivors",
+        action="store_true",
+        help="re-run every survivor against the whole test selection (mutmut maps import-time calls to no test)",
+    )
+    ap.add_argument("--confirm-tests", nargs="+", help="with --confirm-survivors: these test files instead of the whole selection")
     ap.add_argument("--section", help="store the report under sections.SECTION of --out, keeping the rest of it")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/mutants.json"))
     ap.add_argument(
@@ -413,6 +449,7 @@ def main() -> None:
     mutmut(work, "run", "--max-children", str(args.max_children), *names, env=env)
     # mutants outside the sample stay "not checked"; a re-check keeps the earlier run's sample
     status = {n: st for n, st in results(work, env).items() if st != "not checked"}
+    confirmed = confirm_survivors(work, status, args.confirm_tests or tests, env) if args.confirm_survivors else {}
 
     modules = source_modules(work)
     rows = []
@@ -420,6 +457,8 @@ def main() -> None:
     for name, st in sorted(status.items()):
         path = module_of(name, modules) or "?"
         row = {"mutant": name, "file": path, "package": package_of(path), "status": st}
+        if name in confirmed:
+            row["confirmed"] = confirmed[name]
         if st == "survived":
             removed, added = diffs[name]
             row["class"], row["reason"] = classify(removed, added)
@@ -446,6 +485,7 @@ def main() -> None:
         "mutants_run": len(rows),
         "seconds": round(time.time() - t0, 1),
         "counts": {st: sum(1 for r in rows if r["status"] == st) for st in sorted({r["status"] for r in rows})},
+        "confirmed_killed": len(confirmed),
         "packages": by_pkg,
         "by_file": by_file,
         "survivors": [r for r in rows if r["status"] == "survived"],
