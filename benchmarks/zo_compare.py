@@ -8,7 +8,9 @@ a forward is 1, a backward ≈ 2 (so a first-order step on a batch of B costs 3�
 zeroth-order step costs 2·B (two forwards; regenerating z is not counted); the methods that train
 only the head on cached backbone features pay one forward per example of the client, once (the
 cache), then each step on the cache costs its forwards scaled by trainable / model parameters (the
-head's matmul against the whole model's). Warm-start rounds of the ZO methods are linear probing on
+head's matmul against the whole model's). A zeroth-order step with P perturbations costs P times one
+with one (P per round from the round's ``zo_perturbations``, which ``adjust_perturb`` changes); the
+moment buffers of ``momentum`` / ``adam_beta2`` cost no forwards and are not counted. Warm-start rounds of the ZO methods are linear probing on
 the cache (their 100 steps are counted the same way). Bytes are the run's real
 uplink + downlink bytes per round divided by the number of clients (the mean client).
 """
@@ -28,6 +30,11 @@ def load(path: str) -> dict:
 def head_only(res: dict) -> bool:
     cfg = res["config"]
     return cfg["method"] == "head" or (cfg.get("options") or {}).get("params") == "head"
+
+
+def perturbations(res: dict, record: dict) -> int:
+    """P of a zeroth-order round: the round's own metric (adjust_perturb), else the option, else 1."""
+    return int(record.get("zo_perturbations") or (res["config"].get("options") or {}).get("perturbations", 1))
 
 
 def curves(res: dict) -> dict:
@@ -51,9 +58,9 @@ def curves(res: dict) -> dict:
         if zo and r["round"] <= warm:
             step = 3 * batch * warm_steps * head_share
         elif head_only(res):
-            step = (2 * zo_batch if zo else 3 * batch) * cfg["local_steps"] * head_share
+            step = (2 * zo_batch * perturbations(res, r) if zo else 3 * batch) * cfg["local_steps"] * head_share
         elif zo:
-            step = 2 * zo_batch * cfg["local_steps"]
+            step = 2 * zo_batch * perturbations(res, r) * cfg["local_steps"]
         else:
             step = 3 * batch * cfg["local_steps"]
         compute += step * participants / clients
