@@ -13,7 +13,7 @@ SuperExecs, ServerApp and ClientApp processes): ``peak_tree_rss_mb`` is the peak
 (shared pages counted once per process, so an upper bound), ``peak_process_rss_mb`` the largest
 single process. Writes benchmarks/results/flower_runtimes.json. Usage:
 
-    python benchmarks/flower_runtimes.py [--rounds 2] [--clients 2] [--model tiny] [--runtimes local,flower-sim,flower]
+    python benchmarks/flower_runtimes.py [--rounds 2] [--clients 2] [--model tiny] [--method head] [--runtimes local,flower-sim,flower]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def cli(args: argparse.Namespace, runtime: str, out: Path, extra: list[str] | No
         "--runtime",
         runtime,
         "--method",
-        "head",
+        args.method,
         "--model",
         args.model,
         "--rounds",
@@ -164,8 +164,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--method", default="head", help="the method every runtime runs (head: the cheapest client work)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--runtimes", default="local,flower-sim,flower", help="comma-separated: local, flower-sim, flower, flower-noworker")
+    ap.add_argument(
+        "--runtimes",
+        default="local,flower-sim,flower",
+        help="comma-separated, in order, repeats allowed: local, flower-sim, flower, flower-noworker",
+    )
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     from fedsqueeze.runtime.flower import flower_env
@@ -173,31 +178,40 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="fsq-bench-flower-"))
     env = flower_env(tmp / "home")
     results: dict = {"load_before": os.getloadavg()}
-    out_path = RESULTS / ("flower_runtimes.json" if args.model == "tiny" else f"flower_runtimes_{args.model}.json")
+    suffix = ("" if args.model == "tiny" else f"_{args.model}") + ("" if args.method == "head" else f"_{args.method}")
+    out_path = RESULTS / f"flower_runtimes{suffix}.json"
+    seen: dict[str, int] = {}
     for runtime in args.runtimes.split(","):
+        seen[runtime] = seen.get(runtime, 0) + 1
+        name = runtime if seen[runtime] == 1 else f"{runtime}-{seen[runtime]}"  # a runtime listed twice runs twice
         if runtime in ("local", "flower-sim"):
-            out = tmp / runtime
-            results[runtime] = {**timed_run(cli(args, runtime, out), env), **summary(out)}
+            out = tmp / name
+            results[name] = {**timed_run(cli(args, runtime, out), env), **summary(out)}
         elif runtime in ("flower", "flower-noworker"):
-            results[runtime] = deploy(args, tmp, env, runtime, 600.0 if runtime == "flower" else 0.0)
+            results[name] = deploy(args, tmp, env, runtime, 600.0 if runtime == "flower" else 0.0)
         else:
             raise SystemExit(f"unknown runtime {runtime!r}")
-        print(runtime, results[runtime], flush=True)
+        results[name]["load_after"] = os.getloadavg()
+        print(name, results[name], flush=True)
         write(out_path, args, results)  # after every runtime: a long benchmark cut short keeps what it measured
     write(out_path, args, results)
     print(f"wrote {out_path}")
 
 
 def write(out_path: Path, args: argparse.Namespace, results: dict) -> None:
-    if "local" in results:
+    locals_ = [mean_later_rounds(r) for name, r in results.items() if name.split("-")[0] == "local" and isinstance(r, dict)]
+    if locals_:
+        # the local baseline averages every local run: `--runtimes local,flower,local` brackets the deployment, so a
+        # load that drifts over the benchmark weighs on both sides
+        base = sum(locals_) / len(locals_)
         results["deployment_vs_local"] = {
-            name: round(mean_later_rounds(results[name]) / mean_later_rounds(results["local"]), 2)
-            for name in ("flower-sim", "flower", "flower-noworker")
-            if name in results
+            name: round(mean_later_rounds(r) / base, 2)
+            for name, r in results.items()
+            if name.split("-")[0] == "flower" and isinstance(r, dict) and "round_wall_s" in r
         }
     results.update(
         {
-            "run": f"fedsqueeze run --method head --model {args.model} --rounds {args.rounds} --clients {args.clients} "
+            "run": f"fedsqueeze run --method {args.method} --model {args.model} --rounds {args.rounds} --clients {args.clients} "
             f"--clients-per-round {args.clients} --set threads={args.threads} (other options default)",
             "load_after": os.getloadavg(),
             "cpus": os.cpu_count(),
