@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-from handmade import fresh, shared_task
+from handmade import assert_accuracy_is_real, fresh, shared_task
 
 from fedsqueeze.config import build_config
 from fedsqueeze.errors import ConfigError, PayloadError
@@ -119,9 +119,12 @@ def test_adjust_perturb_payloads_grow_with_P_and_replay_stays_exact(task):
 
 
 def test_adjust_perturb_bytes_in_a_cli_run(tiny_cfg):
-    """The run's byte counts (real payloads) follow P: uplink per client = 4·K·P(round) + 6."""
-    cfg = tiny_cfg(method="decomfl", rounds=4, local_steps=2, threads=1, options={"params": "head", "adjust_perturb": "3:3,4"})
+    """The run's byte counts (real payloads) follow P: uplink per client = 4·K·P(round) + 6; the moments
+    ride along in the (checkpointed) states."""
+    options = {"params": "head", "adjust_perturb": "3:3,4", "momentum": 0.9, "adam_beta2": 0.99}
+    cfg = tiny_cfg(method="decomfl", rounds=4, local_steps=2, threads=1, options=options)
     res = run_local(cfg, show_progress=False)
+    assert_accuracy_is_real(cfg, res)  # the checkpointed final state (with m, v, t) evaluates to the reported accuracy
     per_client = [r["uplink_bytes"] / r["clients_uploaded"] for r in res["rounds"][1:]]
     assert per_client == [4 * 2 * 1 + 6, 4 * 2 * 3 + 6, 4 * 2 * 6 + 6]
     assert [r["zo_perturbations"] for r in res["rounds"][1:]] == [1, 3, 6]
