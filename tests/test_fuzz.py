@@ -339,6 +339,28 @@ def test_flower_payload_array_allocates_only_what_it_carries():
         record_bytes(RecordDict({PAYLOAD: other}))
 
 
+@pytest.mark.parametrize(
+    "name, options, up_bytes",
+    [("fedkseed", {"pool_size": 16}, lambda k: 4 * k), ("feedsign", {}, lambda k: (k + 7) // 8)],
+    ids=["fedkseed", "feedsign"],
+)
+def test_seed_zo_decode_update_peak_memory(task, name, options, up_bytes):
+    """FedKSeed's and FeedSign's zeroth-order uplinks (compact frames of K scalars or K sign bits):
+    honest, a checksummed 200 KB body, truncated and another kind all stay within 2 x float32 of K."""
+    from fedsqueeze.methods.zo_wire import compact_frame
+
+    m = build(name, task, params="head", warm_start_rounds=1, warm_start_steps=1, **options)
+    state, zo = m.init_server(), RoundContext(round=2, rounds=4, seed=0)
+    kind = f"{name}-up"
+    up = compact_frame(kind, 2, [], bytes(up_bytes(m.k)))
+    payloads = [up, compact_frame(kind, 2, [], bytes(200_000)), up[:-5], compact_frame(f"{name}-down", 2, [], up)]
+    budget = decode_budget(m.k)
+    for i, data in enumerate(payloads):
+        peak, err = traced_peak(lambda data=data: m.decode_update(data, 0, state, zo))
+        assert (err is None) == (i == 0) and (err is None or isinstance(err, PayloadError)), (i, err)
+        assert 0 < peak <= budget, (i, peak, budget)
+
+
 def test_unframe():
     fuzz_decoder("unframe", unframe, reframe(b"raw", b'{"a":[1,2],"b":{"c":null}}', b"body bytes"))
 
