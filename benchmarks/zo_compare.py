@@ -79,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     table = {}
     for spec in args.runs:
-        label, path = spec.split("=", 1)
+        label, path = spec.rsplit("=", 1)  # a label may hold "=", a path rarely does
         res = load(path)
         table[label] = {"source": path, "method": res["config"]["method"], **curves(res)}
     Path(args.out).write_text(json.dumps(table, indent=1))
