@@ -61,3 +61,57 @@ def test_unknown_codec_is_config_error():
 def test_random_bytes_only_raise_payload_error(blob):
     with pytest.raises(PayloadError):
         decode_tensors(blob)
+
+
+# ---- header caps: what a receiver that knows its tensors lets a header hold ------------------------
+def test_json_values_upper_bound_counts_separators_and_brackets():
+    from fedsqueeze.codecs.framing import json_values_upper_bound
+
+    # 1 + one comma + one colon + one '[' + one '{' (the values: the object, the list, 1 and 2)
+    assert json_values_upper_bound(b'{"a":[1,2]}') == 5
+    assert json_values_upper_bound(b"[[],[],[]]") == 1 + 2 + 4
+    assert json_values_upper_bound(b"7") == 1
+
+
+def test_meta_caps_follow_the_expected_tensors_exactly():
+    from fedsqueeze.codecs.base import expect_tensors, meta_bound, meta_values_bound
+
+    expect = expect_tensors({"w": (3, 4), "bias": (4,)})
+    # 512 + 2 * (len(name) + len("float32") + 8 * (dims + 1) + 40) per tensor
+    assert meta_bound(expect) == 512 + 2 * (1 + 7 + 24 + 40) + 2 * (4 + 7 + 16 + 40)
+    # 64 + (16 + dims) per tensor
+    assert meta_values_bound(expect) == 64 + (16 + 2) + (16 + 1)
+
+
+def test_unframe_refuses_a_header_with_more_values_than_expected_before_parsing():
+    data = frame("raw", {"x": [0] * 100}, b"")
+    # 1 + 99 commas + 1 colon + 1 '[' + 1 '{' = 103
+    with pytest.raises(PayloadError, match="more JSON values"):
+        unframe(data, max_meta_values=102)
+    assert unframe(data, max_meta_values=103)[1] == {"x": [0] * 100}
+
+
+@pytest.mark.parametrize("codec_id", ["raw", "fp16", "zstd", "qsgd", "sign", "topk", "eden", "sz3"])
+def test_every_codecs_honest_header_uses_at_most_half_of_either_cap(codec_id):
+    """The caps must never refuse an honest payload: one tensor, many long-named ones, 4-d ones."""
+    from fedsqueeze.codecs.base import expect_tensors, meta_bound, meta_values_bound
+    from fedsqueeze.codecs.framing import json_values_upper_bound
+
+    rng = np.random.default_rng(0)
+    cases = [
+        {"w": (3,)},
+        {"head.weight": (26, 384), "head.bias": (26,)},
+        {f"encoder.layer.{i}.attention.self.{k}.weight": (64, 64) for i in range(6) for k in ("query", "key", "value")},
+        {f"b{i}": (4,) for i in range(20)},
+        {"conv": (8, 3, 3, 3)},
+    ]
+    for shapes in cases:
+        tensors = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+        data = encode_tensors(get_codec(codec_id), tensors, n=5, round=3)
+        meta_len = int.from_bytes(data[7 + len(codec_id) : 11 + len(codec_id)], "little")
+        kind, meta, _ = unframe(data)
+        text = bytes(data[11 + len(codec_id) : 11 + len(codec_id) + meta_len])
+        assert kind == codec_id and len(text) == meta_len
+        expect = expect_tensors(shapes)
+        assert meta_len <= meta_bound(expect) / 2, (shapes, meta_len)
+        assert json_values_upper_bound(text) <= meta_values_bound(expect) / 2, (shapes, text[:200])

@@ -64,11 +64,23 @@ class CodecContext:
 
 
 def meta_bound(expect: dict[str, tuple[str, tuple[int, ...]]]) -> int:
-    """A generous cap on the JSON header of a payload holding the ``expect`` tensors: every codec's
-    header is a few tables and lists with one entry per tensor, so it grows with their number and
-    names, never with their sizes (a 1000-tensor table sent to a 2-tensor server is not parsed)."""
-    per_tensor = sum(3 * (len(name) + len(dt) + 24 * (len(shape) + 1) + 64) for name, (dt, shape) in expect.items())
-    return min(MAX_META_BYTES, 16384 + per_tensor)
+    """A cap on the JSON header of a payload holding the ``expect`` tensors: every codec's header is
+    a few tables and lists with one entry per tensor, so it grows with their number and names, never
+    with their sizes (a 1000-tensor table sent to a 2-tensor server is not parsed).
+
+    Honest headers take ~100-170 B plus 25-80 B per tensor (every codec, measured); the cap allows
+    512 B plus about 3x that per tensor. It is kept tight because parsing JSON costs memory: a header of
+    empty lists becomes ~24 bytes of Python objects per byte of text, and those bytes must fit the
+    decoder's budget even for a head of a few thousand values."""
+    per_tensor = sum(2 * (len(name) + len(dt) + 8 * (len(shape) + 1) + 40) for name, (dt, shape) in expect.items())
+    return min(MAX_META_BYTES, 512 + per_tensor)
+
+
+def meta_values_bound(expect: dict[str, tuple[str, tuple[int, ...]]]) -> int:
+    """A cap on the JSON values in the header of a payload holding the ``expect`` tensors: honest
+    headers hold 6-9 per tensor and ~20 more (every codec, measured); the cap allows 16 per tensor
+    (plus the shape's dimensions) and 64."""
+    return 64 + sum(16 + len(shape) for _, shape in expect.values())
 
 
 def expect_tensors(shapes: dict[str, tuple[int, ...]], dtype: Any = "float32") -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -192,7 +204,10 @@ def decode_tensors(
         allowed = {codec.codec_id} if allowed is None else allowed & {codec.codec_id}
     if max_meta_bytes is None:
         max_meta_bytes = MAX_META_BYTES if ctx.expect is None else meta_bound(ctx.expect)
-    kind, meta, body = unframe(data, expect_kind=allowed, max_body_bytes=max_body_bytes, max_meta_bytes=max_meta_bytes)
+    max_values = None if ctx.expect is None else meta_values_bound(ctx.expect)
+    kind, meta, body = unframe(
+        data, expect_kind=allowed, max_body_bytes=max_body_bytes, max_meta_bytes=max_meta_bytes, max_meta_values=max_values
+    )
     if kind not in CODECS:
         raise PayloadError(f"payload names unknown codec {kind!r}; this build knows: {', '.join(sorted(CODECS))}")
     config = meta.get("config", {})

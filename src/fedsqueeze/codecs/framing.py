@@ -48,17 +48,28 @@ def frame(kind: str, meta: dict[str, Any], body: bytes | bytearray | memoryview)
     return b"".join([head, bytes(body), struct.pack("<I", crc)])
 
 
+def json_values_upper_bound(text: bytes) -> int:
+    """At least the number of values in the JSON ``text``: one more than its commas and colons (each
+    separates two), plus its brackets (an empty array or object holds none). Separators inside
+    strings only overcount."""
+    return 1 + sum(text.count(c) for c in (b",", b":", b"[", b"{"))
+
+
 def unframe(
     data: bytes | bytearray | memoryview,
     *,
     expect_kind: str | set[str] | None = None,
     max_body_bytes: int | None = None,
     max_meta_bytes: int = MAX_META_BYTES,
+    max_meta_values: int | None = None,
 ) -> tuple[str, dict[str, Any], memoryview]:
     """Validate a frame and return ``(kind, meta, body)``; ``body`` is a view into ``data``.
 
     ``max_meta_bytes`` (at most :data:`MAX_META_BYTES`) caps the JSON header before it is parsed:
     a receiver that knows how many tensors it expects passes a bound that follows from them.
+    ``max_meta_values`` caps the JSON values it may hold (counted from its separators and
+    brackets, before parsing): a parsed value costs 30-70 bytes of Python objects, so a short
+    header of ``[],[],…`` would otherwise cost ~24x its length.
     """
     view = memoryview(data).cast("B")
     n = len(view)
@@ -82,6 +93,8 @@ def unframe(
     if meta_len > min(max_meta_bytes, MAX_META_BYTES) or pos + meta_len + 8 > n:
         raise PayloadError(f"payload meta length {meta_len} does not fit the {n}-byte payload")
     meta_b = bytes(view[pos : pos + meta_len])
+    if max_meta_values is not None and json_values_upper_bound(meta_b) > max_meta_values:
+        raise PayloadError(f"payload meta holds more JSON values than the {max_meta_values} this receiver expects")
     pos += meta_len
     (body_len,) = struct.unpack_from("<Q", view, pos)
     pos += 8
