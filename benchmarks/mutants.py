@@ -138,6 +138,16 @@ EQUIVALENT += [
         "with no positions the gaps are never read; a shape of None keeps the 1-D shape",
     ),
 ]
+EQUIVALENT += [  # methods/robust.py (strategies_rules section)
+    (r"\.astype\(np\.float64\)", r"\.astype\(None\)", "astype(None) converts to float64, numpy's default dtype"),
+    (r"np\.zeros\(\(k, k\), dtype=np\.float64\)", r"np\.zeros\(\(k, k\), (dtype=None)?\)", "np.zeros' default dtype is float64"),
+    (
+        r"nearest = min\(max\(1, k - f - 2\), max\(k - 1, 0\)\)",
+        r"max\(k \+ 1, 0\)|max\(k - 1, 1\)",
+        "for k >= 2 the bound k - 1 >= max(1, k - f - 2) never binds, and for k = 1 there is no other delta to sum",
+    ),
+    (r"combined, _ = weighted_mean\(rule,", r"weighted_mean\(None,", "weighted_mean never reads its rule argument"),
+]
 MESSAGE_ONLY = [  # arguments that only label an error message
     (r'"client update"\)|"server message"\)', r"None\)"),
 ]
