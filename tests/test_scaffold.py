@@ -1,4 +1,4 @@
-"""SCAFFOLD (option II control variates) pinned by hand: client variate, server variate, corrected
+"""SCAFFOLD control variates (grad_mean and option II) pinned by hand: client variate, server variate, corrected
 gradient, wire, bytes and reproducibility (see docs/strategies.md and methods/scaffold.py).
 
 The hand-made values are binary fractions, so float32 arithmetic is exact and the tests compare

@@ -8,13 +8,13 @@ c_i client i's (zero before its first round):
   ``p.grad`` after backward and before the optimizer step (so AdamW/Adam normalise the corrected
   gradient, and FedProx's term is part of g). After the K local steps, ending at y_i:
 
-  - ``scaffold_control=ii`` (option II of the paper): c_i⁺ = c_i − c + (x − y_i) / (K·lr), with K
+  - ``scaffold_control=ii`` (option II of the paper; measured harmful with AdamW, see docs): c_i⁺ = c_i − c + (x − y_i) / (K·lr), with K
     the local steps the loop ran (``local_steps``, or what ``local_epochs`` makes of them) and lr
     the learning rate of the tensor's optimizer group (``lr``; ``head_lr`` for the head when backbone
     parameters train too). Under plain SGD this is the mean of the raw minibatch gradients; the
     paper's derivation assumes SGD, so with ``optimizer=adamw`` (the default) or ``sgd`` (momentum
     0.9 here) the quotient is a rescaled step, not a gradient.
-  - ``scaffold_control=grad_mean``: c_i⁺ = the mean of the raw (uncorrected) minibatch gradients
+  - ``scaffold_control=grad_mean`` (the default): c_i⁺ = the mean of the raw (uncorrected) minibatch gradients
     of the K steps: what option II equals under plain SGD, and a gradient under any optimizer.
 
   The client keeps c_i⁺ in its client state (``{"codec": codec state, "c": c_i}``, checkpointed
@@ -49,7 +49,7 @@ Tensors = dict[str, np.ndarray]
 
 DOWN_KIND = "scaffold-down"
 UP_KIND = "scaffold-up"
-CONTROLS = ("ii", "grad_mean")
+CONTROLS = ("grad_mean", "ii")
 
 
 @dataclass(frozen=True)

@@ -89,8 +89,8 @@ class TensorOptions:
         False, "SCAFFOLD: control variates correct every local gradient (g − c_i + c); c down and Δc_i up travel raw float32"
     )
     scaffold_control: str = option(
-        "ii",
-        "SCAFFOLD's client variate: ii (option II, c_i − c + (x − y)/(K·lr)) or grad_mean (mean raw local gradient)",
+        "grad_mean",
+        "SCAFFOLD's client variate: grad_mean (mean raw local gradient) or ii (option II, c_i − c + (x − y)/(K·lr): SGD only)",
         choices=SCAFFOLD_CONTROLS,
     )
     head_lr: float = option(
