@@ -115,3 +115,42 @@ def test_every_codecs_honest_header_uses_at_most_half_of_either_cap(codec_id):
         expect = expect_tensors(shapes)
         assert meta_len <= meta_bound(expect) / 2, (shapes, meta_len)
         assert json_values_upper_bound(text) <= meta_values_bound(expect) / 2, (shapes, text[:200])
+
+
+# ---- what unframe reads before it refuses -------------------------------------------------------
+
+
+def _reframed(kind: bytes, meta: bytes, body: bytes = b"") -> bytes:
+    """A frame with these raw fields and a correct checksum (its header need not be JSON)."""
+    import struct
+    import zlib
+
+    head = b"FSQZ\x01" + struct.pack("<H", len(kind)) + kind + struct.pack("<I", len(meta)) + meta + struct.pack("<Q", len(body)) + body
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def test_a_frame_of_another_kind_is_refused_before_its_header_is_parsed():
+    # the header is not even JSON: the refusal names the kind, so nothing of the header was parsed
+    data = _reframed(b"qsgd", b"[[[[ not json")
+    with pytest.raises(PayloadError, match=r"payload kind 'qsgd' where \['raw'\] was expected"):
+        unframe(data, expect_kind="raw")
+    with pytest.raises(PayloadError, match="not valid JSON"):
+        unframe(data, expect_kind={"raw", "qsgd"})
+
+
+def test_a_header_that_is_not_utf8_is_refused_after_the_checksum():
+    data = _reframed(b"raw", b'{"a": "\xff"}')
+    with pytest.raises(PayloadError, match="not valid JSON: UnicodeDecodeError"):
+        unframe(data)
+    damaged = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(PayloadError, match="checksum mismatch"):
+        unframe(damaged)
+    # UTF-8 beyond ASCII is read as it was written
+    assert unframe(_reframed(b"raw", '{"é": "ü"}'.encode()))[1] == {"é": "ü"}
+
+
+def test_json_values_upper_bound_counts_text_and_bytes_alike():
+    from fedsqueeze.codecs.framing import json_values_upper_bound
+
+    assert json_values_upper_bound('{"a":[1,2]}') == json_values_upper_bound(b'{"a":[1,2]}') == 5
+    assert json_values_upper_bound('["é,", {}]') == 1 + 2 + 2  # a comma inside a string only overcounts

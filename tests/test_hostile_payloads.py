@@ -16,7 +16,8 @@ import pytest
 from fuzzing import traced_peak
 from handmade import build, fresh, hand_deltas, hand_head, mask_payload, shared_task, zeros_zstd
 
-from fedsqueeze.codecs import CodecContext, encode_tensors, frame, get_codec
+from fedsqueeze.codecs import CodecContext, RawCodec, decode_tensors, encode_tensors, expect_tensors, frame, get_codec, unframe
+from fedsqueeze.codecs.base import all_finite
 from fedsqueeze.codecs.qsgd import QSGDCodec
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.base import RoundContext
@@ -147,6 +148,91 @@ def test_an_update_norm_bound_stops_huge_finite_updates(task):
     with pytest.raises(PayloadError, match="norm"):
         m.decode_update(encode_tensors(m.up_codec, huge, n=4), 1, state, CTX)
     assert m.decode_update(encode_tensors(m.up_codec, hand_deltas(m, 0), n=4), 1, state, CTX).n == 4
+
+
+# ---- what an honest decode costs: views into the payload, no copies, no per-value temporaries -----
+
+
+def test_raw_decode_returns_read_only_views_into_the_payload():
+    tensors = {
+        "w": np.arange(20, dtype=np.float32).reshape(4, 5),
+        "i": np.array([-3, 7, 9], np.int16),
+        "s": np.array(2.5, np.float64),
+        "e": np.zeros((0, 3), np.float32),
+    }
+    payload = encode_tensors(get_codec("raw"), tensors, n=2)
+    out, extra = decode_tensors(payload)
+    wire = np.frombuffer(payload, np.uint8)
+    assert extra == {"n": 2} and list(out) == ["w", "i", "s", "e"]
+    for name, a in tensors.items():
+        got = out[name]
+        assert got.dtype == a.dtype and got.shape == a.shape and np.array_equal(got, a)
+        assert got.base is payload and not got.flags.writeable  # the payload's own bytes, not a copy
+        assert got.size == 0 or np.shares_memory(got, wire)
+
+
+def test_raw_decode_allocates_per_tensor_objects_not_values():
+    shapes = {f"t{i}": (10, 100) for i in range(30)}  # 30 x 1000 float32: 120,000 bytes of values
+    payload = encode_tensors(get_codec("raw"), {n: np.ones(s, np.float32) for n, s in shapes.items()})
+    ctx = CodecContext(max_elements=30_000, expect=expect_tensors(shapes))
+    _, meta, body = unframe(payload)
+    RawCodec().decode(meta, body, ctx)  # warm the dtype cache
+    out: dict = {}
+    peak, err = traced_peak(lambda: out.update(RawCodec().decode(meta, body, ctx)))
+    assert err is None and len(out) == 30 and all(a.sum() == 1000 for a in out.values())
+    # one ndarray (~100 B) and one table row per tensor, never a copy of the values (nor, as before,
+    # a memoryview, a 1-D array, its reshape and a dtype per tensor: ~630 B each)
+    assert peak <= 30 * 256 + 2048, f"{peak} bytes to view 30 tensors"
+
+
+@pytest.mark.parametrize("name", ["head", "bitfit", "lora"])
+def test_an_honest_small_update_decodes_within_twice_its_float32_size(task, name):
+    # the benchmark's target (benchmarks/hostile_payloads.py): 2 x the float32 size of what the
+    # decoder carries. head (2 tensors) and bitfit (19 tiny biases) once spent more than that on
+    # per-tensor objects and on the buffer numpy makes to check unaligned values for finiteness
+    m = build(name, fresh(task) if name != "head" else task)
+    state = m.init_server()
+    payload = encode_tensors(m.up_codec, hand_deltas(m, 0), CodecContext(seed=1), n=4)
+    m.decode_update(payload, 1, state, CTX)  # warm lazy imports and caches
+    got: list = []
+    peak, err = traced_peak(lambda: got.append(m.decode_update(payload, 1, state, CTX)))
+    assert err is None and got[0].n == 4
+    assert peak <= 2 * 4 * m.max_elements, f"{name}: peak {peak} bytes for {m.max_elements} float32 values"
+    # ...and so does refusing a 1000-tensor table or another codec's bucket bomb
+    for hostile in (
+        frame("raw", {"tensors": [[f"t{i}", "float32", [1]] for i in range(1000)], "extra": {"n": 3}}, bytes(4000)),
+        bucket_bomb(),
+    ):
+        peak, err = traced_peak(lambda hostile=hostile: m.decode_update(hostile, 1, state, CTX))
+        assert isinstance(err, PayloadError) and peak <= 2 * 4 * m.max_elements, (name, peak, err)
+
+
+@pytest.mark.parametrize("offset", [0, 1, 2, 3])
+def test_all_finite_finds_every_nonfinite_value_in_aligned_and_unaligned_views(offset):
+    n = 10_000  # slices of 157 values: bad values on both sides of slice boundaries
+    for bad in (np.nan, np.inf, -np.inf):
+        for pos in (0, 156, 157, 5000, n - 1):
+            a = np.zeros(n, np.float32)
+            a[pos] = bad
+            raw = bytes(offset) + a.tobytes()
+            view = np.ndarray((n,), np.float32, buffer=raw, offset=offset)
+            assert not all_finite(view) and not all_finite(view.reshape(100, 100)), (bad, pos, offset)
+        ok = np.ndarray((n,), np.float32, buffer=bytes(offset) + np.full(n, 3e38, np.float32).tobytes(), offset=offset)
+        assert all_finite(ok)
+    assert all_finite(np.zeros(0, np.float32)) and all_finite(np.array(1.0, np.float32)) and not all_finite(np.array(np.nan))
+    strided = np.zeros(10, np.float32)
+    strided[3] = np.nan
+    assert all_finite(strided[::2]) and not all_finite(strided[1::2])  # not contiguous: checked whole
+
+
+def test_all_finite_on_an_unaligned_view_allocates_less_than_a_bool_per_value():
+    n = 200_000
+    view = np.ndarray((n,), np.float32, buffer=b"x" + np.ones(n, np.float32).tobytes(), offset=1)
+    assert not view.flags.aligned
+    all_finite(view)
+    peak, err = traced_peak(lambda: all_finite(view))
+    # np.isfinite(view) would hold a bool per value plus a float buffer of 8192 values
+    assert err is None and peak < n // 4, peak
 
 
 # ---- example counts -----------------------------------------------------------------------------

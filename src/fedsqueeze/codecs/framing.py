@@ -48,11 +48,13 @@ def frame(kind: str, meta: dict[str, Any], body: bytes | bytearray | memoryview)
     return b"".join([head, bytes(body), struct.pack("<I", crc)])
 
 
-def json_values_upper_bound(text: bytes) -> int:
+def json_values_upper_bound(text: str | bytes) -> int:
     """At least the number of values in the JSON ``text``: one more than its commas and colons (each
     separates two), plus its brackets (an empty array or object holds none). Separators inside
-    strings only overcount."""
-    return 1 + sum(text.count(c) for c in (b",", b":", b"[", b"{"))
+    strings only overcount (and UTF-8 never codes them inside another character)."""
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")  # one character per byte: the same counts
+    return 1 + sum(text.count(c) for c in ",:[{")
 
 
 def unframe(
@@ -87,13 +89,19 @@ def unframe(
         kind = bytes(view[pos : pos + kind_len]).decode("ascii")
     except UnicodeDecodeError as exc:
         raise PayloadError("payload kind is not ASCII") from exc
+    if expect_kind is not None:  # before the header is parsed: a frame of another kind is never read
+        allowed = {expect_kind} if isinstance(expect_kind, str) else expect_kind
+        if kind not in allowed:
+            raise PayloadError(f"payload kind {kind!r} where {sorted(allowed)} was expected")
     pos += kind_len
     (meta_len,) = struct.unpack_from("<I", view, pos)
     pos += 4
     if meta_len > min(max_meta_bytes, MAX_META_BYTES) or pos + meta_len + 8 > n:
         raise PayloadError(f"payload meta length {meta_len} does not fit the {n}-byte payload")
-    meta_b = bytes(view[pos : pos + meta_len])
-    if max_meta_values is not None and json_values_upper_bound(meta_b) > max_meta_values:
+    # decoded straight from the payload, with no copy of its bytes (frames write ASCII JSON); bad
+    # UTF-8 is reported after the checksum, like any other damage to the header
+    meta_text, bad_text = _text(view[pos : pos + meta_len])
+    if max_meta_values is not None and json_values_upper_bound(meta_text) > max_meta_values:
         raise PayloadError(f"payload meta holds more JSON values than the {max_meta_values} this receiver expects")
     pos += meta_len
     (body_len,) = struct.unpack_from("<Q", view, pos)
@@ -106,15 +114,21 @@ def unframe(
     if zlib.crc32(view[: n - 4]) != crc:
         raise PayloadError("payload checksum mismatch: the bytes were corrupted")
     try:
-        meta = json.loads(meta_b)
+        if bad_text is not None:
+            raise bad_text
+        meta = json.loads(meta_text)
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad JSON, bad UTF-8 and integers past Python's digit limit;
         # RecursionError comes from deeply nested arrays, which a checksum does not stop
         raise PayloadError(f"payload meta is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     if not isinstance(meta, dict):
         raise PayloadError("payload meta is not a JSON object")
-    if expect_kind is not None:
-        allowed = {expect_kind} if isinstance(expect_kind, str) else expect_kind
-        if kind not in allowed:
-            raise PayloadError(f"payload kind {kind!r} where {sorted(allowed)} was expected")
     return kind, meta, view[pos : pos + body_len]
+
+
+def _text(raw: memoryview) -> tuple[str, UnicodeDecodeError | None]:
+    """The UTF-8 text of a frame's header, or ``("", error)`` when it is not UTF-8."""
+    try:
+        return str(raw, "utf-8"), None
+    except UnicodeDecodeError as exc:
+        return "", exc

@@ -46,6 +46,7 @@ import torch
 from torch.nn import functional as F
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, expect_tensors, get_codec
+from fedsqueeze.codecs.base import all_finite
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register_method
 from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_uplink, encode_downlink, encode_uplink
@@ -328,7 +329,7 @@ class ZOMethod(Method):
         for n, a in tensors.items():
             if tuple(a.shape) != tuple(self.named[n].shape) or a.dtype != self.warm_dtype:
                 raise PayloadError(f"{what}: tensor {n!r} has shape {a.shape} / dtype {a.dtype}")
-            if not np.all(np.isfinite(a)):
+            if not all_finite(a):
                 raise PayloadError(f"{what}: tensor {n!r} holds NaN or infinity")
 
     def aggregate(

@@ -25,7 +25,7 @@ import numpy as np
 
 from fedsqueeze.codecs import CodecContext, RawCodec, expect_tensors
 from fedsqueeze.codecs.ans import decode_symbols, encode_symbols
-from fedsqueeze.codecs.base import split_body
+from fedsqueeze.codecs.base import all_finite, split_body
 from fedsqueeze.codecs.framing import frame, unframe
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.updates import example_count
@@ -122,7 +122,7 @@ class MaskWire:
         for n, a in tensors.items():
             if a.dtype not in (np.float32, np.float16) or tuple(a.shape) != self.head_shapes[n]:
                 raise PayloadError(f"{what}: head tensor {n!r} has dtype {a.dtype} and shape {a.shape}")
-            if not np.all(np.isfinite(a)):
+            if not all_finite(a):
                 raise PayloadError(f"{what}: head tensor {n!r} holds NaN or infinity")
             out[n] = a.astype(np.float32)
         return out
