@@ -3,15 +3,18 @@
 On synthetic updates and masks, per row: time, peak RSS (sampled every 20 ms) and bytes, for
 - the codecs sz3 (fedsz's default: REL 2e-2, nopred), qsgd, eden and topk (encode and decode);
 - server aggregation of K client updates (FedAvg's weighted mean, the project's robust-rule code);
+- FedAvg's server path (``server:fedavg``): K clients' raw float32 payloads, each decoded by the
+  method's own ``decode_update`` (every check, finite, views into the payload), then its
+  ``aggregate`` (the mean rule and the server step on the state's weights);
 - the mask methods deltamask and fedpm in both directions: K clients code their masks (uplink),
   the server decodes them and aggregates (its rebuild and Beta rule), then codes θ (downlink) and
   a client decodes it.
 
 Work is streamed in chunks of ``--chunk`` values (1e8 by default, about the size of the largest
 tensor of a 1.3B-parameter model): a codec row encodes one payload per chunk (as one payload per
-tensor group); the aggregation and mask rows run the project's code on one chunk of coordinates
-at a time (the rules are coordinate-wise; a mask method is instantiated over a chunk-sized
-layout). So peak memory is that of one chunk, and time and bytes add up over chunks. A row is
+tensor group); the aggregation, server and mask rows run the project's code on one chunk of
+coordinates at a time (the rules are coordinate-wise; a method is instantiated over a chunk-sized
+layout, as a server aggregating one tensor group at a time would hold it). So peak memory is that of one chunk, and time and bytes add up over chunks. A row is
 abandoned (``aborted``) as soon as RSS passes ``--max-rss-gb``.
 
 The JSON also gives the slope of time against d for every row measured at two sizes, and the
@@ -20,7 +23,7 @@ server state the mask methods keep per parameter.
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/scale.py --d 1e8          # ~ minutes
     OMP_NUM_THREADS=1 PYTHONPATH=src /work/bin/measure python benchmarks/scale.py --d 1e8 1.3e9
 
-Writes benchmarks/results/scale.json (rows of earlier runs at other d are kept).
+Writes benchmarks/results/scale.json (the rows a run does not measure, at any d, are kept).
 """
 
 from __future__ import annotations
@@ -131,6 +134,60 @@ def aggregate_row(sizes: list[int], clients: int, rss: PeakRSS) -> dict[str, Any
     return {"time_s": agg_s, "clients": clients, "bytes": 0}
 
 
+def tensor_method_over(name: str, size: int, clients: int):
+    """The tensor method ``name`` set up over a model of one ``size``-value weight (zeros) and a 2-class head."""
+    import torch
+    from torch import nn
+
+    from fedsqueeze.config import RunConfig
+    from fedsqueeze.methods import get_method
+    from fedsqueeze.models import Classifier
+
+    backbone = nn.Sequential(nn.Linear(size, 1, bias=False, device="meta"))
+    model = Classifier(backbone, 1, 2, "text").to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    task = SimpleNamespace(model=model, client_sizes=lambda: [100] * clients)
+    method = get_method(name)(RunConfig(method=name, clients=clients, clients_per_round=clients, model="tiny"))
+    method.setup(task)
+    return method
+
+
+def server_row(name: str, sizes: list[int], clients: int, rss: PeakRSS) -> dict[str, Any]:
+    """The tensor method's own server path per chunk: K clients' raw payloads, each decoded by
+    ``decode_update`` (checked, finite, views into the payload), then ``aggregate`` (the mean rule
+    and the server step on the state's weights), as a server would for one tensor group."""
+    from fedsqueeze.methods.base import RoundContext
+
+    t = {"client_encode_s": 0.0, "server_decode_s": 0.0, "aggregate_s": 0.0}
+    up = 0
+    for i, size in enumerate(sizes):
+        method = tensor_method_over(name, size, clients)
+        state = method.init_server()
+        ctx = RoundContext(round=1, rounds=10, seed=i, participants=tuple(range(clients)))
+        updates = {}
+        for client in range(clients):
+            delta = {n: update_chunk(math.prod(s), 1000 * i + client).reshape(s) for n, s in method.shapes.items()}
+            t0 = time.perf_counter()
+            payload = encode_tensors(method.up_codec, delta, CodecContext(seed=client), n=100)
+            del delta
+            t1 = time.perf_counter()
+            updates[client] = method.decode_update(payload, client, state, ctx)
+            t["server_decode_s"] += time.perf_counter() - t1
+            t["client_encode_s"] += t1 - t0
+            up += len(payload)
+            del payload  # the decoded update's arrays are views into it
+            rss.check()
+        t0 = time.perf_counter()
+        state, _ = method.aggregate(state, updates, ctx)
+        t["aggregate_s"] += time.perf_counter() - t0
+        assert all(np.isfinite(w).all() for w in state["weights"].values())
+        del method, state, updates
+        rss.check()
+    return {**t, "time_s": t["server_decode_s"] + t["aggregate_s"], "clients": clients, "bytes": up // clients}
+
+
 def mask_method_over(name: str, size: int, clients: int):
     """The mask method ``name`` set up over a layout of exactly ``size`` masked weights (no real model)."""
     from torch import nn
@@ -234,12 +291,13 @@ def main() -> None:
     out = Path(args.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
     ds = [int(d) for d in args.d]
-    rows = [r for r in old.get("rows", []) if r["d"] not in ds]
     rss = PeakRSS(int(args.max_rss_gb * GIB))
     plan: list[tuple[str, Any]] = [(f"codec:{cid}", (cid, opts)) for cid, opts in CODECS]
-    plan += [("aggregate:fedavg", None)] + [(f"mask:{m}", m) for m in MASK_METHODS]
+    plan += [("aggregate:fedavg", None), ("server:fedavg", "fedavg")] + [(f"mask:{m}", m) for m in MASK_METHODS]
     if args.rows:
         plan = [p for p in plan if p[0] in args.rows]
+    planned = {name for name, _ in plan}
+    rows = [r for r in old.get("rows", []) if not (r["d"] in ds and r["row"] in planned)]  # every other row is kept
     for d in ds:
         sizes = chunks(d, int(args.chunk))
         for name, spec in plan:
@@ -251,6 +309,8 @@ def main() -> None:
                     row.update(codec_row(spec[0], spec[1], sizes, rss))
                 elif name.startswith("aggregate:"):
                     row.update(aggregate_row(sizes, args.clients, rss))
+                elif name.startswith("server:"):
+                    row.update(server_row(spec, sizes, args.clients, rss))
                 else:
                     row.update(mask_row(spec, sizes, args.clients, rss))
                 row["status"] = "ok"

@@ -14,6 +14,7 @@ from fedsqueeze.codecs import CodecContext, encode_tensors
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.methods.robust import SCALAR_RULES, RobustRule, cap_flips, krum_scores, trimmed_votes
+from fedsqueeze.methods.updates import weighted_mean, weighted_mean_f32
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,47 @@ def test_coordinate_rules(task, opts, expected):
     state, _ = _round(m, state, _hand(m, FOUR), COUNTS, 1)
     for n in m.names:
         np.testing.assert_allclose(state["weights"][n], start[n] + expected, rtol=1e-5, atol=1e-6)
+
+
+def test_the_mean_rule_is_exact_on_hand_values_and_float32():
+    deltas = [{"w": np.array([1.0, 2.0, 3.0], np.float32)}, {"w": np.array([4.0, 5.0, 6.0], np.float32)}]
+    out, _ = RobustRule("mean").combine(deltas, [1, 3])  # weights 1/4 and 3/4
+    assert out["w"].dtype == np.float32
+    np.testing.assert_array_equal(out["w"], [3.25, 4.25, 5.25])
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 1 << 18])
+@pytest.mark.parametrize("shape", [(), (0,), (7,), (3, 5), (64, 33)])
+def test_weighted_mean_f32_is_the_float64_mean_cast_bit_for_bit(shape, block):
+    rng = np.random.default_rng(7)
+    arrays = [(rng.standard_normal(shape) * 1e-3).astype(np.float32) for _ in range(4)]
+    if arrays[0].size:
+        arrays[0].reshape(-1)[0] = 3.4e38  # near float32's max: the float64 sum keeps it finite
+        arrays[1].reshape(-1)[0] = 3.4e38
+    counts = [3, 100, 1, 17]
+    got = weighted_mean_f32(arrays, counts, block=block)
+    want = weighted_mean(arrays, counts).astype(np.float32)
+    assert got.shape == shape and got.dtype == np.float32
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))  # the same bits, not only close
+
+
+def test_weighted_mean_f32_holds_blocks_not_float64_copies_of_the_tensor():
+    import tracemalloc
+
+    n, block = 1_000_000, 1 << 14
+    arrays = [np.full(n, k, np.float32) for k in range(5)]
+    weighted_mean_f32(arrays, [1] * 5, block=block)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    out = weighted_mean_f32(arrays, [1, 1, 1, 1, 1], block=block)
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    assert np.array_equal(out, np.full(n, 2.0, np.float32))
+    # the float32 result, two float64 blocks and numpy's 8192-value float64 cast buffer (64 KiB), plus
+    # 64 KiB of slack; the whole-tensor float64 mean alone would be 8 bytes a value
+    assert peak <= 4 * n + 2 * 8 * block + 2 * 65536, peak
+    with pytest.raises(ValueError, match="block"):
+        weighted_mean_f32(arrays, [1] * 5, block=0)
 
 
 def test_median_is_per_coordinate_and_averages_the_middle_pair():

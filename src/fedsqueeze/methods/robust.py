@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedsqueeze.methods.updates import weighted_mean as mean_of
+from fedsqueeze.methods.updates import weighted_mean_f32 as mean_f32
 from fedsqueeze.privacy import clip_update
 
 Tensors = dict[str, np.ndarray]
@@ -57,8 +57,9 @@ class RobustRule:
 
 def weighted_mean(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
     """Σ (n_i / Σn) · δ_i, tensor by tensor (FedAvg's rule): summed in float64, so finite float32 deltas
-    never overflow it (updates.weighted_mean), then float32 (a convex combination stays in range)."""
-    return {name: mean_of([d[name] for d in deltas], counts).astype(np.float32) for name in deltas[0]}, {}
+    never overflow it (updates.weighted_mean), then float32 (a convex combination stays in range);
+    in blocks of coordinates, so the float64 sum never spans a whole tensor (updates.weighted_mean_f32)."""
+    return {name: mean_f32([d[name] for d in deltas], counts) for name in deltas[0]}, {}
 
 
 def coordinate_median(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:

@@ -138,6 +138,36 @@ def stepped(weights: np.ndarray, step: np.ndarray, dtype: type = np.float32) -> 
         return (np.asarray(weights, dtype=np.float64) + step).astype(dtype)
 
 
+MEAN_BLOCK = 1 << 18  # coordinates per block of weighted_mean_f32: 2 MiB of float64 sum, 2 MiB of product
+
+
+def weighted_mean_f32(arrays: Sequence[np.ndarray], counts: Sequence[int], block: int = MEAN_BLOCK) -> np.ndarray:
+    """``weighted_mean(arrays, counts).astype(np.float32)`` bit for bit, computed one block of
+    ``block`` coordinates at a time (the same float64 operations in the same order per coordinate).
+
+    The server's FedAvg mean then holds its float32 result and two float64 blocks, instead of 8 bytes
+    per value for the float64 mean plus 16 more for each client's float64 copy and product: 28 bytes
+    per value of a tensor at its peak, ~2.9 GB for one 1e8-value tensor of a 1.3B-parameter model.
+    """
+    if block < 1:
+        raise ValueError(f"block must be at least 1, got {block}")
+    shape = np.shape(arrays[0])
+    flats = [np.asarray(a).reshape(-1) for a in arrays]  # views: decoded tensors are contiguous
+    out = np.empty(flats[0].size, np.float32)
+    total = float(sum(counts))
+    acc = np.empty(min(block, out.size), np.float64)
+    prod = np.empty_like(acc)
+    for start in range(0, out.size, block):
+        stop = min(start + block, out.size)
+        a, t = acc[: stop - start], prod[: stop - start]
+        a.fill(0.0)
+        for f, n in zip(flats, counts):
+            np.multiply(f[start:stop], n / total, out=t, dtype=np.float64)  # float64 loop, as weighted_mean's
+            a += t
+        out[start:stop] = a
+    return out.reshape(shape)
+
+
 U = TypeVar("U")
 
 
