@@ -118,6 +118,28 @@ def test_counting_sort_grouping_gives_the_same_bytes_as_before(num_groups):
     np.testing.assert_array_equal(decode_grouped_bits(meta, body, groups, num_groups), bits)
 
 
+@pytest.mark.parametrize(("n", "num_groups"), [(0, 3), (1, 1), (200_001, 6), (65_536, 64), (131_073, 300), (70_000, 40_000)])
+def test_chunked_key_sort_codes_the_same_bytes_as_one_sort(n, num_groups):
+    """Over several 65,536-position chunks (and 40,000 groups: 64-bit keys), in any integer dtype."""
+    rng = np.random.default_rng(n + num_groups)
+    groups = rng.integers(0, num_groups, n)
+    bits = rng.random(n) < rng.random(num_groups)[groups]
+    want = encode_grouped_bits(bits, groups, num_groups, counting=False)
+    assert want[0]["ones"] == np.bincount(groups[bits], minlength=num_groups).tolist()
+    for dtype in (np.int64, np.int32, np.uint16 if num_groups <= 1 << 16 else np.uint32):
+        assert encode_grouped_bits(bits, groups.astype(dtype), num_groups) == want
+    np.testing.assert_array_equal(decode_grouped_bits(want[0], want[1], groups, num_groups), bits)
+
+
+@pytest.mark.parametrize("bad", [[0, 1, 6], [0, -1, 2], [0, 1 << 15, 2], [1 << 40, 0, 0]])
+def test_grouped_bits_refuse_a_group_outside_the_range(bad):
+    """A wider id would wrap into another group's keys (2^15 is group 0 modulo a 32-bit key)."""
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        encode_grouped_bits(np.zeros(3, dtype=bool), np.array(bad), 6)
+    with pytest.raises(ValueError, match="one length"):
+        encode_grouped_bits(np.zeros(4, dtype=bool), np.zeros(3, dtype=np.int64), 6)
+
+
 def test_one_pass_scan_finds_range_finiteness_and_rows():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((700, 200)).astype(np.float32)  # several scan blocks of rows
@@ -133,6 +155,35 @@ def test_one_pass_scan_finds_range_finiteness_and_rows():
             for arr in (a.copy(), flat.copy()):
                 arr.reshape(-1)[where] = bad
                 assert not scan(arr).finite
+
+
+def test_scan_skips_the_rows_of_a_tensor_whose_first_column_says_dense():
+    """Over half the rows non-zero at their first value: no per-row pass (the row-sparse path needs
+    at most half), the same range; at exactly half the rows are found."""
+    a = np.arange(1.0, 13.0, dtype=np.float32).reshape(4, 3)
+    a[1, 0] = 0.0  # 3 of 4 rows start non-zero
+    assert scan(a) == (True, 0.0, 12.0, None)
+    b = a.copy()
+    b[2, 0] = 0.0  # 2 of 4: might be row-sparse
+    b[1] = 0.0
+    info = scan(b)
+    assert (info.finite, info.lo, info.hi) == (True, 0.0, 12.0)
+    np.testing.assert_array_equal(info.nonzero_rows, [True, False, True, True])
+    big = np.ones((3, 70_000), dtype=np.float32)  # dense, flat blocks: a NaN in the last one shows
+    big[2, -1] = np.nan
+    assert scan(big).nonzero_rows is None and not scan(big).finite
+
+
+def test_sz3_reuses_its_configuration_and_codes_the_same_bytes():
+    """The dense path's shared configuration: the same bytes as a fresh one, tensor after tensor."""
+    rng = np.random.default_rng(3)
+    codec = get_codec("sz3", mode="rel", bound=2e-2, threshold=1024, algo="nopred")
+    arrays = [rng.standard_normal(n).astype(np.float32) * s for n, s in ((5000, 1.0), (2000, 40.0), (5000, 1.0))]
+    arrays.append(rng.standard_normal((50, 40)))  # float64
+    for a in arrays:
+        bitmap, stream, rows = codec.compress_one(a, codec.plan("w", a))
+        assert (bitmap, rows) == (b"", 0)
+        assert stream == sz3_compress(a.reshape(-1), sz3_config("rel", 2e-2, "nopred"))
 
 
 def test_sz3_streams_are_the_same_bytes_as_before():

@@ -93,20 +93,89 @@ def grouped_bits_cap(entropy_bits: float, coded_groups: int) -> int:
     return 4 * (math.ceil((entropy_bits * 1.01 + 32 * coded_groups + 64) / 32) + 1)
 
 
+_KEY_CHUNK = 1 << 16  # positions per chunk of the encoder's grouping sort: its keys stay in cache
+
+
+def _check_groups(groups: np.ndarray, num_groups: int) -> None:
+    """Refuse a group id outside ``[0, num_groups)``: it would wrap into another group's keys."""
+    if groups.dtype.kind not in "iu":
+        raise ValueError(f"groups must be integers, got {groups.dtype}")
+    if groups.dtype.kind == "u" and np.iinfo(groups.dtype).max < num_groups:
+        return  # every value of the type is a group
+    top = groups.view(groups.dtype.str.replace("i", "u")).max() if groups.size else 0  # negatives read as huge
+    if top >= num_groups:
+        raise ValueError(f"groups must lie in [0, {num_groups})")
+
+
+def _grouped_chunks(
+    bits: np.ndarray, groups: np.ndarray, num_groups: int, step: int = _KEY_CHUNK
+) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """``(pieces, bounds, ones)``: each chunk of ``step`` positions with its bits ordered by group
+    (in position order within a group) as int32 0/1, ``bounds[i, g:g + 2]`` group ``g``'s slice of
+    chunk ``i``'s piece, and the count of ones of each group.
+
+    A chunk's bits are ordered by sorting one unsigned key per position, ``group << s | position
+    << 1 | bit``: the keys are distinct, so a plain (SIMD) sort of them is the stable grouping, and
+    the bit rides along in the low bit (no index array, no gather). A chunk of keys sorts in cache.
+    """
+    if bits.shape != groups.shape or bits.ndim != 1:
+        raise ValueError(f"bits {bits.shape} and groups {groups.shape} must be vectors of one length")
+    _check_groups(groups, num_groups)
+    shift = step.bit_length()  # position << 1 | bit fits below it
+    key_t: Any = np.uint32 if num_groups <= 1 << (32 - shift) else np.uint64
+    low = np.arange(step, dtype=key_t) << key_t(1)
+    edges = np.arange(num_groups + 1, dtype=key_t) << key_t(shift)
+    chunks = (bits.size + step - 1) // step
+    pieces, bounds = [], np.empty((chunks, num_groups + 1), dtype=np.int64)
+    sums = np.empty((chunks, num_groups), dtype=np.int64)
+    for i, lo in enumerate(range(0, bits.size, step)):
+        g = groups[lo : lo + step]
+        buf: Any = np.empty(g.size + 1, dtype=key_t)  # a last 0 after the keys: reduceat may index one past them
+        key, buf[-1] = buf[:-1], 0
+        np.left_shift(g, shift, out=key, dtype=key_t, casting="unsafe")
+        key |= low[: g.size]
+        key |= bits[lo : lo + step]
+        key.sort()
+        bounds[i] = np.searchsorted(key, edges)
+        buf &= key_t(1)
+        piece = buf.view(np.int32) if key_t is np.uint32 else buf.astype(np.int32)
+        # the sum of each group's slice (an empty group's entry is junk, zeroed below by its size)
+        sums[i] = np.add.reduceat(piece, bounds[i, :-1])
+        pieces.append(piece)
+    sizes = bounds[:, 1:] - bounds[:, :-1]
+    ones = np.where(sizes > 0, sums, 0).sum(axis=0)
+    return pieces, bounds, ones
+
+
 def encode_grouped_bits(bits: np.ndarray, groups: np.ndarray, num_groups: int, counting: bool = True) -> tuple[dict[str, Any], bytes]:
     """Code ``bits`` (bool) group by group; ``groups[i]`` in ``[0, num_groups)`` is known to the decoder.
 
-    ``counting`` chooses the grouping sort (:func:`group_order`); the bytes are the same either way.
+    Each group's bits are coded in position order with one Bernoulli model, last group first (a
+    stack: the decoder pops the first group first). ``counting`` chooses how the bits are grouped:
+    a chunked key sort (:func:`_grouped_chunks`), fed to the coder a chunk's slice at a time (the
+    same stream as one call per group: a stack codes the symbols of a call last to first), or,
+    with ``counting=False``, one int64 sort of all the positions (:func:`group_order`), kept to
+    test against; the bytes are the same either way.
     """
     bits = np.asarray(bits, dtype=bool)
-    order, bounds = group_order(groups, num_groups, counting)
-    sizes = np.diff(bounds)
-    ones = np.bincount(groups[bits], minlength=num_groups).astype(np.int64)
     coder = constriction.stream.stack.AnsCoder()
-    for g in range(num_groups - 1, -1, -1):  # a stack: encode last group first, decode first group first
+    if not counting:
+        order, bounds = group_order(groups, num_groups, counting=False)
+        sizes = np.diff(bounds)
+        ones = np.bincount(groups[bits], minlength=num_groups).astype(np.int64)
+        for g in range(num_groups - 1, -1, -1):
+            if 0 < ones[g] < sizes[g]:
+                coder.encode_reverse(bits[order[bounds[g] : bounds[g + 1]]].astype(np.int32), _bernoulli(int(ones[g]), int(sizes[g])))
+        return {"ones": ones.tolist()}, _words(coder)
+    pieces, chunk_bounds, ones = _grouped_chunks(bits, groups, num_groups)
+    sizes = (chunk_bounds[:, 1:] - chunk_bounds[:, :-1]).sum(axis=0)
+    spans = list(zip(pieces, chunk_bounds.tolist()))[::-1]
+    for g in range(num_groups - 1, -1, -1):
         if 0 < ones[g] < sizes[g]:
-            chunk = bits[order[bounds[g] : bounds[g + 1]]].astype(np.int32)
-            coder.encode_reverse(chunk, _bernoulli(int(ones[g]), int(sizes[g])))
+            model = _bernoulli(int(ones[g]), int(sizes[g]))
+            for piece, b in spans:  # the last chunk first
+                if b[g + 1] > b[g]:
+                    coder.encode_reverse(piece[b[g] : b[g + 1]], model)
     return {"ones": ones.tolist()}, _words(coder)
 
 

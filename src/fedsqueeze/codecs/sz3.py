@@ -24,8 +24,10 @@ tensor (0 = dense) and every section's length, all checked before any decoding.
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pysz
@@ -36,7 +38,6 @@ from fedsqueeze.codecs.base import (
     Tensors,
     check_table,
     codec_option,
-    is_float,
     register_codec,
     split_body,
     tensor_table,
@@ -92,6 +93,13 @@ def sz3_config(mode: str, bound: float, algo: str = "interp_lorenzo") -> Any:
     return cfg
 
 
+_LOSSY_DTYPES = frozenset({np.dtype(np.float32), np.dtype(np.float64)})  # is_float's, as a set: one hash, no compares
+
+# one configuration per setting, built once: pysz sets a configuration's dims from each array inside
+# its compress call (which holds the GIL) and changes nothing else, so reusing one gives the same bytes
+_shared_config = functools.lru_cache(maxsize=32)(sz3_config)
+
+
 @register_codec
 class SZ3Codec(Codec):
     """Error-bounded lossy (SZ3) for large float tensors, lossless (zstd) for the rest."""
@@ -111,7 +119,7 @@ class SZ3Codec(Codec):
         and, for the row-sparse path, its non-zero rows all come from that one pass.
         """
         o = self.opts
-        if not (is_float(a) and a.size > o.threshold and o.name_filter in name):
+        if not (a.dtype in _LOSSY_DTYPES and a.size > o.threshold and o.name_filter in name):
             return None
         info = scan(a, rows=o.sparse_rows)
         if not info.finite or (o.mode == "rel" and not info.hi > info.lo):
@@ -150,7 +158,7 @@ class SZ3Codec(Codec):
                 bound = o.bound if o.mode == "abs" else o.bound * (info.hi - info.lo)
                 values = a.reshape(a.shape[0], -1)[nonzero].reshape(-1)
                 return np.packbits(nonzero).tobytes(), sz3_compress(values, sz3_config("abs", bound, o.algo)), rows
-        return b"", sz3_compress(a.reshape(-1), sz3_config(o.mode, o.bound, o.algo)), 0
+        return b"", sz3_compress(a.reshape(-1), _shared_config(o.mode, o.bound, o.algo)), 0
 
     def check_header(self, meta: dict[str, Any]) -> None:
         if meta.get("mode") != self.opts.mode or meta.get("bound") != self.opts.bound:
@@ -176,30 +184,39 @@ class SZ3Codec(Codec):
         return out
 
 
-@dataclass(frozen=True)
-class Scan:
-    """What one read of a tensor tells the encoder: finite?, its range, its non-zero rows."""
+class Scan(NamedTuple):
+    """What one read of a tensor tells the encoder: finite?, its range, its non-zero rows.
+
+    (A named tuple: it is built once per tensor, and a frozen dataclass costs µs to build.)
+    """
 
     finite: bool
     lo: float
     hi: float
-    nonzero_rows: np.ndarray | None  # bool per row; None unless asked for and the tensor has rows
+    # bool per row, when asked for and the tensor may be row-sparse; None when it has no rows, or
+    # when over half its rows are non-zero at their first value (so the row-sparse path is not taken)
+    nonzero_rows: np.ndarray | None
 
 
 _SCAN_BLOCK = 1 << 16  # elements per block: min and max of a block read it from cache, not memory
+# the ufuncs' own reductions: ndarray.min/max go through a Python wrapper, a µs a call on small tensors
+_min, _max = np.minimum.reduce, np.maximum.reduce
 
 
 def scan(a: np.ndarray, rows: bool = True) -> Scan:
     """Min, max (so finiteness: NaN and ±inf show in them) and, with ``rows``, the non-zero rows, in one pass.
 
-    The tensor is walked in cache-sized blocks of whole rows; each block's per-row min and max are
-    taken while the block is in cache, so main memory is read once (the old code read it 4-5 times:
-    isfinite, min and max twice, a temporary ``!= 0`` mask).
+    The tensor is walked in cache-sized blocks, whose min and max are taken while the block is in
+    cache, so main memory is read once (the old code read it 4-5 times: isfinite, min and max
+    twice, a temporary ``!= 0`` mask). The non-zero rows are only needed when at most half the
+    rows are (the row-sparse path); a row whose first value is non-zero is non-zero, so when over
+    half the rows start non-zero (any dense weight) a strided read of one column settles it and
+    the blocks are taken flat. Otherwise the blocks are whole rows and each row's min and max are
+    kept. A small tensor costs two reductions and no arrays: SZ3 takes tens of µs on it.
     """
-    with_rows = rows and a.ndim >= 2 and a.shape[0] > 1
-    if with_rows:  # per-row min and max, a cache-sized block of rows at a time
-        m = a.reshape(a.shape[0], -1)
-        step = max(1, _SCAN_BLOCK // max(m.shape[1], 1))
+    m = a.reshape(a.shape[0], -1) if rows and a.ndim >= 2 and a.shape[0] > 1 else None
+    if m is not None and m.shape[1] and np.count_nonzero(m[:, 0]) <= m.shape[0] // 2:
+        step = max(1, _SCAN_BLOCK // m.shape[1])
         if step >= m.shape[0]:  # one block: no loop
             part_lo, part_hi = m.min(axis=1), m.max(axis=1)
         else:
@@ -207,20 +224,20 @@ def scan(a: np.ndarray, rows: bool = True) -> Scan:
             for i in range(0, m.shape[0], step):
                 np.min(m[i : i + step], axis=1, out=part_lo[i : i + step])
                 np.max(m[i : i + step], axis=1, out=part_hi[i : i + step])
-    elif a.size <= _SCAN_BLOCK:  # fits the cache whole: one min and one max, no per-block work
-        part_lo, part_hi = np.array([a.min()]), np.array([a.max()])
+        lo, hi = float(_min(part_lo)), float(_max(part_hi))  # NaN propagates through numpy's min and max
+        return Scan(math.isfinite(lo) and math.isfinite(hi), lo, hi, (part_lo != 0) | (part_hi != 0))
+    flat = a if a.ndim == 1 else a.reshape(-1)
+    if flat.size <= _SCAN_BLOCK:  # fits the cache whole: one min and one max
+        lo, hi = float(_min(flat)), float(_max(flat))
     else:  # min and max of each cache-sized block of the flat tensor
-        flat = a.reshape(-1)
         starts = range(0, flat.size, _SCAN_BLOCK)
-        part_lo = np.array([flat[i : i + _SCAN_BLOCK].min() for i in starts])
-        part_hi = np.array([flat[i : i + _SCAN_BLOCK].max() for i in starts])
-    lo, hi = float(part_lo.min()), float(part_hi.max())  # NaN propagates through numpy's min and max
-    finite = bool(np.isfinite(lo) and np.isfinite(hi))
-    return Scan(finite, lo, hi, (part_lo != 0) | (part_hi != 0) if with_rows else None)
+        lo = float(_min([_min(flat[i : i + _SCAN_BLOCK]) for i in starts]))  # numpy's min keeps a NaN
+        hi = float(_max([_max(flat[i : i + _SCAN_BLOCK]) for i in starts]))
+    return Scan(math.isfinite(lo) and math.isfinite(hi), lo, hi, None)
 
 
 def sz3_compress(values: np.ndarray, cfg: Any) -> bytes:
-    # pysz returns a view of its own buffer: copy it out before the next call reuses it
+    # pysz returns a view into a buffer of SZ3's worst-case size: copy the stream out, so that buffer goes
     return bytes(pysz.sz.compress(values, cfg)[0])
 
 
