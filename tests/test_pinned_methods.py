@@ -639,7 +639,7 @@ def redo(message: bytes, **changes) -> bytes:
 
 
 def test_mask_downlink_header_checks(task):
-    m = build("fedpm", task, stratify=True)
+    m = build("fedpm", task, stratify=True, downlink="full")  # the delta downlink's checks: tests/test_mask_downlink.py
     state = m.init_server()
     ctx = RoundContext(round=1, rounds=2, seed=0, participants=(1, 2))
     msg = m.downlink(state, ctx, 2)

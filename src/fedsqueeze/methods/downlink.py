@@ -29,7 +29,7 @@ the broadcasts of ``rounds`` for a replay, one raw frame of ``v_r`` for a refres
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from fedsqueeze.methods.base import state_digest
 from fedsqueeze.seeding import SERVER, seed_int
 
 Tensors = dict[str, np.ndarray]
+T = TypeVar("T")
 KIND = "delta-downlink"
 MODES = ("full", "delta")
 VIEW_KEY = "client_view"  # where a client state and the server state keep the view
@@ -88,6 +89,79 @@ def refresh_size(view: Tensors) -> int:
     return len(frame(RawCodec.codec_id, {"tensors": tensor_table(view)}, b"")) + sum(int(a.nbytes) for a in view.values())
 
 
+def catch_up_parts(view: dict[str, Any], held: int, refresh_bytes: int, refresh: Callable[[], bytes]) -> tuple[str, list[int], list[bytes]]:
+    """``(mode, rounds, parts)`` of the message that brings a client holding view ``held`` to ``view``.
+
+    ``view`` holds ``round`` and the kept ``steps`` (:func:`keep_steps`); ``refresh()`` makes the
+    refresh's one part, of ``refresh_bytes`` bytes, called only when the replay loses.
+    """
+    target = int(view["round"])
+    steps = view["steps"]
+    plan = plan_catch_up(held, target, [(int(s["base"]), int(s["round"]), int(s["bytes"].size)) for s in steps], refresh_bytes)
+    if plan is None:
+        return "refresh", [target], [refresh()]
+    by_round = {int(s["round"]): s["bytes"] for s in steps}
+    return "replay", list(plan), [by_round[r].tobytes() for r in plan]
+
+
+def catch_up_meta(view: dict[str, Any], held: int, mode: str, rounds: list[int], parts: list[bytes]) -> dict[str, Any]:
+    """The header naming a catch-up's base and target rounds, its parts and the digest of the view it reaches."""
+    return {
+        "base": held,
+        "target": int(view["round"]),
+        "mode": mode,
+        "rounds": rounds,
+        "lengths": [len(p) for p in parts],
+        "digest": view["digest"],
+    }
+
+
+def catch_up_meta_bytes(held: int, round_: int) -> int:
+    """A cap on a catch-up header for a client holding view ``held`` in round ``round_``."""
+    return META_FIXED + META_PER_ROUND * (round_ - held + 1)
+
+
+def check_catch_up(meta: dict[str, Any], held: int, round_: int) -> tuple[str, list[int], str]:
+    """``(mode, rounds, digest)`` of a catch-up header, refused (PayloadError) unless it is for round
+    ``round_`` and, for a replay, names increasing rounds from the view ``held`` this client holds."""
+    base, target, mode, rounds, digest = (meta.get(k) for k in ("base", "target", "mode", "rounds", "digest"))
+    if target != round_ or type(target) is not int:
+        raise PayloadError(f"downlink message is for round {target!r}, this is round {round_}")
+    if mode not in ("replay", "refresh") or not isinstance(digest, str) or not isinstance(rounds, list):
+        raise PayloadError("downlink message has a malformed header")
+    if mode == "replay":
+        if base != held:
+            raise PayloadError(f"downlink replays from the view of round {base!r}, this client holds round {held}'s")
+        ok = all(type(r) is int for r in rounds) and rounds == sorted(set(rounds)) and all(held < r <= round_ for r in rounds)
+        if not ok or (rounds and rounds[-1] != round_):
+            raise PayloadError(f"downlink replay names rounds {rounds[:4]!r}, not increasing rounds after {held} up to {round_}")
+    elif rounds != [round_]:
+        raise PayloadError("downlink refresh must name exactly this round")
+    return mode, rounds, digest
+
+
+def check_digest(got: str, digest: str) -> None:
+    """Refuse (PayloadError) a view whose digest is not the one the server sent."""
+    if got != digest:
+        raise PayloadError(f"downlink view digest {got[:12]} differs from the server's {digest[:12]}: this client's view drifted")
+
+
+class CatchUpMemo:
+    """This round's catch-up messages, by ``(round, view digest, held)``; a new round clears them."""
+
+    def __init__(self) -> None:
+        self._messages: dict[tuple[Any, ...], Any] = {}
+
+    def get(self, view: dict[str, Any], held: int, build: Callable[[], T]) -> T:
+        """The message for a client holding view ``held``, built once per round and view."""
+        key = (int(view["round"]), view["digest"], held)
+        if key not in self._messages:
+            if any(k[:2] != key[:2] for k in self._messages):
+                self._messages.clear()  # a new round (or a changed view): the old messages are stale
+            self._messages[key] = build()
+        return self._messages[key]
+
+
 class DeltaDownlink:
     """Both halves of the delta downlink of one tensor method (see the module docstring).
 
@@ -103,7 +177,7 @@ class DeltaDownlink:
         check: Callable[[Tensors, str], None],
     ) -> None:
         self.codec, self.expect, self.max_elements, self.check = codec, expect, max_elements, check
-        self._messages: dict[tuple[Any, ...], bytes] = {}  # this round's messages, by (round, view digest, held)
+        self._messages: CatchUpMemo = CatchUpMemo()
 
     def _ctx(self, seed: int) -> CodecContext:
         return CodecContext(seed=seed, max_elements=self.max_elements, expect=self.expect)
@@ -137,35 +211,11 @@ class DeltaDownlink:
 
     def message(self, view: dict[str, Any], held: int) -> bytes:
         """The message that brings a client holding view ``held`` to the server's view (replay or refresh)."""
-        key = (int(view["round"]), view["digest"], held)
-        if key not in self._messages:
-            if any(k[:2] != key[:2] for k in self._messages):
-                self._messages.clear()  # a new round (or a changed view): the old messages are stale
-            self._messages[key] = self._build(view, held)
-        return self._messages[key]
+        return self._messages.get(view, held, lambda: self._build(view, held))
 
     def _build(self, view: dict[str, Any], held: int) -> bytes:
-        target = int(view["round"])
-        steps = view["steps"]
-        plan = plan_catch_up(
-            held, target, [(int(s["base"]), int(s["round"]), int(s["bytes"].size)) for s in steps], refresh_size(view["tensors"])
-        )
-        if plan is None:
-            parts = [encode_tensors(RawCodec(), view["tensors"])]
-            mode, rounds = "refresh", [target]
-        else:
-            by_round = {int(s["round"]): s["bytes"] for s in steps}
-            parts = [by_round[r].tobytes() for r in plan]
-            mode, rounds = "replay", list(plan)
-        meta = {
-            "base": held,
-            "target": target,
-            "mode": mode,
-            "rounds": rounds,
-            "lengths": [len(p) for p in parts],
-            "digest": view["digest"],
-        }
-        return frame(KIND, meta, b"".join(parts))
+        mode, rounds, parts = catch_up_parts(view, held, refresh_size(view["tensors"]), lambda: encode_tensors(RawCodec(), view["tensors"]))
+        return frame(KIND, catch_up_meta(view, held, mode, rounds, parts), b"".join(parts))
 
     # ---- client ---------------------------------------------------------------------------------------
     def receive(self, message: bytes, held: int, view: Tensors, run_seed: int, round_: int) -> Tensors:
@@ -175,23 +225,9 @@ class DeltaDownlink:
         the view this client holds, decodes part by part with the configured codec into the
         configured tensors only, and lands exactly on the view whose digest the server sent.
         """
-        if not 0 <= held < round_:
-            held = min(max(held, 0), round_)  # a retry of this round: the client already holds round_'s view
-        bound = META_FIXED + META_PER_ROUND * (round_ - held + 1)
-        _, meta, body = unframe(message, expect_kind=KIND, max_meta_bytes=bound)
-        base, target, mode, rounds, digest = (meta.get(k) for k in ("base", "target", "mode", "rounds", "digest"))
-        if target != round_ or type(target) is not int:
-            raise PayloadError(f"downlink message is for round {target!r}, this is round {round_}")
-        if mode not in ("replay", "refresh") or not isinstance(digest, str) or not isinstance(rounds, list):
-            raise PayloadError("downlink message has a malformed header")
-        if mode == "replay":
-            if base != held:
-                raise PayloadError(f"downlink replays from the view of round {base!r}, this client holds round {held}'s")
-            ok = all(type(r) is int for r in rounds) and rounds == sorted(set(rounds)) and all(held < r <= round_ for r in rounds)
-            if not ok or (rounds and rounds[-1] != round_):
-                raise PayloadError(f"downlink replay names rounds {rounds[:4]!r}, not increasing rounds after {held} up to {round_}")
-        elif rounds != [round_]:
-            raise PayloadError("downlink refresh must name exactly this round")
+        held = min(max(held, 0), round_)  # held == round_: a retry of this round, the client already holds its view
+        _, meta, body = unframe(message, expect_kind=KIND, max_meta_bytes=catch_up_meta_bytes(held, round_))
+        mode, rounds, digest = check_catch_up(meta, held, round_)
         parts = split_body(body, meta.get("lengths"), len(rounds))
         if mode == "refresh":
             fresh, _ = decode_tensors(parts[0], self._ctx(0), codec=RawCodec())
@@ -200,7 +236,5 @@ class DeltaDownlink:
         else:
             for r, part in zip(rounds, parts):
                 view = self.apply(view, part, run_seed, r)
-        got = view_digest(view)
-        if got != digest:
-            raise PayloadError(f"downlink view digest {got[:12]} differs from the server's {digest[:12]}: this client's view drifted")
+        check_digest(view_digest(view), digest)
         return view

@@ -28,7 +28,9 @@ from fedsqueeze.codecs.sideinfo import chunked_contexts, decode_flips_counted, e
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, shared_uniforms, stratified_uniforms, train_masked
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
+from fedsqueeze.methods.downlink import MODES, VIEW_KEY, catch_up_meta_bytes
 from fedsqueeze.methods.head import head_names
+from fedsqueeze.methods.mask_downlink import PART_META_BYTES, MaskDeltaDownlink, symbol_dtype
 from fedsqueeze.methods.mask_wire import MaskLimits, MaskWire
 from fedsqueeze.methods.robust import cap_flips, trimmed_votes
 from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskCode, MaskUpdate, stepped, weighted_mean
@@ -68,6 +70,12 @@ class MaskOptions:
         check=between(0.0, 0.5, hi_open=True),
     )
 
+    downlink: str = option(
+        "delta",
+        "full: the whole coded θ every round; delta: only the θ symbols that changed since the client's view (replay or refresh)",
+        choices=MODES,
+    )
+
     def validate(self) -> None:
         if self.aggregate == "delta" and self.carry_priors:
             raise ConfigError("option 'carry_priors' applies to aggregate=beta only, not aggregate=delta")
@@ -103,6 +111,9 @@ class MaskMethod(Method):
         self.wire = MaskWire(self.n, self.head_shapes, self.opts.head_dtype)
         # the round's downlink (meta, body), keyed by the θ and head it encodes
         self._downlink = RoundMemo()
+        # θ has 255 levels, or K (the Beta rule's Σm/K) with K at most the round's clients
+        self.max_levels = max(INIT_LEVELS, self.cfg.clients_per_round)
+        self.delta_downlink = MaskDeltaDownlink(self.n, self.max_levels) if self.opts.downlink == "delta" else None
 
     def trainable_params(self) -> int:
         return self.n + sum(p.numel() for p in self.head_params)
@@ -118,15 +129,32 @@ class MaskMethod(Method):
         return clip_probs(theta, self.opts.clip_eps)
 
     # ---- server ---------------------------------------------------------------------------------
+    def initial_theta(self) -> np.ndarray:
+        """θ's symbols before round 1 (``INIT_LEVELS`` levels): every party builds the same."""
+        return np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
+
     def init_server(self) -> dict[str, Any]:
-        sym = np.full(self.n, round(self.opts.theta_init * INIT_LEVELS), dtype=np.uint8)
+        sym = self.initial_theta()
         state: dict[str, Any] = {"theta_sym": sym, "levels": INIT_LEVELS, "head": read_weights(self.head_named)}
         if self.opts.carry_priors:
             state["alpha"] = np.ones(self.n, dtype=np.float32)
             state["beta"] = np.ones(self.n, dtype=np.float32)
+        if self.delta_downlink is not None:
+            state[VIEW_KEY] = self.delta_downlink.init_state(sym, INIT_LEVELS)
         return state
 
+    def downlink_for(self, state: dict[str, Any], ctx: RoundContext, client: int, held: tuple[int, int] | None) -> bytes:
+        if self.delta_downlink is None:
+            return self.downlink(state, ctx, client)
+        view = state[VIEW_KEY]
+        # the first message of a round moves the server's view to this round's θ (and keeps the step)
+        self.delta_downlink.advance(view, state["theta_sym"], int(state["levels"]), ctx.round)
+        catch_up, parts = self.delta_downlink.catch_up(view, 0 if held is None else int(held[0]))
+        return self.wire.encode_delta_downlink(catch_up, parts, state["head"], self.stratum(ctx, client) if self.opts.stratify else None)
+
     def downlink(self, state: dict[str, Any], ctx: RoundContext, client: int) -> bytes:
+        if self.delta_downlink is not None:  # a caller that does not say what the client holds: its initial view
+            return self.downlink_for(state, ctx, client, None)
         shared = {k: state[k] for k in ("theta_sym", "levels", "head")}
 
         def encode() -> tuple[dict[str, Any], bytes]:
@@ -150,9 +178,47 @@ class MaskMethod(Method):
         return ctx.participants.index(client), len(ctx.participants)
 
     def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray], tuple[int, int] | None]:
-        """``(θ symbols, levels, head weights, stratum)`` from the server's message."""
+        """``(θ symbols, levels, head weights, stratum)`` from the server's message (``downlink=delta``:
+        for a client that holds the initial view, i.e. has not taken part yet)."""
+        if self.delta_downlink is not None:
+            target = self.wire.decode_delta_downlink(message, *self._delta_caps(0, self.cfg.rounds))[0].get("target")
+            return self.receive_downlink(message, None, target if type(target) is int else -1)[:4]
         msg = self.wire.decode_downlink(message)
         return msg.sym, msg.levels, msg.head, msg.stratum
+
+    def receive_downlink(
+        self, message: bytes, cstate: Any, round_: int
+    ) -> tuple[np.ndarray, int, dict[str, np.ndarray], tuple[int, int] | None, Any]:
+        """``(θ symbols, levels, head, stratum, client state)`` for a client holding ``cstate``.
+
+        ``downlink=delta``: the θ view this client reaches from the one its state holds (the initial
+        θ if none), which goes into the returned state (a new dict: a client that fails later in
+        the round keeps the state the server believes it holds). Everything is bounded before it
+        is parsed: the header by the rounds it may name, the parts by a refresh's worst case.
+        """
+        if self.delta_downlink is None:
+            sym, levels, head, stratum = self.decode_downlink(message)
+            return sym, levels, head, stratum, cstate
+        own = dict(cstate) if isinstance(cstate, dict) else {}
+        view = own.get(VIEW_KEY)
+        if isinstance(view, dict):
+            held, sym, levels = int(view["round"]), view["sym"], int(view["levels"])
+            if sym.shape != (self.n,) or not 1 <= levels <= self.max_levels or sym.dtype != symbol_dtype(levels):
+                raise PayloadError("the client's own θ view does not fit the model")
+        else:
+            held, sym, levels = 0, self.initial_theta(), INIT_LEVELS
+        held = min(max(held, 0), round_)  # held == round_: a retry of this round, the client already holds its view
+        meta, parts, head, stratum = self.wire.decode_delta_downlink(message, *self._delta_caps(held, round_))
+        sym, levels = self.delta_downlink.receive(meta, parts, held, sym, levels, round_)
+        own[VIEW_KEY] = {"round": round_, "sym": sym, "levels": levels}
+        return sym, levels, head, stratum, own
+
+    def _delta_caps(self, held: int, round_: int) -> tuple[int, int]:
+        """Caps on a delta downlink's header and parts for a client holding view ``held`` in round ``round_``:
+        the rounds its header may name; a refresh's worst case (a replay is never larger)."""
+        meta_cap = catch_up_meta_bytes(held, round_) + 64
+        refresh_cap = PART_META_BYTES + 64 + (self.max_levels + 1) * 8 + int(self.n * np.log2(self.max_levels + 1) * 1.02 / 8) + 4096
+        return meta_cap, refresh_cap
 
     def uniforms(self, ctx: RoundContext, client: int, stratum: tuple[int, int] | None) -> np.ndarray:
         """The uniforms of ``client``'s mask draw this round, rebuildable by the server."""
@@ -208,6 +274,7 @@ class MaskMethod(Method):
             state["head"][name] = stepped(state["head"][name], weighted_mean([u.head_delta[name] for u in updates.values()], weights))
         theta = self.theta_of(state["theta_sym"], state["levels"])
         metrics = {key: float(np.mean(v)) for key, v in extra.items()}
+        metrics.update(self.downlink_metrics(state, ctx))
         metrics.update(
             {
                 "mask_keep_frac": float((theta > 0.5).mean()),
@@ -216,6 +283,14 @@ class MaskMethod(Method):
             }
         )
         return state, metrics
+
+    def downlink_metrics(self, state: dict[str, Any], ctx: RoundContext) -> dict[str, float]:
+        """``downlink=delta``: this round's θ step (0: none, its levels changed) and a refresh (the whole
+        coded θ), in bytes, side by side."""
+        view = state.get(VIEW_KEY)
+        if not isinstance(view, dict) or int(view["round"]) != ctx.round:
+            return {}
+        return {"theta_step_bytes": float(view["step_bytes"]), "theta_refresh_bytes": float(view["refresh_bytes"])}
 
     def _update_theta(self, state: dict[str, Any], counts: np.ndarray, theta_start: np.ndarray, k: int) -> None:
         """The new θ symbols and levels from ``k`` clients' ``counts`` (Σm, or Σ(m − ref) for aggregate=delta)."""
@@ -251,7 +326,7 @@ class MaskMethod(Method):
     # ---- client ---------------------------------------------------------------------------------
     def client_update(self, message: bytes, client: int, state: Any, ctx: RoundContext) -> ClientOutput:
         t0 = time.perf_counter()
-        sym, levels, head, stratum = self.decode_downlink(message)
+        sym, levels, head, stratum, new_state = self.receive_downlink(message, state, ctx.round)
         theta_start = self.start_theta(self.theta_of(sym, levels))
         load_weights(self.head_named, head)
         codec_s = time.perf_counter() - t0
@@ -284,7 +359,7 @@ class MaskMethod(Method):
         head_delta = {n: after[n] - head[n] for n in self.head_names}
         payload = self.wire.encode_uplink(self.uplink_kind, len(data), mask_meta, mask_body, head_delta)
         codec_s += time.perf_counter() - t2
-        return ClientOutput(payload, None, {**metrics, **stats, "train_s": train_s, "codec_s": codec_s})
+        return ClientOutput(payload, new_state, {**metrics, **stats, "train_s": train_s, "codec_s": codec_s})
 
     # ---- mask coding: each method's own ----------------------------------------------------------
     @abstractmethod

@@ -7,6 +7,11 @@ float16). Body: ``[θ symbols ANS words][head weights]``; meta: ``levels``, the 
 head's tensor table, the section lengths and, with stratified draws, the client's ``stratum``
 ``[k, K]``.
 
+Delta downlink (``kind = "mask-delta-down"``, ``downlink=delta``): the catch-up header of
+:mod:`fedsqueeze.methods.mask_downlink` (base and target rounds, mode, rounds, part lengths, the
+digest of the view reached), the head's table, the two section lengths and the stratum; body:
+``[parts][head weights]``, the parts being θ steps (a replay) or the whole θ (a refresh).
+
 Uplink (``kind`` = the method's, e.g. ``"fedpm-up"``): body ``[mask code][head delta]``; meta:
 ``n`` (examples), the mask code's header (the method's own, see :meth:`MaskMethod.encode_mask`),
 the head's tensor table and the section lengths.
@@ -32,6 +37,7 @@ from fedsqueeze.methods.updates import example_count
 
 Tensors = dict[str, np.ndarray]
 DOWN_KIND = "mask-down"
+DELTA_DOWN_KIND = "mask-delta-down"
 
 
 def split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryview]:
@@ -40,6 +46,18 @@ def split_sections(body: memoryview, lengths: Any, count: int) -> list[memoryvie
     if len(parts) != count:
         raise PayloadError(f"payload has {len(parts)} sections, expected {count}")
     return parts
+
+
+def parse_stratum(meta: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``[k, K]`` stratum a downlink header names (None without one), checked."""
+    stratum = meta.get("stratum")
+    if stratum is None:
+        return None
+    if not (
+        isinstance(stratum, list) and len(stratum) == 2 and all(type(x) is int for x in stratum) and 0 <= stratum[0] < stratum[1] <= 1 << 20
+    ):
+        raise PayloadError(f"server message has an invalid stratum {stratum!r}")
+    return stratum[0], stratum[1]
 
 
 @dataclass(frozen=True)
@@ -148,20 +166,37 @@ class MaskWire:
         levels = meta.get("levels")
         if not isinstance(levels, int) or not 1 <= levels <= 65535:
             raise PayloadError(f"server message has an invalid level count {levels!r}")
-        stratum = meta.get("stratum")
-        if stratum is not None:
-            if not (
-                isinstance(stratum, list)
-                and len(stratum) == 2
-                and all(type(x) is int for x in stratum)
-                and 0 <= stratum[0] < stratum[1] <= 1 << 20
-            ):
-                raise PayloadError(f"server message has an invalid stratum {stratum!r}")
-            stratum = (stratum[0], stratum[1])
+        stratum = parse_stratum(meta)
         sym_body, head_body = split_sections(body, meta.get("sections"), 2)
         sym = decode_symbols(meta.get("theta", {}), sym_body, self.n, levels + 1)
         head = self.decode_head(meta.get("head"), head_body, "server message")
         return MaskDownlink(sym.astype(np.uint16 if levels > 255 else np.uint8), levels, head, stratum)
+
+    def encode_delta_downlink(self, catch_up: dict[str, Any], parts: bytes, head: Tensors, stratum: tuple[int, int] | None) -> bytes:
+        """One client's ``mask-delta-down`` message: the catch-up header and parts
+        (:class:`~fedsqueeze.methods.mask_downlink.MaskDeltaDownlink`), then the head."""
+        head_meta, head_body = self.encode_head(head)
+        meta = {**catch_up, "head": head_meta, "sections": [len(parts), len(head_body)]}
+        if stratum is not None:
+            meta["stratum"] = list(stratum)
+        return frame(DELTA_DOWN_KIND, meta, parts + head_body)
+
+    def decode_delta_downlink(
+        self, message: bytes, max_meta_bytes: int, max_parts_bytes: int
+    ) -> tuple[dict[str, Any], list[memoryview], Tensors, tuple[int, int] | None]:
+        """``(catch-up header, parts, head, stratum)`` of a ``mask-delta-down`` frame, its sizes bounded
+        by the caller (the catch-up header's own fields are checked by the catch-up)."""
+        _, meta, body = unframe(
+            message,
+            expect_kind=DELTA_DOWN_KIND,
+            max_meta_bytes=max_meta_bytes + self.head_meta_bytes,
+            max_body_bytes=max_parts_bytes + self.head_bytes,
+        )
+        parts_body, head_body = split_sections(body, meta.get("sections"), 2)
+        lengths = meta.get("lengths")
+        parts = split_body(parts_body, lengths, len(lengths) if isinstance(lengths, list) else None)
+        head = self.decode_head(meta.get("head"), head_body, "server message")
+        return meta, parts, head, parse_stratum(meta)
 
     # ---- uplink -------------------------------------------------------------------------------
     def encode_uplink(self, kind: str, n: int, mask_meta: Any, mask_body: bytes, head_delta: Tensors) -> bytes:

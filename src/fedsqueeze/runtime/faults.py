@@ -109,7 +109,7 @@ def with_injected_faults(cfg: RunConfig, client_fn: ClientFn, method: Method | N
             raise ClientFault("injected fault: the client hung")
         out = client_fn(message, client, cstate, ctx, abandon)
         if client in attacking and method is not None and isinstance(out, ClientOutput) and isinstance(out.payload, bytes):
-            out = ClientOutput(attack_payload(cfg, method, message, out.payload, client, ctx), out.state, out.metrics)
+            out = ClientOutput(attack_payload(cfg, method, message, out.payload, client, ctx, cstate), out.state, out.metrics)
         if fault == "garbage" and isinstance(out, ClientOutput):
             out = ClientOutput(garbage_payload(ctx, client, out.payload, ctx.attempt), out.state, out.metrics)
         return out
@@ -174,8 +174,11 @@ def _rms(tensors: dict[str, np.ndarray]) -> float:
     return float(np.sqrt(total / max(count, 1)))
 
 
-def attack_payload(cfg: RunConfig, method: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext) -> bytes:
-    """The attacker's upload: its honest ``payload`` rewritten by ``cfg.attack`` (seeded by round and client)."""
+def attack_payload(
+    cfg: RunConfig, method: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext, cstate: Any = None
+) -> bytes:
+    """The attacker's upload: its honest ``payload`` rewritten by ``cfg.attack`` (seeded by round and client);
+    ``cstate`` is the client state it held when the message came (a mask delta downlink decodes against it)."""
     attack = cfg.attack
     if attack in ("none", "label_flip"):  # label_flip poisoned the data: the update is honest training on it
         return payload
@@ -184,7 +187,7 @@ def attack_payload(cfg: RunConfig, method: Any, message: bytes, payload: bytes, 
     if family == "tensor":
         return _attack_tensors(cfg, method, message, payload, client, ctx, rng)
     if family == "mask":
-        return _attack_mask(cfg, method, message, payload, client, ctx)
+        return _attack_mask(cfg, method, message, payload, client, ctx, cstate)
     if family == "zo":
         return _attack_zo(cfg, method, payload, ctx, rng)
     return payload
@@ -216,7 +219,7 @@ def _attack_tensors(cfg: RunConfig, m: Any, message: bytes, payload: bytes, clie
     return encode_tensors(m.up_codec, tensors, CodecContext(seed=ctx.seed_for(client, "uplink")), n=n)
 
 
-def _attack_mask(cfg: RunConfig, m: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext) -> bytes:
+def _attack_mask(cfg: RunConfig, m: Any, message: bytes, payload: bytes, client: int, ctx: RoundContext, cstate: Any) -> bytes:
     from fedsqueeze.codecs import frame, unframe
 
     kind, meta, body = unframe(payload, expect_kind=m.uplink_kind)
@@ -224,7 +227,7 @@ def _attack_mask(cfg: RunConfig, m: Any, message: bytes, payload: bytes, client:
         return frame(kind, {**meta, "n": int(meta["n"]) * INFLATION}, bytes(body))
     # mask_all: the reference mask flipped at every position, coded by the method's own client coder
     # (so the payload is valid: deltamask keeps as many flips as its κ·n cap, the most a server accepts)
-    sym, levels, _, stratum = m.decode_downlink(message)
+    sym, levels, _, stratum, _ = m.receive_downlink(message, cstate, ctx.round)
     theta_start = m.start_theta(m.theta_of(sym, levels))
     u = m.uniforms(ctx, client, stratum)
     flipped = ~(u < theta_start)
