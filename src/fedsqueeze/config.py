@@ -104,6 +104,13 @@ class RunConfig:
         "cap on the example count a client reports (its FedAvg weight); larger counts are clipped and recorded (0 = no cap)",
         check=at_least(0),
     )
+    budget_bpp: float = option(
+        0.0,
+        "uplink budget: each client's upload is tuned every round to land within ±10% of this many bits per model parameter "
+        "(uplink_bytes · 8 / model_params, the scale of the reported uplink_bpp; fedsz: the SZ3 error bound, deltamask: "
+        "the number of flips sent; docs/codecs.md). 0 = off",
+        check=at_least(0.0),
+    )
     checkpoint: bool = option(True, "write OUT/checkpoint after every round so `fedsqueeze run --resume OUT` can continue")
     overwrite: bool = option(False, "replace an earlier run's results in OUT (without it, a run refuses an OUT that holds one)")
     threads: int = option(0, "torch CPU threads; 0 = all cores", check=at_least(0))

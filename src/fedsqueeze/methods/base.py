@@ -145,11 +145,16 @@ class Method(ABC):
     summary: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     default_lr: ClassVar[float] = 1e-3
+    # what the budget controller (run option budget_bpp, methods/budget.py) tunes; None: no controller
+    budget_knob: ClassVar[str | None] = None
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         # every option is coerced and checked here, before any data or model loads
         self.opts = parse_options(self.Options, cfg.options, f"method {self.name!r}", suggest=RunConfig.field_names())
+        if cfg.budget_bpp > 0 and self.budget_knob is None:
+            able = ", ".join(sorted(m for m, c in METHODS.items() if c.budget_knob is not None))
+            raise ConfigError(f"method {self.name!r} has no budget controller, so budget_bpp must stay 0; methods with one: {able}")
         self.check_run(cfg)
         self._task: Task | None = None
 

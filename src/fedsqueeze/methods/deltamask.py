@@ -39,9 +39,10 @@ import numpy as np
 
 from fedsqueeze.codecs.fusefilter import FILTER_KINDS, build_filter, filter_bytes, parse_filter
 from fedsqueeze.codecs.positions import POSITION_CODERS, code_bytes_cap, decode_positions, encode_positions
-from fedsqueeze.codecs.sideinfo import flips_cap_bytes, flips_meta_bytes
+from fedsqueeze.codecs.sideinfo import encode_flips, flip_contexts, flips_cap_bytes, flips_meta_bytes
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
+from fedsqueeze.methods.budget import search_knob, target_bytes
 from fedsqueeze.methods.mask_method import AGGREGATES, MaskMethod, MaskOptions
 from fedsqueeze.methods.mask_wire import MaskLimits
 from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskUpdate
@@ -99,15 +100,28 @@ def top_flips(u: np.ndarray, theta_client: np.ndarray, theta_ref: np.ndarray, ca
     return flipped.astype(np.uint64), total
 
 
+def ranked_flips(u: np.ndarray, theta_client: np.ndarray, theta_ref: np.ndarray) -> np.ndarray:
+    """Every position where ``u < θc`` and ``u < θref`` disagree, largest ``|θc − θref|`` first (ties: lower position first)."""
+    flipped = np.flatnonzero((u < theta_client) != (u < theta_ref))
+    moved = np.abs(theta_client[flipped] - theta_ref[flipped])
+    return flipped[np.argsort(-moved, kind="stable")]
+
+
 @register_method
 class DeltaMask(MaskMethod):
     name = "deltamask"
     summary = "masks on a frozen model; top-κ flips vs a shared reference mask, coded against side information (or a Fuse8 filter)"
     Options = DeltaMaskOptions
     uplink_kind = "deltamask-up"
+    budget_knob = "the number of flips sent (replaces the κ schedule's cap)"
 
     def needs_reference(self) -> bool:
         return True
+
+    def setup(self, task) -> None:
+        super().setup(task)
+        # the budget controller's target for each client's upload, in bytes (None: no budget)
+        self.budget_target = target_bytes(self.cfg.budget_bpp, task.model_params) if self.cfg.budget_bpp > 0 else None
 
     @property
     def filter_kind(self) -> str | None:
@@ -115,23 +129,69 @@ class DeltaMask(MaskMethod):
         return None if self.opts.filter == "none" else self.opts.filter
 
     def flip_cap(self, ctx: RoundContext) -> int:
-        """The most flipped positions a client may send this round: ``κ_r · n``."""
+        """The most flipped positions a client may send this round: ``κ_r · n`` (under a budget: any number)."""
+        if self.cfg.budget_bpp > 0:
+            return self.n
+        return self.kappa_cap(ctx)
+
+    def kappa_cap(self, ctx: RoundContext) -> int:
+        """``κ_r · n``: the κ schedule's cap this round."""
         return int(kappa_at(self.opts, ctx.round, ctx.rounds) * self.n)
 
     # ---- client ---------------------------------------------------------------------------------
     def encode_mask(self, u, theta_client, theta_start, sym, levels, ctx: RoundContext):
         keys, total = top_flips(u, theta_client, theta_start, self.flip_cap(ctx))
-        stats = {"flips_total": float(total), "keys": float(keys.size)}
+        meta, body, stats = self.encode_keys(keys, u, theta_start)
+        return meta, body, {"flips_total": float(total), **stats}
+
+    def encode_keys(
+        self, keys: np.ndarray, u: np.ndarray, theta_start: np.ndarray, contexts: np.ndarray | None = None
+    ) -> tuple[dict[str, Any], bytes, dict[str, float]]:
+        """The code of the sorted flipped positions ``keys``: ``(meta, body, stats)``.
+
+        ``contexts``: the flip contexts of ``u`` and θ_start, when the caller already has them (the
+        budget controller codes several key sets against the same contexts).
+        """
+        stats = {"keys": float(keys.size)}
         if self.filter_kind is not None:
             flt = build_filter(keys, self.filter_kind)
             return flt.meta(), flt.body(), stats
         if self.opts.coder == "context":
             flips = np.zeros(self.n, dtype=bool)
             flips[keys.astype(np.int64)] = True
+            if contexts is not None:
+                meta, body = encode_flips(flips, contexts)
+                return meta, body, {**stats, "mask_bits": 8.0 * len(body)}
             meta, body, more = self.encode_context_flips(flips, u, theta_start)
             return meta, body, {**stats, **more}
         meta, body = encode_positions(keys, self.n, self.opts.coder)
         return meta, body, stats
+
+    def encode_upload(self, u, theta_client, theta_start, sym, levels, ctx: RoundContext, n: int, head_delta):
+        if self.budget_target is None:
+            return super().encode_upload(u, theta_client, theta_start, sym, levels, ctx, n, head_delta)
+        target = self.budget_target
+        ranked = ranked_flips(u, theta_client, theta_start)
+        contexts = flip_contexts(u, theta_start) if self.filter_kind is None and self.opts.coder == "context" else None
+
+        def encode_at(count: float) -> tuple[int, tuple[bytes, dict[str, float]]]:
+            keys = np.sort(ranked[: int(count)]).astype(np.uint64)
+            meta, body, stats = self.encode_keys(keys, u, theta_start, contexts)
+            payload = self.wire.encode_uplink(self.uplink_kind, n, meta, body, head_delta)
+            return len(payload), (payload, stats)
+
+        choice = search_knob(
+            encode_at,
+            target,
+            lo=0,
+            hi=ranked.size,
+            start=min(self.kappa_cap(ctx), ranked.size),  # the κ schedule's count first
+            increasing=True,
+            integer=True,
+            first_step=lambda t: t.knob * target / max(t.size, 1),  # the code's size is about proportional to the count
+        )
+        payload, stats = choice.value
+        return payload, {**stats, "flips_total": float(ranked.size), "budget_tries": float(choice.tries)}
 
     # ---- server ---------------------------------------------------------------------------------
     def mask_limits(self, state: dict[str, Any], ctx: RoundContext) -> MaskLimits:
@@ -164,7 +224,18 @@ class DeltaMask(MaskMethod):
         ctx: RoundContext,
     ) -> tuple[np.ndarray, dict[str, float]]:
         assert isinstance(update.mask, (FilterFlips, ExactFlips))  # decode_mask made it
-        return self.apply_flips(update.mask, theta_start, ref, client, ctx)
+        mask, stats = self.apply_flips(update.mask, theta_start, ref, client, ctx)
+        if self.cfg.budget_bpp > 0:
+            stats["budget_flips"] = float(update.mask.keys)  # the count the client's search chose
+        return mask, stats
+
+    def aggregate(
+        self, state: dict[str, Any], updates: dict[int, MaskUpdate], ctx: RoundContext
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        state, metrics = super().aggregate(state, updates, ctx)
+        if self.cfg.budget_bpp > 0 and updates:
+            metrics["budget_target_bpp"] = self.cfg.budget_bpp
+        return state, metrics
 
 
 @register_method

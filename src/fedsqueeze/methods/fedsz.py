@@ -13,11 +13,19 @@ weights instead, as the paper did; tune with ``--set sz3_bound=... sz3_mode=abs`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
+
+from fedsqueeze.codecs import CodecContext
+from fedsqueeze.codecs.framing import unframe
+from fedsqueeze.codecs.sz3 import SZ3Codec
 from fedsqueeze.errors import ConfigError
-from fedsqueeze.methods.base import register_method
+from fedsqueeze.methods.base import RoundContext, register_method
+from fedsqueeze.methods.budget import BudgetSZ3Codec, SZ3Budget, target_bytes
 from fedsqueeze.methods.fedavg import FedAvg
-from fedsqueeze.methods.tensor import TensorOptions, codec_ids
+from fedsqueeze.methods.tensor import TensorOptions, Tensors, codec_ids
+from fedsqueeze.methods.updates import TensorUpdate
 from fedsqueeze.options import option
 
 
@@ -33,11 +41,57 @@ class FedSZ(FedAvg):
     summary = "FedAvg with SZ3 error-bounded lossy compression of the upload (REL 2e-2 per tensor)"
     Options = FedSZOptions
     uplink_codec_defaults = {"sz3": {"bound": 2e-2, "name_filter": "weight", "algo": "nopred"}}
+    budget_knob = "the SZ3 error bound (searched from sz3_bound)"
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
+        self.budget: SZ3Budget | None = None  # set with the model (its parameter count sets the target)
+        if cfg.budget_bpp > 0:
+            if not isinstance(self.up_codec, SZ3Codec):
+                raise ConfigError(
+                    f"fedsz: budget_bpp tunes the sz3 error bound, so it needs uplink_codec=sz3 (got {self.opts.uplink_codec!r})"
+                )
+            if self.opts.scaffold:
+                raise ConfigError("fedsz: budget_bpp does not compose with scaffold=true (its raw control section is not budgeted)")
+            self.up_codec = BudgetSZ3Codec(**self.up_codec.config)  # the server takes the bound each upload declares
         self.uplink_sends_weights = self.opts.compress_weights
         if self.uplink_sends_weights and self.opts.downlink == "delta" and cfg.attack != "none":
             # an attacker rewrites the change its upload makes to the weights it started from,
             # which with downlink=delta only the client's own state holds
             raise ConfigError("fedsz: compress_weights=true with downlink=delta does not support attack= (attack the update instead)")
+
+    def setup(self, task) -> None:
+        super().setup(task)
+        if self.cfg.budget_bpp > 0:
+            self.budget = SZ3Budget(self.up_codec, target_bytes(self.cfg.budget_bpp, task.model_params), task.model_params)
+
+    def encode_upload(self, delta: Tensors, cctx: CodecContext, n: int) -> bytes:
+        if self.budget is None:
+            return super().encode_upload(delta, cctx, n)
+        return self.budget.encode(delta, cctx, n).value
+
+    def decode_update(self, payload: bytes, client: int, state: dict[str, Any], ctx: RoundContext) -> TensorUpdate:
+        update = super().decode_update(payload, client, state, ctx)
+        if self.budget is None:
+            return update
+        _, meta, _ = unframe(payload, expect_kind="sz3")  # decoded above, so its header is valid: read its bound
+        return BoundedUpdate(update.delta, update.n, float(meta["bound"]))
+
+    def aggregate(
+        self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        state, metrics = super().aggregate(state, updates, ctx)
+        if self.budget is not None and updates:
+            bounds = [u.bound for u in updates.values() if isinstance(u, BoundedUpdate)]
+            metrics = {**metrics, "budget_target_bpp": self.cfg.budget_bpp}
+            if bounds:  # the geometric mean: the search moves the bound in octaves
+                metrics["budget_bound"] = float(np.exp(np.mean(np.log(bounds))))
+                metrics["budget_bound_min"], metrics["budget_bound_max"] = min(bounds), max(bounds)
+        return state, metrics
+
+
+@dataclass(frozen=True)
+class BoundedUpdate(TensorUpdate):
+    """A budgeted fedsz update: the change and example count, and the SZ3 bound its client chose."""
+
+    bound: float = 0.0

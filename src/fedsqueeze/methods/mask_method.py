@@ -354,12 +354,29 @@ class MaskMethod(Method):
         t2 = time.perf_counter()
         theta_client = torch.sigmoid(scores.detach()).numpy()
         u = self.uniforms(ctx, client, stratum)
-        mask_meta, mask_body, stats = self.encode_mask(u, theta_client, theta_start, sym, levels, ctx)
         after = read_weights(self.head_named)
         head_delta = {n: after[n] - head[n] for n in self.head_names}
-        payload = self.wire.encode_uplink(self.uplink_kind, len(data), mask_meta, mask_body, head_delta)
+        payload, stats = self.encode_upload(u, theta_client, theta_start, sym, levels, ctx, len(data), head_delta)
         codec_s += time.perf_counter() - t2
         return ClientOutput(payload, new_state, {**metrics, **stats, "train_s": train_s, "codec_s": codec_s})
+
+    def encode_upload(
+        self,
+        u: np.ndarray,
+        theta_client: np.ndarray,
+        theta_start: np.ndarray,
+        sym: np.ndarray,
+        levels: int,
+        ctx: RoundContext,
+        n: int,
+        head_delta: dict[str, np.ndarray],
+    ) -> tuple[bytes, dict[str, float]]:
+        """Client: the upload (``n`` examples, the coded mask, the head delta) and its statistics.
+
+        deltamask's budget controller overrides it, to size the whole upload.
+        """
+        mask_meta, mask_body, stats = self.encode_mask(u, theta_client, theta_start, sym, levels, ctx)
+        return self.wire.encode_uplink(self.uplink_kind, n, mask_meta, mask_body, head_delta), stats
 
     # ---- mask coding: each method's own ----------------------------------------------------------
     @abstractmethod

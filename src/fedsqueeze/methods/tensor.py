@@ -376,7 +376,7 @@ class TensorMethod(Method):
         after = read_weights(self.named)
         delta = after if self.uplink_sends_weights else {n: after[n] - np.asarray(weights[n], dtype=after[n].dtype) for n in self.names}
         cctx = CodecContext(seed=ctx.seed_for(client, "uplink"), state=own)
-        payload = encode_tensors(self.up_codec, delta, cctx, n=len(data))
+        payload = self.encode_upload(delta, cctx, len(data))
         new_state: Any = cctx.state or None
         if c is not None and c_i is not None:
             if grad_sums is not None:
@@ -388,6 +388,10 @@ class TensorMethod(Method):
             new_state = {"codec": cctx.state, "c": c_new}
         codec_s += time.perf_counter() - t2
         return ClientOutput(payload, new_state, {**metrics, "train_s": train_s, "codec_s": codec_s})
+
+    def encode_upload(self, delta: Tensors, cctx: CodecContext, n: int) -> bytes:
+        """The client's coded update (``n`` = its example count, in the header); fedsz's budget controller overrides it."""
+        return encode_tensors(self.up_codec, delta, cctx, n=n)
 
     def _own_control(self, state: Any, c: Tensors | None) -> Tensors | None:
         """SCAFFOLD's c_i from the client state (zero before the client's first round); None without SCAFFOLD."""

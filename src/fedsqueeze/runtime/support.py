@@ -73,6 +73,8 @@ FIELD_SUPPORT: dict[str, frozenset[str]] = {
     # attacks: the same seeded attackers everywhere; their uploads are rewritten by the same client-side
     # wrapper, and label_flip poisons the attackers' labels when the task is built (in every process)
     **{name: EVERY for name in ("attack", "attack_fraction", "attack_scale")},
+    # the budget controller runs inside each client's encode (and the server's decode), in every process
+    "budget_bpp": EVERY,
     "client_timeout": EVERY,  # local: per client call; flower: how long the server pulls for replies
     # the link model: computed by the engine from the bytes of each round
     **{name: EVERY for name in ("uplink_mbps", "downlink_mbps", "latency_ms", "link_spread")},
