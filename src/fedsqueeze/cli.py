@@ -391,6 +391,10 @@ def methods(
             cls = METHODS[m]
             rows = [("lr", str(cls.default_lr), "default local learning rate (run option `lr` overrides)")]
             rows += [(opt, repr(default), help_) for opt, default, help_ in describe_options(cls.Options)]
+            if cls.budget_knob is not None:
+                rows.append(
+                    ("budget_bpp", "0.0", f"uplink budget in bits per model parameter (run option; 0 = off): tunes {cls.budget_knob}")
+                )
             console.print(_options_table(f"[bold]{m}[/bold] — {cls.summary}", rows))
             console.print()
     if name is None or name in CODECS:

@@ -10,7 +10,9 @@ Client, after local training (probabilities ``θc``; start/global probabilities 
    can rebuild the reference. The masks differ only where ``u`` lies between ``θg`` and ``θc``.
 2. Keeps, of those flipped positions, the top ``κ_r · n`` by ``|θc − θg|`` (``n`` = masked
    weights). ``κ_r`` follows a schedule from ``kappa_start`` (round 1) to ``kappa_end`` (last
-   round): ``linear`` or ``geometric``.
+   round): ``linear`` or ``geometric``. Under an uplink budget (run option ``budget_bpp``,
+   :mod:`fedsqueeze.methods.budget`) the client searches the count instead, so that its whole
+   upload lands on the target; the server then allows up to ``n`` flips.
 3. Codes the kept positions. By default exactly, against the side information the server has
    (``coder=context``: rANS of the flip bits per context of ``|u − θg|``, about ``n·H(F | C)`` bits,
    :mod:`fedsqueeze.codecs.sideinfo`; or ``coder=rice|elias-fano``: the sorted positions at about

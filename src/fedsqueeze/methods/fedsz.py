@@ -8,6 +8,10 @@ gave 11× and 2e-2 13.5×, see docs/codecs.md), with SZ3's ``nopred`` predictor:
 update is close to noise, so SZ3's interpolation/Lorenzo prediction buys nothing on it; without
 it the stream is smaller (14.8× vs 13.7× on a real MiniLM update) and encodes 1.7× faster. ``compress_weights=true`` uploads the trained
 weights instead, as the paper did; tune with ``--set sz3_bound=... sz3_mode=abs``.
+
+``budget_bpp=X`` (a run option) makes each client search the bound every round so that its upload
+is X bits per model parameter within ±10% (:mod:`fedsqueeze.methods.budget`); the server takes the
+bound each sz3 header declares, within 2^±16 of ``sz3_bound``.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ class FedSZ(FedAvg):
     def setup(self, task) -> None:
         super().setup(task)
         if self.cfg.budget_bpp > 0:
+            assert isinstance(self.up_codec, SZ3Codec)  # __init__ refused any other codec under a budget
             self.budget = SZ3Budget(self.up_codec, target_bytes(self.cfg.budget_bpp, task.model_params), task.model_params)
 
     def encode_upload(self, delta: Tensors, cctx: CodecContext, n: int) -> bytes:
