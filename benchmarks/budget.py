@@ -8,9 +8,17 @@ model's per-client bytes), the knob the controller chose (``budget_bound`` for f
 within ±10% of the target.
 
     python benchmarks/budget.py --run fedsz-1.0=/tmp/budget-fedsz --baseline fedsz=results/default/40a5bdef9a3208f0.json \\
-        [--run NAME=DIR ...] [--baseline NAME=PATH ...] [--out benchmarks/results/budget.json]
+        [--run NAME=DIR ...] [--baseline NAME=PATH ...] [--note NAME=TEXT ...] [--out benchmarks/results/budget.json]
 
 A run's baseline is the one whose NAME is the part of the run's NAME before the first '-'.
+benchmarks/results/budget.json came from the three runs of docs/codecs.md ("An uplink budget") and::
+
+    python benchmarks/budget.py \
+     --run fedsz-1.0=/tmp/budget-fedsz --baseline fedsz=results/default/40a5bdef9a3208f0.json \
+     --note "fedsz=..." --run deltamask-0.018=/tmp/budget-deltamask --run deltamask-0.03=/tmp/budget-deltamask-0.03 \
+     --note "deltamask-0.03=..." --baseline deltamask=/tmp/budget-deltamask-0.03 --note "deltamask=..."
+
+(the notes, in full, are in the JSON).
 """
 
 from __future__ import annotations
@@ -53,6 +61,9 @@ def summarise(res: dict[str, Any], target: float | None) -> dict[str, Any]:
     rounds = [round_row(r, res["model_params"], target) for r in res["rounds"]]
     out: dict[str, Any] = {
         "method": res["method"],
+        # the default task's command with this run's method, rounds, threads and budget (its other fields are the default task's)
+        "command": f"fedsqueeze run --config examples/default.toml --method {res['method']} --rounds {cfg.get('rounds')} "
+        f"--set threads={cfg.get('threads')}" + (f" --set budget_bpp={cfg['budget_bpp']:g}" if cfg.get("budget_bpp") else ""),
         "rounds_run": len(rounds),
         "budget_bpp": target,
         "options": cfg.get("options", {}),
@@ -82,12 +93,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", action="append", default=[], help="NAME=DIR of a run with budget_bpp set")
     ap.add_argument("--baseline", action="append", default=[], help="NAME=PATH of the same job without a budget")
+    ap.add_argument("--note", action="append", default=[], help="NAME=TEXT: a note on a run or baseline")
     ap.add_argument("--out", default="benchmarks/results/budget.json")
     args = ap.parse_args()
+    notes = dict(n.partition("=")[::2] for n in args.note)
     baselines = {name: load_results(p) for name, p in named(args.baseline).items()}
     result: dict[str, Any] = {
         "what": "budget controller: per-round uplink bits per model parameter against the target budget_bpp (default task unless noted)",
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "summarised_at": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "promise": "every client of every round within ±10% of budget_bpp (uplink_bytes · 8 / model_params)",
         "runs": {},
         "baselines": {},
@@ -103,9 +116,9 @@ def main() -> None:
                 "mean_uplink_bpp": sum(r["uplink_bpp"] for r in base_rows) / len(base_rows),
                 "mean_codec_s": sum(r.get("codec_s", 0.0) for r in base_rows) / len(base_rows),
             }
-        result["runs"][name] = run
+        result["runs"][name] = {**({"note": notes[name]} if name in notes else {}), **run}
     for name, base in baselines.items():
-        result["baselines"][name] = summarise(base, None)
+        result["baselines"][name] = {**({"note": notes[name]} if name in notes else {}), **summarise(base, None)}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     for name, run in result["runs"].items():
         print(

@@ -166,3 +166,12 @@ def test_deltamask_lands_on_its_budget_every_round(tiny_cfg):
     assert_on_budget(res, 0.024)
     for r in res["rounds"]:
         assert r["budget_flips"] == r["keys"] > 0
+
+
+def test_a_deltamask_budget_out_of_reach_sends_every_flip_as_the_run_without_one(tiny_cfg):
+    # the tiny run flips ~50 positions, far under the κ cap, so without a budget every flip travels too
+    plain = run_local(tiny_cfg(method="deltamask", threads=1), show_progress=False)
+    budgeted = run_local(tiny_cfg(method="deltamask", budget_bpp=1.0, threads=1), show_progress=False)
+    for a, b in zip(plain["rounds"], budgeted["rounds"], strict=True):
+        assert [c["uplink_bytes"] for c in a["sim_clients"]] == [c["uplink_bytes"] for c in b["sim_clients"]]
+        assert (a["accuracy"], a["keys"]) == (b["accuracy"], b["budget_flips"]) and b["uplink_bpp"] < 0.9
