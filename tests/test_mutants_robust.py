@@ -40,10 +40,10 @@ def _check(got: dict[str, np.ndarray], expected: dict[str, list[float]]) -> None
 
 
 def test_the_rules_are_found_by_name_and_the_defaults_are_the_documented_ones():
-    assert set(TENSOR_RULES) == {"mean", "median", "trimmed_mean", "krum", "multi_krum"}
+    assert set(TENSOR_RULES) == {"mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clip"}
     assert set(SCALAR_RULES) == {"mean", "median", "trimmed_mean"}
     rule = RobustRule()
-    assert (rule.rule, rule.beta, rule.f, rule.m, rule.norm_bound) == ("mean", 0.1, 1, 0, 0.0)
+    assert (rule.rule, rule.beta, rule.f, rule.m, rule.norm_bound, rule.tau, rule.iters) == ("mean", 0.1, 1, 0, 0.0, 0.0, 3)
 
 
 def test_mean_is_example_weighted_over_every_tensor():
@@ -192,6 +192,32 @@ def test_multi_krum_averages_the_m_best_by_examples():
     # f >= k: k - f <= 0 -> at least one
     _, metrics = RobustRule("multi_krum", f=5, m=0).combine(deltas, counts)
     assert metrics["krum_selected"] == 1.0
+
+
+def test_centered_clip_from_the_median_with_the_median_distance_as_radius():
+    deltas = _line([0, 1, 4, 5, 20])
+    # v0 = median 4; distances 4 3 0 1 16 -> tau = 3 (fixed from v0 on)
+    # iteration 1: x - v = -4 -3 0 1 16 -> clipped -3 -3 0 1 3, sum -2 -> v = 4 - 2/5 = 3.6
+    # iteration 2: x - v = -3.6 -2.6 0.4 1.4 16.4 -> -3 -2.6 0.4 1.4 3, sum -0.8 -> v = 3.6 - 0.16 = 3.44
+    combined, metrics = RobustRule("centered_clip", iters=2).combine(deltas, [1, 1, 1, 1, 1000])
+    _check(combined, {"a": [3.44], "b": [0.0]})
+    assert metrics == {"cclip_tau": 3.0, "cclip_clipped": 2.0}
+    # one iteration: 3.6; clipped: -4 and 16 (-3 is at tau, not over it)
+    combined, metrics = RobustRule("centered_clip", iters=1).combine(deltas, [1] * 5)
+    _check(combined, {"a": [3.6], "b": [0.0]})
+    assert metrics == {"cclip_tau": 3.0, "cclip_clipped": 2.0}
+
+
+def test_centered_clip_clips_over_every_tensor_with_a_given_radius():
+    deltas = [_d([0], [0]), _d([0], [0]), _d([3], [4])]
+    # v0 = (0, 0); the third is at distance 5 over both tensors: scaled by 2.5/5 to (1.5, 2); mean over k = 3
+    combined, metrics = RobustRule("centered_clip", tau=2.5, iters=1).combine(deltas, [1, 1, 1])
+    _check(combined, {"a": [0.5], "b": [2 / 3]})
+    assert metrics == {"cclip_tau": 2.5, "cclip_clipped": 1.0}
+    # a zero median distance (most deltas at the median) clips every move to nothing: v stays the median
+    combined, metrics = RobustRule("centered_clip").combine(deltas, [1, 1, 1])
+    _check(combined, {"a": [0.0], "b": [0.0]})
+    assert metrics == {"cclip_tau": 0.0, "cclip_clipped": 1.0}
 
 
 def test_norm_bound_scales_each_delta_by_its_norm_over_all_tensors_first():

@@ -10,6 +10,9 @@ each takes the clients' deltas and example counts and returns one combined delta
 - ``krum``         — Krum (Blanchard et al. 2017): the one delta whose summed squared distance to
   its k − f − 2 nearest other deltas is smallest (f = ``krum_f``, the attackers tolerated).
 - ``multi_krum``   — the ``krum_m`` deltas with the best Krum scores (0 = k − f), example-weighted mean.
+- ``centered_clip`` — centered clipping (Karimireddy, He, Jaggi, ICML 2021): from v = the coordinate
+  median, ``cclip_iters`` times v ← v + (1/k)·Σ clip_τ(δ_i − v), where clip_τ scales a vector over all
+  its tensors down to L2 norm τ (``cclip_tau``; 0 = the median of the clients' ‖δ_i − v₀‖).
 
 ``norm_bound`` (Sun et al. 2019, "Can you really backdoor FL?") composes with any of them: each
 client's delta is first scaled down to at most that L2 norm over all its tensors.
@@ -43,6 +46,8 @@ class RobustRule:
     f: int = 1  # krum / multi_krum: attackers tolerated
     m: int = 0  # multi_krum: deltas averaged (0 = k - f)
     norm_bound: float = 0.0  # clip each delta to this L2 norm first (0 = off)
+    tau: float = 0.0  # centered_clip: clipping radius (0 = the median distance to the start)
+    iters: int = 3  # centered_clip: clipping iterations
 
     def combine(self, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
         """The combined delta of the clients' ``deltas`` (example counts ``counts``) and the rule's metrics."""
@@ -129,12 +134,40 @@ def multi_krum(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tu
     return _krum_select(rule, deltas, counts, min(max(m, 1), k))
 
 
+def _sq_distance(delta: Tensors, center: dict[str, np.ndarray]) -> float:
+    """‖δ − v‖² over all tensors, in float64."""
+    total = 0.0
+    for name, value in center.items():
+        diff = delta[name].astype(np.float64) - value
+        total += float(np.einsum("i,i->", diff.reshape(-1), diff.reshape(-1)))
+    return total
+
+
+def centered_clip(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
+    """Centered clipping from the coordinate median, unweighted (an attacker moves v by at most τ/k per iteration)."""
+    k = len(deltas)
+    center = {name: np.median(np.stack([d[name] for d in deltas]), axis=0).astype(np.float64) for name in deltas[0]}
+    tau = rule.tau if rule.tau > 0 else float(np.median(np.sqrt([_sq_distance(d, center) for d in deltas])))
+    clipped = 0
+    for _ in range(rule.iters):
+        dists = np.sqrt([_sq_distance(d, center) for d in deltas])
+        scales = [min(1.0, tau / dist) if dist > 0 else 1.0 for dist in dists]
+        clipped = sum(s < 1.0 for s in scales)
+        center = {
+            name: value + sum(s * (d[name].astype(np.float64) - value) for d, s in zip(deltas, scales)) / k
+            for name, value in center.items()
+        }
+    combined = {name: value.astype(np.float32) for name, value in center.items()}
+    return combined, {"cclip_tau": tau, "cclip_clipped": float(clipped)}
+
+
 TENSOR_RULES: dict[str, Callable[[RobustRule, list[Tensors], list[int]], tuple[Tensors, dict[str, float]]]] = {
     "mean": weighted_mean,
     "median": coordinate_median,
     "trimmed_mean": trimmed_mean,
     "krum": krum,
     "multi_krum": multi_krum,
+    "centered_clip": centered_clip,
 }
 
 

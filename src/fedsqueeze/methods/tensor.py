@@ -85,6 +85,12 @@ class TensorOptions:
     krum_f: int = option(1, "robust=krum/multi_krum: number f of attackers tolerated", check=at_least(0))
     krum_m: int = option(0, "robust=multi_krum: updates averaged (0 = clients − f)", check=at_least(0))
     norm_bound: float = option(0.0, "clip each client update to this L2 norm before combining (0 = off)", check=at_least(0.0))
+    cclip_tau: float = option(
+        0.0,
+        "robust=centered_clip: clipping radius τ (0 = the median distance of the updates to their coordinate median)",
+        check=at_least(0.0),
+    )
+    cclip_iters: int = option(3, "robust=centered_clip: clipping iterations", check=at_least(1))
     prox_mu: float = option(0.0, "FedProx: proximal term μ/2·‖w − w_global‖² in local training (0 = off)", check=at_least(0.0))
     scaffold: bool = option(
         False, "SCAFFOLD: control variates correct every local gradient (g − c_i + c); c down and Δc_i up travel raw float32"
@@ -142,7 +148,7 @@ class TensorMethod(Method):
         self.delta_downlink: DeltaDownlink | None = None  # set up with the model (downlink=delta)
         o = self.opts
         self.server_opt = ServerOpt(o.server_opt, o.server_lr, o.server_momentum, o.beta1, o.beta2, o.tau)
-        self.rule = RobustRule(o.robust, o.trim_beta, o.krum_f, o.krum_m, o.norm_bound)
+        self.rule = RobustRule(o.robust, o.trim_beta, o.krum_f, o.krum_m, o.norm_bound, o.cclip_tau, o.cclip_iters)
         if o.scaffold and cfg.attack not in ("none", "label_flip"):
             # the attack rewrites the upload as one codec frame; SCAFFOLD's upload has two sections
             raise ConfigError(f"attack={cfg.attack!r} does not compose with scaffold=true (only label_flip does)")
