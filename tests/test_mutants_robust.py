@@ -41,7 +41,7 @@ def _check(got: dict[str, np.ndarray], expected: dict[str, list[float]]) -> None
 
 def test_the_rules_are_found_by_name_and_the_defaults_are_the_documented_ones():
     assert set(TENSOR_RULES) == {"mean", "median", "trimmed_mean", "krum", "multi_krum", "centered_clip"}
-    assert set(SCALAR_RULES) == {"mean", "median", "trimmed_mean"}
+    assert set(SCALAR_RULES) == {"mean", "median", "trimmed_mean", "multi_krum"}
     rule = RobustRule()
     assert (rule.rule, rule.beta, rule.f, rule.m, rule.norm_bound, rule.tau, rule.iters) == ("mean", 0.1, 1, 0, 0.0, 0.0, 3)
 
@@ -248,6 +248,19 @@ def test_scalar_rules():
     np.testing.assert_allclose(trimmed, [3, 10])
     big = np.full((3, 1), 3e38, dtype=np.float32)
     assert np.isfinite(SCALAR_RULES["mean"](big, 0.0)).all() and np.isfinite(SCALAR_RULES["trimmed_mean"](big, 0.0)).all()
+
+
+def test_scalar_multi_krum_scores_whole_blocks_and_averages_the_k_minus_f_best():
+    stacked = np.array([[0, 0], [1, 0], [0, 2], [10, 10]], dtype=np.float32)
+    # k = 4, f = 1: the 1 nearest. d01 = 1, d02 = 4, d03 = 200, d12 = 1 + 4 = 5, d13 = 81 + 100 = 181,
+    # d23 = 100 + 64 = 164 -> scores 1 1 4 164; the k - f = 3 best are rows 0 1 2, unweighted
+    got = SCALAR_RULES["multi_krum"](stacked, 0.2, 1)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, [1 / 3, 2 / 3], rtol=1e-6)
+    # f = 2: the k - f - 2 = 0 nearest, at least 1 -> the same scores; rows 0 and 1
+    np.testing.assert_allclose(SCALAR_RULES["multi_krum"](stacked, 0.2, 2), [0.5, 0.0])
+    # f >= k: at least one row (the best-scored, the lower position on a tie)
+    np.testing.assert_array_equal(SCALAR_RULES["multi_krum"](stacked, 0.0, 9), [0.0, 0.0])
 
 
 def test_cap_flips_at_and_past_the_cap():

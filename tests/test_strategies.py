@@ -324,7 +324,18 @@ def test_methods_lists_every_strategy_rule_and_attack():
     out = CliRunner().invoke(app, ["methods"], terminal_width=250).output
     settings = [f"server_opt={r}" for r in SERVER_OPTIMIZERS] + [f"robust={r}" for r in TENSOR_RULES] + [f"attack={a}" for a in ATTACKS]
     assert all(s in out for s in settings), [s for s in settings if s not in out]
-    for opt in ("server_momentum", "trim_beta", "krum_f", "norm_bound", "prox_mu", "scaffold_control", "client_flip_cap", "vote_trim"):
+    for opt in (
+        "server_momentum",
+        "trim_beta",
+        "krum_f",
+        "cclip_tau",
+        "cclip_iters",
+        "norm_bound",
+        "prox_mu",
+        "scaffold_control",
+        "client_flip_cap",
+        "vote_trim",
+    ):
         assert opt in out
     for opt in ("attack_fraction", "grad_mean"):
         assert opt in out

@@ -158,11 +158,14 @@ class DeComFLOptions(ZOOptions):
         check=PERTURB_SCHEDULE,
     )
     aggregate: str = option(
-        "mean", "how the server combines the clients' scalars: 'mean', or robust 'median' / 'trimmed_mean'", choices=tuple(SCALAR_RULES)
+        "mean",
+        "how the server combines the clients' scalars: 'mean', or robust 'median' / 'trimmed_mean' / 'multi_krum'",
+        choices=tuple(SCALAR_RULES),
     )
     trim_beta: float = option(
         0.1, "aggregate=trimmed_mean: fraction β of scalars trimmed from each end", check=between(0.0, 0.5, hi_open=True)
     )
+    krum_f: int = option(1, "aggregate=multi_krum: number f of attackers tolerated (the k − f best-scored are averaged)", check=at_least(0))
     dp_clip: float = option(0.0, "DP: clip each client's K·P scalars to this L2 norm C (0 = no DP)", check=at_least(0.0))
     dp_noise: float = option(0.0, "DP: noise multiplier σ; Gaussian noise σ·C is added to each summed scalar", check=at_least(0.0))
     dp_warm_clip: float = option(0.1, "DP: L2 clip of a warm-start head delta (same σ)", check=above(0.0))
@@ -539,7 +542,7 @@ class DeComFL(ZOMethod):
             combined = noisy["g"]
             metrics.update(self.dp_metrics(ctx))
         else:
-            combined = SCALAR_RULES[self.opts.aggregate](np.stack(scalars), self.opts.trim_beta)
+            combined = SCALAR_RULES[self.opts.aggregate](np.stack(scalars), self.opts.trim_beta, self.opts.krum_f)
         combined = combined.astype(np.float32)
         record = {"round": ctx.round, "scalars": combined}
         self.apply_to_server(state, lambda: self.replay(record, ctx.seed))

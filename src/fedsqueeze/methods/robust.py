@@ -19,8 +19,8 @@ client's delta is first scaled down to at most that L2 norm over all its tensors
 
 Vote and scalar rules for the other method families live here too: :func:`cap_flips` (a mask
 client may flip at most a fraction of the positions) and :func:`trimmed_votes` (per-position
-trimmed vote counts) for the mask methods, and :data:`SCALAR_RULES` (mean, median, trimmed mean)
-for DeComFL's zeroth-order scalars.
+trimmed vote counts) for the mask methods, and :data:`SCALAR_RULES` (mean, median, trimmed mean,
+multi-Krum) for DeComFL's zeroth-order scalars.
 """
 
 from __future__ import annotations
@@ -174,25 +174,34 @@ TENSOR_RULES: dict[str, Callable[[RobustRule, list[Tensors], list[int]], tuple[T
 # ---- ZO scalars ---------------------------------------------------------------------------------
 
 
-def scalar_mean(stacked: np.ndarray, beta: float) -> np.ndarray:
+def scalar_mean(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
     """The mean over clients (axis 0)."""
     return stacked.mean(axis=0, dtype=np.float64)  # a float32 sum of scalars near 3.4e38 would be inf
 
 
-def scalar_median(stacked: np.ndarray, beta: float) -> np.ndarray:
+def scalar_median(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
     """The median over clients (axis 0)."""
     return np.median(stacked, axis=0)
 
 
-def scalar_trimmed_mean(stacked: np.ndarray, beta: float) -> np.ndarray:
+def scalar_trimmed_mean(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
     """The β-trimmed mean over clients (axis 0)."""
     return trimmed_mean_of(stacked, beta).astype(stacked.dtype)
 
 
-SCALAR_RULES: dict[str, Callable[[np.ndarray, float], np.ndarray]] = {
+def scalar_multi_krum(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
+    """Multi-Krum over the clients' scalar blocks (rows of axis 0): the unweighted mean of the k − f best-scored."""
+    k = stacked.shape[0]
+    blocks = [{"g": row} for row in stacked]
+    combined, _ = _krum_select(RobustRule("multi_krum", f=f), blocks, [1] * k, min(max(k - f, 1), k))
+    return combined["g"]
+
+
+SCALAR_RULES: dict[str, Callable[..., np.ndarray]] = {
     "mean": scalar_mean,
     "median": scalar_median,
     "trimmed_mean": scalar_trimmed_mean,
+    "multi_krum": scalar_multi_krum,
 }
 
 
