@@ -155,3 +155,17 @@ def test_sign_flip_attack_end_to_end_and_the_median_holds(tiny_cfg):
     # with one attacker of four (25%), the coordinate median stays near the clean run
     med = run_local(tiny_cfg(**common, attack_fraction=0.25, options={"robust": "median"}), show_progress=False)
     assert med["final"]["accuracy"] >= clean["final"]["accuracy"] - 0.1
+
+
+def test_decomfl_multi_krum_drops_the_outlying_block_of_scalars(task):
+    from fedsqueeze.methods.updates import ZOUpdate
+
+    cfg, m = _method(task, "decomfl", "none", params="head", warm_start_rounds=0, aggregate="multi_krum", krum_f=1)
+    ctx = RoundContext(round=1, rounds=2, seed=0)
+    state = m.init_server()
+    base = np.arange(m.k * m.p, dtype=np.float32).reshape(m.k, m.p)
+    # three honest blocks 0.1 apart, one flipped: its distance to every other block is the largest
+    blocks = {0: base, 1: base + 0.1, 2: base + 0.2, 3: -base - 50}
+    m.zo_aggregate(state, {c: ZOUpdate(b.astype(np.float32)) for c, b in blocks.items()}, ctx)
+    # k - f = 3 best-scored: the honest three, unweighted
+    np.testing.assert_allclose(state["history"][-1]["scalars"], base + 0.1, rtol=1e-6, atol=1e-6)
