@@ -40,7 +40,13 @@ FAMILIES = {
         "fedavg",
         {},
         TENSOR_ATTACKS,
-        {"mean": {}, "median": {"robust": "median"}, "multi_krum f=2": KRUM, "centered_clip": {"robust": "centered_clip"}},
+        {
+            "mean": {},
+            "median": {"robust": "median"},
+            "trimmed_mean β=0.2": {"robust": "trimmed_mean", "trim_beta": 0.2},
+            "multi_krum f=2": KRUM,
+            "centered_clip": {"robust": "centered_clip"},
+        },
     ),
     "lora (PEFT)": (
         "lora",
@@ -72,7 +78,7 @@ FAMILIES = {
         },
     ),
 }
-RUN_LR = {"fedavg": 3e-3, "decomfl": 1e-2}  # run-level lr per method (others: the method's default)
+RUN_LR = {"fedavg": 3e-3, "decomfl": 5e-2}  # run-level lr per method (others: the method's default)
 
 
 def setup(args) -> dict:
@@ -93,12 +99,18 @@ def setup(args) -> dict:
     }
 
 
-def same_setup(a: dict, b: dict) -> bool:
-    """Whether two setups describe the same runs (``lr`` is per method: a new method's entry changes nothing else)."""
-    lr_a, lr_b = a.get("lr", {}), b.get("lr", {})
-    shared = set(lr_a) & set(lr_b)
-    rest = {k: v for k, v in a.items() if k != "lr"} == {k: v for k, v in b.items() if k != "lr"}
-    return rest and all(lr_a[m] == lr_b[m] for m in shared)
+def kept_rows(old: dict, new_setup: dict, redone: set[tuple]) -> list[dict]:
+    """The rows of an earlier JSON that still hold under ``new_setup`` and are not redone now: same
+    settings, and the same run-level lr for the row's method (a method's lr changed: its rows go)."""
+    same = {k: v for k, v in old.get("setup", {}).items() if k != "lr"} == {k: v for k, v in new_setup.items() if k != "lr"}
+    if not same:
+        return []
+    lr_old, lr_new = old["setup"].get("lr", {}), new_setup["lr"]
+    return [
+        r
+        for r in old["rows"]
+        if lr_old.get(r["method"], 0.0) == lr_new.get(r["method"], 0.0) and (r["family"], r["attack"], r["rule"], r["seed"]) not in redone
+    ]
 
 
 def ci95(accuracy: float, n: int) -> float:
@@ -218,9 +230,7 @@ def main() -> None:
     out = Path(args.out)
     if args.merge and out.exists():
         old = json.loads(out.read_text())
-        if same_setup(old.get("setup", {}), setup(args)):
-            redone = {(r["family"], r["attack"], r["rule"], r["seed"]) for r in rows}
-            rows = [r for r in old["rows"] if (r["family"], r["attack"], r["rule"], r["seed"]) not in redone] + rows
+        rows = kept_rows(old, setup(args), {(r["family"], r["attack"], r["rule"], r["seed"]) for r in rows}) + rows
     rows.sort(key=row_order)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"setup": setup(args), "rows": rows}, indent=1) + "\n")
