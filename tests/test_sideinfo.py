@@ -174,6 +174,27 @@ def test_scan_skips_the_rows_of_a_tensor_whose_first_column_says_dense():
     assert scan(big).nonzero_rows is None and not scan(big).finite
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
+def test_sz3_plans_a_small_vector_as_the_full_scan_decides():
+    """A bias takes the one-sum path; every case goes lossy exactly when the full scan says so."""
+    rel = get_codec("sz3", mode="rel", bound=1e-2, threshold=4)
+    absolute = get_codec("sz3", mode="abs", bound=1e-2, threshold=4)
+    cases = {
+        "plain": (np.arange(8, dtype=np.float32), True, True),
+        "constant": (np.full(8, 2.0, dtype=np.float32), False, True),
+        "equal ends": (np.array([1, 5, 2, 1, 0, 3, 1, 1], dtype=np.float32), True, True),
+        "nan": (np.array([0, 1, np.nan, 3, 4, 5, 6, 7], dtype=np.float32), False, False),
+        "inf": (np.array([0, 1, 2, np.inf, 4, 5, 6, 7], dtype=np.float32), False, False),
+        "both infs": (np.array([-np.inf, 1, 2, 3, 4, 5, 6, np.inf], dtype=np.float32), False, False),
+        "overflowing sum": (np.array([3e38, 3e38, 3e38, 1, 1, 1, 1, 0], dtype=np.float32), True, True),
+    }
+    for name, (a, lossy_rel, lossy_abs) in cases.items():
+        assert (rel.plan("b", a) is not None, absolute.plan("b", a) is not None) == (lossy_rel, lossy_abs), name
+    plain = rel.plan("b", cases["plain"][0])
+    assert plain is not None and plain.finite and math.isnan(plain.lo) and math.isnan(plain.hi) and plain.nonzero_rows is None
+    assert rel.plan("b", cases["overflowing sum"][0]) == (True, 0.0, float(np.float32(3e38)), None)  # the full scan's
+
+
 def test_sz3_reuses_its_configuration_and_codes_the_same_bytes():
     """The dense path's shared configuration: the same bytes as a fresh one, tensor after tensor."""
     rng = np.random.default_rng(3)

@@ -121,6 +121,11 @@ class SZ3Codec(Codec):
         o = self.opts
         if not (a.dtype in _LOSSY_DTYPES and a.size > o.threshold and o.name_filter in name):
             return None
+        if a.ndim == 1 and a.size <= _SCAN_BLOCK and (o.mode == "abs" or a[0] != a[-1]) and math.isfinite(_sum(a)):
+            # a small vector (a bias), which SZ3 codes in tens of µs: only finiteness and a non-zero
+            # range decide, and one sum (NaN or ±inf with any NaN or ±inf in it; an overflow falls
+            # through to the scan, after numpy's RuntimeWarning) and two unequal values settle them
+            return _SMALL_VECTOR
         info = scan(a, rows=o.sparse_rows)
         if not info.finite or (o.mode == "rel" and not info.hi > info.lo):
             return None
@@ -191,7 +196,7 @@ class Scan(NamedTuple):
     """
 
     finite: bool
-    lo: float
+    lo: float  # NaN in the plan of a small vector (SZ3Codec.plan): its dense path needs no range
     hi: float
     # bool per row, when asked for and the tensor may be row-sparse; None when it has no rows, or
     # when over half its rows are non-zero at their first value (so the row-sparse path is not taken)
@@ -200,7 +205,11 @@ class Scan(NamedTuple):
 
 _SCAN_BLOCK = 1 << 16  # elements per block: min and max of a block read it from cache, not memory
 # the ufuncs' own reductions: ndarray.min/max go through a Python wrapper, a µs a call on small tensors
-_min, _max = np.minimum.reduce, np.maximum.reduce
+_min, _max, _sum = np.minimum.reduce, np.maximum.reduce, np.add.reduce
+
+
+# the plan of a small finite vector with a non-zero range: its range is not taken (the dense path needs none)
+_SMALL_VECTOR = Scan(True, math.nan, math.nan, None)
 
 
 def scan(a: np.ndarray, rows: bool = True) -> Scan:
