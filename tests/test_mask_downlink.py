@@ -152,6 +152,31 @@ def test_a_retried_round_finds_the_client_on_its_view(task):
     assert np.array_equal(sym, state["theta_sym"])
 
 
+@pytest.mark.parametrize("stratify", [False, True])
+def test_a_step_coded_against_the_aggregated_clients_draws_lands_on_the_view(task, stratify):
+    m = build("deltamask", task, stratify=stratify)
+    state = m.init_server()
+    rng = np.random.default_rng(4)
+    _, _, _, _, cstate = m.receive_downlink(m.downlink_for(state, ctx(1), 0, None), None, 1)
+    state["theta_sym"] = moved(rng, state["theta_sym"], 0.02)
+    _, _, _, _, cstate = m.receive_downlink(m.downlink_for(state, ctx(2), 0, (1, 0)), cstate, 2)
+    # what round 2's aggregation of clients 1 and 3 records (their strata among participants 1, 2, 3)
+    strata = {"strata": [[0, 3], [2, 3]]} if stratify else {}
+    state["aggregated"] = {"round": 2, "clients": [1, 3], **strata}
+    held = state["theta_sym"].copy()
+    state["theta_sym"] = moved(rng, held, 0.003)
+    state["theta_sym"][:5] = 255  # the clip moves these back to 250 next round: contexts of their own
+    msg = m.downlink_for(state, ctx(3), 0, (2, 0))
+    assert unframe(msg)[1]["mode"] == "replay"
+    step = state[VIEW_KEY]["steps"][-1]["bytes"].tobytes()
+    assert unframe(step)[1] == {"levels": 255, "clients": [1, 3], **strata, "sections": unframe(step)[1]["sections"]}
+    assert len(unframe(step)[1]["sections"]) == 4  # the change bits, then the values in 3 groups
+    sym, *_ = m.receive_downlink(msg, cstate, 3)
+    assert np.array_equal(sym, state["theta_sym"])
+    contexts, groups = m.step_side(2, [1, 3], [(0, 3), (2, 3)] if stratify else None, np.full(m.n, REST, np.uint8), 255)
+    assert contexts.max() <= 61 and groups is not None and set(np.unique(groups)) <= {0, 1}  # nothing clipped at 250
+
+
 # ---- hostile messages: refused with a reason -------------------------------------------------------------
 
 
@@ -210,12 +235,30 @@ def test_a_client_refuses_a_delta_that_does_not_fit_its_view(task):
             "invalid level count 300 \\(at most 255\\)",
         ),
     }
+    theta2 = state["theta_sym"].copy()
+    # a step with side information whose header names other clients than a server could
+    state["aggregated"] = {"round": 2, "clients": [0, 1]}
+    state["theta_sym"] = moved(rng, state["theta_sym"], 0.02)
+    good3 = m.downlink_for(state, ctx(3), 0, (2, 0))
+    _, meta3, body3 = unframe(bytes(unframe(good3)[2][: unframe(good3)[1]["lengths"][0]]))
+    for bad_meta, reason in (
+        ({"clients": [0, 99]}, "invalid aggregated clients"),
+        ({"clients": [1, 0]}, "invalid aggregated clients"),
+        ({"clients": [0, 1], "strata": [[0, 2], [1, 2]]}, "not stratified"),
+    ):
+        bad = with_part(good3, frame(STEP_KIND, {**meta3, **bad_meta}, body3))
+        cases[str(bad_meta)] = (reframe(bad, base=2, target=3, rounds=[3]), ctx(3), reason)
     for name, (bad, c, reason) in cases.items():
+        if c.round == 3 and "clients" in name:
+            held3 = m.receive_downlink(good, held, 2)[4]
+            with pytest.raises(PayloadError, match=reason):
+                m.receive_downlink(bad, held3, 3)
+            continue
         with pytest.raises(PayloadError, match=reason):
             m.receive_downlink(bad, held, c.round)
         assert held[VIEW_KEY]["round"] == 1, name  # a refused message leaves the client's state as it was
     sym, *_ = m.receive_downlink(good, held, 2)
-    assert np.array_equal(sym, state["theta_sym"])
+    assert np.array_equal(sym, theta2)
 
 
 def test_a_refresh_is_decoded_into_the_models_positions_only():

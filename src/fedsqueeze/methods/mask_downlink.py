@@ -8,9 +8,12 @@ round's clients train from, and every client that decoded round ``r``'s message 
 
 - **Step** ``r`` (a part of kind ``mask-theta-step``) turns the view of round ``h`` into that of
   round ``r``: the changed positions as a context code of the change bits
-  (:func:`fedsqueeze.codecs.sideinfo.encode_flips`), the context of a position being the bin of its
-  *held* symbol (``sym · 64 // (L + 1)``: both sides have it; positions that moved before move
-  again far more often than those still at θ's start), then each changed position's new value as
+  (:func:`fedsqueeze.codecs.sideinfo.encode_flips`). When the header names the clients whose
+  aggregation made the step (the usual case), the context of a position comes from their draws,
+  which both ends rebuild (:meth:`~fedsqueeze.methods.mask_method.MaskMethod.step_side`: a position
+  changes where some client's ``u`` lies near θ_start, and the values split by that client's
+  reference bit); otherwise it is the bin of the *held* symbol (``sym · 64 // (L + 1)``). Then each
+  changed position's new value as
   ``(new − old) mod (L + 1)``, rANS under its own histogram (:func:`encode_packed_symbols`; the
   histogram as Elias-gamma codes, not JSON).
   No step crosses a change of ``L`` (the Beta rule's first round): every client then gets a refresh.
@@ -29,7 +32,7 @@ changes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,7 +69,8 @@ def change_contexts(sym: np.ndarray, levels: int) -> np.ndarray:
     return out
 
 
-PART_META_BYTES = 128  # a part's JSON header: the levels and two lengths
+PART_META_BYTES = 128  # a part's JSON header: the levels and three lengths (plus, for a step, its clients)
+META_PER_CLIENT = 24  # a step's header names each aggregated client (and its stratum)
 
 
 # ---- symbols with a packed histogram ----------------------------------------------------------------
@@ -106,24 +110,51 @@ def decode_theta(part: bytes | memoryview, n: int, max_levels: int) -> tuple[np.
     return sym.astype(symbol_dtype(levels)), levels
 
 
-def encode_step(old: np.ndarray, new: np.ndarray, levels: int) -> bytes:
-    """A step part: where ``new`` differs from ``old`` (both at ``levels`` levels), and by how much (mod L + 1)."""
+SideInfo = tuple[np.ndarray, np.ndarray | None]  # (change contexts, value groups in [0, VALUE_GROUPS) or None)
+VALUE_GROUPS = 3  # with side information, the changes' values are coded in this many groups
+SideInfoFn = Callable[[dict[str, Any], np.ndarray, int, int], SideInfo]
+
+
+def encode_step(old: np.ndarray, new: np.ndarray, levels: int, side: SideInfo | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    """A step part: where ``new`` differs from ``old`` (both at ``levels`` levels), and by how much (mod L + 1).
+
+    ``side``: the change contexts both ends compute (default: :func:`change_contexts` of ``old``)
+    and, optionally, a group per position (in ``[0, VALUE_GROUPS)``) whose changes' values are coded apart; ``extra``:
+    the header fields the receiver computes them from.
+    """
+    contexts, groups = side if side is not None else (change_contexts(old, levels), None)
     changed = old != new
-    _, change_body = encode_flips(changed, change_contexts(old, levels))  # its header only names the coder
+    _, change_body = encode_flips(changed, contexts)  # its header only names the coder
     diff = (new[changed].astype(np.int64) - old[changed].astype(np.int64)) % (levels + 1)
-    value_body = encode_packed_symbols(diff, levels + 1)
-    meta = {"levels": int(levels), "sections": [len(change_body), len(value_body)]}
-    return frame(STEP_KIND, meta, change_body + value_body)
+    if groups is None:
+        values = [encode_packed_symbols(diff, levels + 1)]
+    else:
+        g = groups[changed]
+        values = [encode_packed_symbols(diff[g == k], levels + 1) for k in range(VALUE_GROUPS)]
+    meta = {"levels": int(levels), **(extra or {}), "sections": [len(change_body), *map(len, values)]}
+    return frame(STEP_KIND, meta, change_body + b"".join(values))
 
 
-def apply_step(sym: np.ndarray, levels: int, part: bytes | memoryview) -> np.ndarray:
-    """The view a step part makes of ``sym`` (at ``levels`` levels); refused unless it fits that view exactly."""
-    _, meta, body = unframe(part, expect_kind=STEP_KIND, max_meta_bytes=PART_META_BYTES)
+def apply_step(
+    sym: np.ndarray, levels: int, part: bytes | memoryview, round_: int = 0, side_for: SideInfoFn | None = None, max_clients: int = 0
+) -> np.ndarray:
+    """The view a step part (of round ``round_``) makes of ``sym`` (at ``levels`` levels); refused unless
+    it fits that view exactly. ``side_for(meta, sym, levels, round_)`` rebuilds (and checks) the side
+    information the header names (:func:`encode_step`'s ``side``); without it, the default contexts.
+    The header may name up to ``max_clients`` clients."""
+    _, meta, body = unframe(part, expect_kind=STEP_KIND, max_meta_bytes=PART_META_BYTES + META_PER_CLIENT * max_clients)
     if meta.get("levels") != levels:
         raise PayloadError(f"downlink step is at {meta.get('levels')!r} levels, this client's view at {levels}")
-    parts = split_body(body, meta.get("sections"), 2)
-    positions, _ = decode_flips_counted(CONTEXT_CODE, parts[0], change_contexts(sym, levels), sym.size)
-    diff = decode_packed_symbols(parts[1], int(positions.size), levels + 1)
+    contexts, groups = side_for(meta, sym, levels, round_) if side_for is not None else (change_contexts(sym, levels), None)
+    parts = split_body(body, meta.get("sections"), 2 if groups is None else 1 + VALUE_GROUPS)
+    positions, _ = decode_flips_counted(CONTEXT_CODE, parts[0], contexts, sym.size)
+    if groups is None:
+        diff = decode_packed_symbols(parts[1], int(positions.size), levels + 1)
+    else:
+        g = groups[positions]
+        diff = np.empty(positions.size, dtype=np.int64)
+        for k in range(VALUE_GROUPS):
+            diff[g == k] = decode_packed_symbols(parts[1 + k], int((g == k).sum()), levels + 1)
     if np.any(diff == 0):
         raise PayloadError("downlink step changes a position to the value it holds")
     out = sym.copy()
@@ -138,11 +169,11 @@ class MaskDeltaDownlink:
     """The θ view, steps and catch-up of the mask methods' delta downlink (see the module docstring).
 
     ``n`` masked positions; ``max_levels`` the most levels the method's θ can have (a refresh at more
-    is refused before its histogram is read).
+    is refused before its histogram is read); ``max_clients`` the most clients a step's header names.
     """
 
-    def __init__(self, n: int, max_levels: int) -> None:
-        self.n, self.max_levels = n, max_levels
+    def __init__(self, n: int, max_levels: int, max_clients: int = 0) -> None:
+        self.n, self.max_levels, self.max_clients = n, max_levels, max_clients
         self._messages: CatchUpMemo = CatchUpMemo()
         self._refresh: dict[tuple[int, str], bytes] = {}  # the round's refresh part, made at most once
 
@@ -160,14 +191,18 @@ class MaskDeltaDownlink:
             "step_bytes": 0,
         }
 
-    def advance(self, view: dict[str, Any], sym: np.ndarray, levels: int, round_: int) -> None:
-        """Move the view to round ``round_``'s θ (once per round), keeping the step that does it."""
+    def advance(
+        self, view: dict[str, Any], sym: np.ndarray, levels: int, round_: int, side: Callable[[], tuple[SideInfo, dict[str, Any]] | None]
+    ) -> None:
+        """Move the view to round ``round_``'s θ (once per round), keeping the step that does it;
+        ``side()`` gives the step's side information and the header fields naming it (None: the default)."""
         if int(view["round"]) >= round_:
             return
         old, old_levels = view["sym"], int(view["levels"])
         steps: list[dict[str, Any]] = list(view["steps"])
         if levels == old_levels and sym.dtype == old.dtype:
-            part = encode_step(old, sym, levels)
+            made = side()
+            part = encode_step(old, sym, levels, *(made if made is not None else (None, None)))
             steps.append({"base": int(view["round"]), "round": round_, "bytes": np.frombuffer(part, np.uint8).copy()})
             view["step_bytes"] = len(part)
         else:
@@ -195,7 +230,14 @@ class MaskDeltaDownlink:
 
     # ---- client -------------------------------------------------------------------------------------
     def receive(
-        self, meta: dict[str, Any], parts: Sequence[memoryview], held: int, sym: np.ndarray, levels: int, round_: int
+        self,
+        meta: dict[str, Any],
+        parts: Sequence[memoryview],
+        held: int,
+        sym: np.ndarray,
+        levels: int,
+        round_: int,
+        side_for: SideInfoFn | None = None,
     ) -> tuple[np.ndarray, int]:
         """The view ``(symbols, levels)`` a client holding ``sym`` (of round ``held``) reaches in round ``round_``.
 
@@ -209,7 +251,7 @@ class MaskDeltaDownlink:
         if mode == "refresh":
             sym, levels = decode_theta(parts[0], self.n, self.max_levels)
         else:
-            for part in parts:
-                sym = apply_step(sym, levels, part)
+            for r, part in zip(rounds, parts):
+                sym = apply_step(sym, levels, part, r, side_for, self.max_clients)
         check_digest(theta_digest(sym, levels), digest)
         return sym, levels

@@ -30,8 +30,8 @@ from fedsqueeze.masking import MaskedModel, clip_probs, logit, select_masked, sh
 from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundContext, RoundMemo, state_digest
 from fedsqueeze.methods.downlink import MODES, VIEW_KEY, catch_up_meta_bytes
 from fedsqueeze.methods.head import head_names
-from fedsqueeze.methods.mask_downlink import PART_META_BYTES, MaskDeltaDownlink, symbol_dtype
-from fedsqueeze.methods.mask_wire import MaskLimits, MaskWire
+from fedsqueeze.methods.mask_downlink import PART_META_BYTES, MaskDeltaDownlink, SideInfo, change_contexts, symbol_dtype
+from fedsqueeze.methods.mask_wire import MaskLimits, MaskWire, parse_stratum
 from fedsqueeze.methods.robust import cap_flips, trimmed_votes
 from fedsqueeze.methods.updates import ExactFlips, FilterFlips, MaskCode, MaskUpdate, stepped, weighted_mean
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
@@ -41,6 +41,7 @@ from fedsqueeze.training import num_local_steps
 
 EVAL_MASKS = ("expected", "threshold", "sample")
 AGGREGATES = ("beta", "delta")
+AGGREGATED_KEY = "aggregated"  # downlink=delta: the round and clients of the last aggregation
 INIT_LEVELS = 255  # θ before round 1 (and with carried priors) travels as a uint8 level
 
 
@@ -113,7 +114,8 @@ class MaskMethod(Method):
         self._downlink = RoundMemo()
         # θ has 255 levels, or K (the Beta rule's Σm/K) with K at most the round's clients
         self.max_levels = max(INIT_LEVELS, self.cfg.clients_per_round)
-        self.delta_downlink = MaskDeltaDownlink(self.n, self.max_levels) if self.opts.downlink == "delta" else None
+        delta = self.opts.downlink == "delta"
+        self.delta_downlink = MaskDeltaDownlink(self.n, self.max_levels, self.cfg.clients_per_round) if delta else None
 
     def trainable_params(self) -> int:
         return self.n + sum(p.numel() for p in self.head_params)
@@ -148,7 +150,9 @@ class MaskMethod(Method):
             return self.downlink(state, ctx, client)
         view = state[VIEW_KEY]
         # the first message of a round moves the server's view to this round's θ (and keeps the step)
-        self.delta_downlink.advance(view, state["theta_sym"], int(state["levels"]), ctx.round)
+        self.delta_downlink.advance(
+            view, state["theta_sym"], int(state["levels"]), ctx.round, lambda: self._server_step_side(state, view["sym"], ctx.round)
+        )
         catch_up, parts = self.delta_downlink.catch_up(view, 0 if held is None else int(held[0]))
         return self.wire.encode_delta_downlink(catch_up, parts, state["head"], self.stratum(ctx, client) if self.opts.stratify else None)
 
@@ -176,6 +180,66 @@ class MaskMethod(Method):
         if client not in ctx.participants:
             raise PayloadError(f"client {client} is not among this round's participants, so it has no stratum")
         return ctx.participants.index(client), len(ctx.participants)
+
+    # ---- the delta downlink's side information: the last round's aggregated clients' draws ------------
+    def step_side(self, round_: int, clients: list[int], strata: list[tuple[int, int]] | None, sym: np.ndarray, levels: int) -> SideInfo:
+        """The side information of the step that round ``round_``'s aggregation of ``clients`` made of θ ``sym``.
+
+        Both ends rebuild each client's uniforms and θ_start (as the server's aggregation did); a
+        position's change context is ``2 · b + r`` with ``b`` the nearest bin of ``|u − θ_start|``
+        over the clients (:func:`~fedsqueeze.codecs.sideinfo.flip_contexts`: a flip happens where
+        ``u`` is near θ_start) and ``r`` that client's reference bit (capped at 61), which also
+        groups the values (a reference 1 can only flip down, a 0 only up). Positions whose θ the
+        clip moved to another symbol (near 0 or 1: they move back unless voted) have contexts 62 and 63
+        and a value group of their own.
+        """
+        ctx = RoundContext(round=round_, rounds=self.cfg.rounds, seed=self.cfg.seed)
+        theta = self.theta_of(sym, levels)
+        theta_start = self.start_theta(theta)
+        best = np.zeros(self.n, dtype=np.uint8)
+        ref = np.zeros(self.n, dtype=np.uint8)
+        for i, client in enumerate(clients):
+            c = flip_contexts(self.uniforms(ctx, client, strata[i] if strata else None), theta_start)
+            nearer = (c >> 1) > best
+            best[nearer] = c[nearer] >> 1
+            ref[nearer] = c[nearer] & 1
+        contexts = np.minimum((best << 1) | ref, 61)
+        clipped = np.rint(theta_start * np.float32(levels)) != sym  # the clip moved it to another symbol
+        contexts[clipped] = 62 + (theta[clipped] < 0.5)
+        ref[clipped] = 2
+        return contexts, ref
+
+    def _server_step_side(self, state: dict[str, Any], sym: np.ndarray, round_: int) -> tuple[SideInfo, dict[str, Any]] | None:
+        """Server: the side information of round ``round_``'s step, when the last aggregation (round ``round_ − 1``) made it."""
+        agg = state.get(AGGREGATED_KEY)
+        if not isinstance(agg, dict) or agg.get("round") != round_ - 1:
+            return None
+        clients, strata = [int(c) for c in agg["clients"]], agg.get("strata")
+        pairs = [(int(k), int(kk)) for k, kk in strata] if strata else None
+        extra: dict[str, Any] = {"clients": clients, **({"strata": [list(p) for p in pairs]} if pairs else {})}
+        return self.step_side(round_ - 1, clients, pairs, sym, int(state["levels"])), extra
+
+    def _client_step_side(self, meta: dict[str, Any], sym: np.ndarray, levels: int, round_: int) -> SideInfo:
+        """Client: the side information a step's header names, checked (clients, strata, the round)."""
+        if "clients" not in meta:
+            return change_contexts(sym, levels), None
+        clients, strata = meta.get("clients"), meta.get("strata")
+        if not (
+            isinstance(clients, list)
+            and all(type(c) is int and 0 <= c < self.cfg.clients for c in clients)
+            and 1 <= len(clients) <= self.cfg.clients_per_round
+            and clients == sorted(set(clients))
+            and round_ >= 2
+        ):
+            raise PayloadError(f"downlink step names invalid aggregated clients {str(clients)[:60]}")
+        pairs = None
+        if self.opts.stratify:
+            if not isinstance(strata, list) or len(strata) != len(clients):
+                raise PayloadError("downlink step names no stratum for each aggregated client")
+            pairs = [parse_stratum({"stratum": s}) for s in strata]
+        elif strata is not None:
+            raise PayloadError("downlink step names strata, and this run's draws are not stratified")
+        return self.step_side(round_ - 1, clients, pairs, sym, levels)  # type: ignore[arg-type]
 
     def decode_downlink(self, message: bytes) -> tuple[np.ndarray, int, dict[str, np.ndarray], tuple[int, int] | None]:
         """``(θ symbols, levels, head weights, stratum)`` from the server's message (``downlink=delta``:
@@ -209,7 +273,7 @@ class MaskMethod(Method):
             held, sym, levels = 0, self.initial_theta(), INIT_LEVELS
         held = min(max(held, 0), round_)  # held == round_: a retry of this round, the client already holds its view
         meta, parts, head, stratum = self.wire.decode_delta_downlink(message, *self._delta_caps(held, round_))
-        sym, levels = self.delta_downlink.receive(meta, parts, held, sym, levels, round_)
+        sym, levels = self.delta_downlink.receive(meta, parts, held, sym, levels, round_, self._client_step_side)
         own[VIEW_KEY] = {"round": round_, "sym": sym, "levels": levels}
         return sym, levels, head, stratum, own
 
@@ -269,6 +333,13 @@ class MaskMethod(Method):
         if trim > 0:
             counts = np.rint(trimmed_votes(np.stack(votes), trim)).astype(np.int32)
         self._update_theta(state, counts, theta_start, len(updates))
+        if self.delta_downlink is not None:  # who made this θ: the next step's side information
+            strata = [list(self.stratum(ctx, c)) for c in sorted(updates)] if self.opts.stratify else None
+            state[AGGREGATED_KEY] = {
+                "round": ctx.round,
+                "clients": sorted(int(c) for c in updates),
+                **({"strata": strata} if strata else {}),
+            }
         weights = [u.n for u in updates.values()]
         for name in self.head_names:
             state["head"][name] = stepped(state["head"][name], weighted_mean([u.head_delta[name] for u in updates.values()], weights))
