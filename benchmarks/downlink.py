@@ -7,7 +7,8 @@ setting (FedAvg, raw both ways), all measured in this one run.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/downlink.py [--rounds 10] [--set key=value ...]
 
-Writes benchmarks/results/downlink.json (``--out`` for another file).
+Writes benchmarks/results/downlink.json (``--out`` for another file); ``--only mask`` runs the
+mask methods' settings (and the FedAvg reference), e.g. into benchmarks/results/downlink_masks_tiny.json.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SETTINGS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("fedsz, delta topk (k=5%)", "fedsz", {**DELTA, "downlink_codec": "topk", "downlink_topk_k": 0.05}),
     ("fedsz, delta eden", "fedsz", {**DELTA, "downlink_codec": "eden"}),
+    # the mask methods: the whole coded θ every round, or only its changed symbols (their default)
+    *((f"{m}, mask {d}", m, {"downlink": d}) for m in ("deltamask", "deltamask-exact", "fedpm") for d in ("full", "delta")),
 ]
 TINY = dict(model="tiny", dataset="wordnet", clients=10, clients_per_round=5, train_size=400, test_size=200, local_steps=3, batch_size=8)
 
