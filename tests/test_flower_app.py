@@ -133,7 +133,7 @@ def test_query_returns_the_partition_id(task_identity):
 
 
 class FakeGrid:
-    """Nodes answer the partition query at once; ``partitions`` maps node id -> partition-id."""
+    """Nodes answer the partition query at once; ``partitions`` maps node id -> partition-id (None: a reply without config)."""
 
     def __init__(self, partitions: dict[int, int]) -> None:
         self.partitions = partitions
@@ -156,7 +156,9 @@ class FakeGrid:
         for mid in ids:
             msg = self.sent[mid]
             pid = self.partitions[msg.metadata.dst_node_id]
-            reply = Message(RecordDict({CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+            # None: the node replies without any fsq.config record
+            content = RecordDict({}) if pid is None else RecordDict({CONFIG: ConfigRecord({"partition-id": pid})})
+            reply = Message(content, reply_to=msg)
             out.append(reply)
         return out
 
@@ -171,6 +173,8 @@ def test_partitions_map_to_nodes_and_gaps_or_clashes_are_errors(task_identity):
     # neither takes the partition over nor ends the run
     assert discover_partitions(FakeGrid({11: 0, 22: 0, 33: 1}), clients=2, wait_s=1) == {0: 11, 1: 33}
     assert discover_partitions(FakeGrid({11: "one", 22: 0, 33: 1.0, 44: 1}), clients=2, wait_s=1) == {0: 22, 1: 44}
+    # a query reply without fsq.config claims nothing (it used to end the ServerApp)
+    assert discover_partitions(FakeGrid({11: None, 22: 0, 33: 1}), clients=2, wait_s=1) == {0: 22, 1: 33}
     with pytest.raises(ConfigError, match=r"partition-id \[1\]"):
         discover_partitions(FakeGrid({11: 0, 22: 0}), clients=2, wait_s=0.5)
 
@@ -205,6 +209,7 @@ def _hostile_replies():
         2: (lambda m: Message(RecordDict({PAYLOAD: bad_npy}), reply_to=m), "bad reply: payload array is malformed"),
         3: (lambda m: payload(m, **{METRICS: MetricRecord({"train_s": [1.0, 2.0], "codec_s": 1e300})}), None),
         4: (lambda m: None, "no reply within 1s"),
+        5: (lambda m: payload(m, **{METRICS: MetricRecord({"train_s": 1e300})}), None),
     }
 
 
@@ -214,7 +219,7 @@ def test_flower_transport_turns_every_hostile_reply_into_a_drop_reason(tiny_cfg,
 
     cases = _hostile_replies()
     grid = ScriptedGrid(lambda msg: cases[msg.content.config_records[CONFIG]["client"]][0](msg))
-    cfg = tiny_cfg(method="head", clients=5, clients_per_round=5)
+    cfg = tiny_cfg(method="head", clients=6, clients_per_round=6)
     transport = FlowerTransport(grid, {c: 100 + c for c in cases}, cfg, ServerSettings(reply_timeout_s=1.0))
     ctx = RoundContext(round=1, rounds=1, seed=0, participants=tuple(cases))
     replies = transport.exchange([ClientCall(c, b"msg", ctx, None) for c in cases])
@@ -226,6 +231,9 @@ def test_flower_transport_turns_every_hostile_reply_into_a_drop_reason(tiny_cfg,
     good = replies[3]
     assert good.error is None and good.payload == b"\x00" * 8
     assert "train_s" not in good.metrics and good.compute_s <= 1.5 and good.metrics["codec_s"] <= 1.5
+    # a self-reported train_s of 1e300 never reaches the link model: bounded by the time the server waited
+    huge = replies[5]
+    assert huge.error is None and huge.metrics["train_s"] <= 1.5 and huge.compute_s <= 1.5
 
 
 def test_deployment_resume_reads_the_checkpoint_of_the_same_config_only(tiny_cfg, tmp_path):

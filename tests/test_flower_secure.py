@@ -176,7 +176,7 @@ def test_run_without_certificates_is_refused(tmp_path, capsys, monkeypatch):
     assert code == 2 and "choose one" in err
 
 
-def test_run_with_insecure_connects_in_plain_text(tmp_path, monkeypatch):
+def test_run_with_insecure_connects_in_plain_text(tmp_path, monkeypatch, caplog):
     """--insecure is accepted, warns, and writes an insecure connection for `flwr run` (stopped there)."""
     import tomllib
 
@@ -199,10 +199,12 @@ def test_run_with_insecure_connects_in_plain_text(tmp_path, monkeypatch):
 
     monkeypatch.setattr(flower.subprocess, "Popen", FakePopen)
     monkeypatch.setattr(sys, "argv", ["fedsqueeze", *RUN_ARGS, "--superlink", "127.0.0.1:1", "--insecure", "--out", str(tmp_path / "r")])
-    with pytest.raises(SystemExit) as exit_:
+    with caplog.at_level("WARNING", logger="fedsqueeze"), pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2  # no results.json: the fake `flwr run` ran nothing
     assert seen["cmd"][1] == "run" and seen["conf"]["superlink"]["fedsqueeze"] == {"address": "127.0.0.1:1", "insecure": True}
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--insecure" in r.getMessage()]
+    assert warned and "unencrypted" in warned[0] and "127.0.0.1:1" in warned[0]
 
 
 # ---- a SuperNode without valid credentials cannot join ------------------------------------------
