@@ -116,19 +116,6 @@ def example_count(n: object, client: int, partition_sizes: list[int], what: str 
     return n
 
 
-def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
-    """``Σ n_i·a_i / Σ n_i`` (FedAvg's mean), accumulated in float64.
-
-    A convex combination of float32 arrays cannot overflow float64, so the mean of finite client
-    tensors is finite however close to float32's 3.4e38 they are (a float32 sum could round to inf).
-    """
-    total = float(sum(counts))
-    mean = np.zeros(np.shape(arrays[0]), dtype=np.float64)
-    for a, n in zip(arrays, counts):
-        mean += np.asarray(a, dtype=np.float64) * (n / total)
-    return mean
-
-
 def stepped(weights: np.ndarray, step: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     """``weights + step`` summed in float64, then in ``dtype``; a value beyond its range becomes ±inf.
 
@@ -138,22 +125,24 @@ def stepped(weights: np.ndarray, step: np.ndarray, dtype: type = np.float32) -> 
         return (np.asarray(weights, dtype=np.float64) + step).astype(dtype)
 
 
-MEAN_BLOCK = 1 << 18  # coordinates per block of weighted_mean_f32: 2 MiB of float64 sum, 2 MiB of product
+MEAN_BLOCK = 1 << 18  # coordinates per block of weighted_mean: 2 MiB of float64 sum, 2 MiB of product
 
 
-def weighted_mean_f32(arrays: Sequence[np.ndarray], counts: Sequence[int], block: int = MEAN_BLOCK) -> np.ndarray:
-    """``weighted_mean(arrays, counts).astype(np.float32)`` bit for bit, computed one block of
-    ``block`` coordinates at a time (the same float64 operations in the same order per coordinate).
+def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int], dtype: type = np.float64, block: int = MEAN_BLOCK) -> np.ndarray:
+    """``Σ n_i·a_i / Σ n_i`` (FedAvg's mean), accumulated in float64 and returned in ``dtype``.
 
-    The server's FedAvg mean then holds its float32 result and two float64 blocks, instead of 8 bytes
-    per value for the float64 mean plus 16 more for each client's float64 copy and product: 28 bytes
-    per value of a tensor at its peak, ~2.9 GB for one 1e8-value tensor of a 1.3B-parameter model.
+    A convex combination of float32 arrays cannot overflow float64, so the mean of finite client
+    tensors is finite however close to float32's 3.4e38 they are (a float32 sum could round to inf).
+    It is computed one block of ``block`` coordinates at a time (the same float64 operations in the
+    same order per coordinate, so the block size never changes a bit): the server's FedAvg mean
+    then holds its result and two float64 blocks, instead of 8 bytes per value for a float64 mean
+    plus 16 more for each client's float64 copy and product (~2.9 GB for one 1e8-value tensor).
     """
     if block < 1:
         raise ValueError(f"block must be at least 1, got {block}")
     shape = np.shape(arrays[0])
     flats = [np.asarray(a).reshape(-1) for a in arrays]  # views: decoded tensors are contiguous
-    out = np.empty(flats[0].size, np.float32)
+    out: np.ndarray = np.empty(flats[0].size, dtype)
     total = float(sum(counts))
     acc = np.empty(min(block, out.size), np.float64)
     prod = np.empty_like(acc)
@@ -162,10 +151,15 @@ def weighted_mean_f32(arrays: Sequence[np.ndarray], counts: Sequence[int], block
         a, t = acc[: stop - start], prod[: stop - start]
         a.fill(0.0)
         for f, n in zip(flats, counts):
-            np.multiply(f[start:stop], n / total, out=t, dtype=np.float64)  # float64 loop, as weighted_mean's
+            np.multiply(f[start:stop], n / total, out=t, dtype=np.float64)
             a += t
         out[start:stop] = a
     return out.reshape(shape)
+
+
+def weighted_mean_f32(arrays: Sequence[np.ndarray], counts: Sequence[int], block: int = MEAN_BLOCK) -> np.ndarray:
+    """:func:`weighted_mean` in float32 (FedAvg's new weights: a convex combination stays in range)."""
+    return weighted_mean(arrays, counts, np.float32, block)
 
 
 U = TypeVar("U")
