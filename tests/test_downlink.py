@@ -265,9 +265,9 @@ class Spy(LocalTransport):
         super().__init__(*a, **kw)
         self.sent: list[list[ClientCall]] = []
 
-    def exchange(self, calls):
+    def replies(self, calls):  # what the engine asks (each client runs when its reply is taken)
         self.sent.append(list(calls))
-        return super().exchange(calls)
+        return super().replies(calls)
 
 
 def test_engine_counts_the_messages_it_sends_and_stale_clients_catch_up(tmp_path):

@@ -499,5 +499,5 @@ def test_clipped_counts_set_the_fedavg_weights(task):
     assert clip_examples(zo, 1) == (zo, None)  # unweighted: nothing to clip
     new = aggregate_finite(m, state, {0: big, 1: small}, CTX).state
     for n in m.names:  # weights 20:10, not the reported 50:10
-        mean = d0[n].astype(np.float64) * (20 / 30) + d1[n].astype(np.float64) * (10 / 30)
+        mean = (d0[n].astype(np.float64) * 20 + d1[n].astype(np.float64) * 10) / 30  # Σ n_i·δ_i / Σ n_i
         np.testing.assert_array_equal(new["weights"][n], fedavg_step(state["weights"][n], mean))

@@ -309,30 +309,50 @@ class MaskMethod(Method):
     ) -> tuple[dict[str, Any], dict[str, float]]:
         if not updates:
             return state, {}
+        # Memory per masked weight, besides what rebuild_mask makes: θ_start (4 bytes), the counts
+        # (2 bytes below 2^15 clients), one client's reference mask (1 byte, its uniforms drawn a
+        # chunk at a time) and its rebuilt mask; no float uniforms or int32 vote over the mask.
         t0 = time.perf_counter()
         theta_start = self.start_theta(self.theta_of(state["theta_sym"], state["levels"]))
         delta = self.opts.aggregate == "delta"
-        counts = np.zeros(self.n, dtype=np.int32)  # Σm (beta) or Σ(m − ref) (delta)
+        # Σm (beta) or Σ(m − ref) (delta): |count| ≤ K, so int16 holds it exactly (the same values as int32)
+        counts: np.ndarray = np.zeros(self.n, dtype=np.int16 if len(updates) < 1 << 15 else np.int32)
         extra: dict[str, list[float]] = {}
         cap, trim = self.opts.client_flip_cap, self.opts.vote_trim
         votes = []  # per-client votes, kept only for a trimmed vote
+        step = chunk_size(self.n)
+
+        def reference(client: int, theta_start: np.ndarray) -> np.ndarray:
+            """``client``'s reference mask u < θ_start: the server's uniforms, drawn ``step`` at a time."""
+            ref = np.empty(self.n, dtype=bool)
+            stratum = self.stratum(ctx, client) if self.opts.stratify else None
+            lo = 0
+            for u in self.uniform_chunks(ctx, client, stratum, step):
+                np.less(u, theta_start[lo : lo + u.size], out=ref[lo : lo + u.size])
+                lo += u.size
+            return ref
+
         for client, upd in updates.items():
-            ref = self.server_uniforms(ctx, client) < theta_start if (delta or self.needs_reference() or cap > 0) else None
+            ref = reference(client, theta_start) if (delta or self.needs_reference() or cap > 0) else None
             mask, stats = self.rebuild_mask(upd, theta_start, ref, client, ctx)
             if cap > 0:
                 assert ref is not None  # drawn above whenever a cap is set
                 mask, capped = cap_flips(mask, ref.astype(mask.dtype), cap)
                 stats = {**stats, "flip_capped": float(capped)}
-            vote = mask - ref if delta else mask
             if trim > 0:
-                votes.append(vote.astype(np.int8))
-            else:
-                counts += vote
+                votes.append((mask - ref if delta else mask).astype(np.int8))
+            else:  # counts += m (− ref), in place: integers, so exactly the vote's sum
+                counts += mask
+                if delta:
+                    counts -= ref
+            del mask, ref
             for k, v in stats.items():
                 extra.setdefault(k, []).append(v)
         if trim > 0:
             counts = np.rint(trimmed_votes(np.stack(votes), trim)).astype(np.int32)
+            del votes
         self._update_theta(state, counts, theta_start, len(updates))
+        del counts, theta_start
         if self.delta_downlink is not None:  # who made this θ: the next step's side information
             strata = [list(self.stratum(ctx, c)) for c in sorted(updates)] if self.opts.stratify else None
             state[AGGREGATED_KEY] = {

@@ -14,6 +14,7 @@ Subclasses choose what trains (:meth:`select_trainable`), may change the model o
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from abc import abstractmethod
@@ -34,11 +35,11 @@ from fedsqueeze.methods.downlink import MODES, VIEW_KEY, DeltaDownlink
 from fedsqueeze.methods.robust import TENSOR_RULES, RobustRule
 from fedsqueeze.methods.scaffold import CONTROLS as SCAFFOLD_CONTROLS
 from fedsqueeze.methods.server_opt import SERVER_OPTIMIZERS, ServerOpt
-from fedsqueeze.methods.updates import TensorUpdate, example_count
+from fedsqueeze.methods.updates import MEAN_BLOCK, Accumulator, TensorUpdate, WeightedSum, example_count
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, option
-from fedsqueeze.privacy import dp_epsilon, private_mean
+from fedsqueeze.privacy import clip_update, dp_epsilon
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.training import Encoded, num_local_steps, proximal_penalty, train_local
 
@@ -267,34 +268,49 @@ class TensorMethod(Method):
             return scaffold.ScaffoldUpdate(tensors, n, control)
         return TensorUpdate(tensors, n)
 
+    def accumulator(self, state: dict[str, Any], ctx: RoundContext) -> TensorAccumulator | None:
+        """A streamed aggregation of this round (see :class:`~fedsqueeze.methods.updates.Accumulator`),
+        or None where the rule needs every update at once (the robust rules but ``mean``) or a
+        subclass aggregates its own way."""
+        if type(self).aggregate is not TensorMethod.aggregate or self.opts.robust != "mean":
+            return None
+        return TensorAccumulator(self, state, ctx)
+
     def aggregate(
         self, state: dict[str, Any], updates: dict[int, TensorUpdate], ctx: RoundContext
     ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Combine the updates (DP mean, or the ``robust`` rule), then step with the server optimizer."""
-        if self.opts.dp_clip > 0:
-            combined, metrics = self._private_mean(updates, state, ctx)
-        elif not updates:
+        """Combine the updates (DP mean, or the ``robust`` rule), then step with the server optimizer.
+
+        The mean rule and DP-FedAvg fold the updates in client order through :meth:`accumulator`
+        (the round engine's streamed path); the other rules take them all at once, in the same order.
+        """
+        acc = self.accumulator(state, ctx)
+        if acc is not None:
+            for client, update in sorted(updates.items()):
+                acc.add(client, acc.prepare(client, update))
+            return acc.finish()
+        if not updates:
             return state, {}
-        else:
-            ordered = list(updates.values())
-            combined, metrics = self.rule.combine([u.delta for u in ordered], [u.n for u in ordered])
+        ordered = [u for _, u in sorted(updates.items())]
+        combined, metrics = self.rule.combine([u.delta for u in ordered], [u.n for u in ordered])
         opt_state = state.setdefault("server_opt", self.server_opt.init_state(state["weights"])) if self.server_opt.rule != "none" else {}
         self.server_opt.step(state["weights"], combined, opt_state)
         if self.opts.scaffold:  # c += Σ_S Δc_i / N, in client order (the same bits whatever order they arrived in)
-            controls = [u.control for _, u in sorted(updates.items()) if isinstance(u, scaffold.ScaffoldUpdate)]
+            controls = [u.control for u in ordered if isinstance(u, scaffold.ScaffoldUpdate)]
             state["scaffold_c"] = scaffold.server_control(state["scaffold_c"], controls, self.cfg.clients)
         return state, metrics
 
-    def _private_mean(self, updates: dict[int, TensorUpdate], state: dict[str, Any], ctx: RoundContext) -> tuple[Tensors, dict[str, Any]]:
-        """DP-FedAvg (see :mod:`fedsqueeze.privacy`): clip, sum, add noise, divide by clients_per_round."""
-        rng = ctx.rng(SERVER, "dp-noise")
-        deltas = [u.delta for u in updates.values()]
-        avg, dp_metrics = private_mean(deltas, state["weights"], self.opts.dp_clip, self.opts.dp_noise, self.cfg.clients_per_round, rng)
-        metrics: dict[str, Any] = dict(dp_metrics)
+    def dp_metrics(self, norms: list[float], ctx: RoundContext) -> dict[str, Any]:
+        """DP-FedAvg's round metrics: the clipped fraction and mean norm of the updates, and ε at δ."""
+        clip = self.opts.dp_clip
+        metrics: dict[str, Any] = {
+            "dp_clipped_fraction": float(np.mean([x > clip for x in norms])) if norms else 0.0,
+            "dp_mean_update_norm": float(np.mean(norms)) if norms else 0.0,
+        }
         eps = dp_epsilon(self.cfg.clients_per_round / self.cfg.clients, self.opts.dp_noise, ctx.round, self.opts.dp_delta)
         metrics["dp_epsilon"] = eps if np.isfinite(eps) else None  # None: no noise, no guarantee
         metrics["dp_delta"] = self.opts.dp_delta
-        return avg, metrics
+        return metrics
 
     def evaluate(self, state: dict[str, Any]) -> tuple[float, float]:
         return evaluate_weights(self.task, self.named, state["weights"])
@@ -415,3 +431,165 @@ class TensorMethod(Method):
             return contextlib.nullcontext()
         correction = {n: (c[n] - c_i[n]).astype(np.float32) for n in self.names}
         return scaffold.corrected_gradients(self.named, correction, grad_sums)
+
+
+@dataclass(frozen=True)
+class Folded:
+    """A client update as :class:`TensorAccumulator` folds it: the delta (clipped, under a norm
+    bound or DP), its weight, its norm before clipping (None: not clipped), SCAFFOLD's Δc_i."""
+
+    update: TensorUpdate  # as decoded (DP's single-client trial aggregates it again)
+    delta: Tensors
+    n: int
+    norm: float | None
+    control: Tensors | None
+
+
+class TensorAccumulator(Accumulator):
+    """A tensor method's round, folded in one update at a time (the round engine's streamed path).
+
+    Holds ``Σ n_i·δ_i`` in float64 (DP: ``Σ clip(δ_i)``), SCAFFOLD's ``Σ Δc_i``, and the clients'
+    norms; :meth:`finish` divides, then steps the server optimizer one tensor at a time, freeing
+    each sum as it goes. The same bits as the blocked mean of every update (``WeightedSum``).
+    """
+
+    def __init__(self, method: TensorMethod, state: dict[str, Any], ctx: RoundContext) -> None:
+        self.method, self.state, self.ctx = method, state, ctx
+        o = method.opts
+        self.dp = o.dp_clip > 0
+        self.bound = o.dp_clip if self.dp else o.norm_bound
+        shapes = {n: tuple(a.shape) for n, a in state["weights"].items()}
+        self.sum = WeightedSum(shapes)
+        self.controls = WeightedSum(shapes) if o.scaffold else None
+        self.norms: list[float] = []
+        self._untouched: dict[str, str | None] = {}  # the start state's parts aggregation keeps: their non-finite path
+
+    def prepare(self, client: int, update: Any) -> Folded:
+        if not isinstance(update, TensorUpdate):
+            raise TypeError(f"client {client} sent no TensorUpdate (an update decoded for another round?)")
+        delta, norm = update.delta, None
+        if self.bound > 0:
+            delta, norm = clip_update(update.delta, self.bound)
+        control = update.control if isinstance(update, scaffold.ScaffoldUpdate) else None
+        return Folded(update, delta, update.n, norm, control)
+
+    def add(self, client: int, prepared: Folded) -> None:
+        self.sum.add(prepared.delta, 1 if self.dp else prepared.n)  # DP-FedAvg: an unweighted sum
+        if self.controls is not None and prepared.control is not None:
+            self.controls.add(prepared.control, 1)
+        if prepared.norm is not None:
+            self.norms.append(prepared.norm)
+
+    def copy(self) -> TensorAccumulator:
+        other = copy.copy(self)
+        other.sum, other.norms = self.sum.copy(), list(self.norms)
+        other.controls = self.controls.copy() if self.controls is not None else None
+        return other
+
+    def finish(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        m, state = self.method, self.state
+        if self.sum.count == 0 and not self.dp:
+            return state, {}
+        opt = m.server_opt
+        new = {k: v if k in ("weights", "server_opt", "scaffold_c") else copy.deepcopy(v) for k, v in state.items()}
+        new["weights"] = dict(state["weights"])
+        opt_state: dict[str, Tensors] = {}
+        if opt.rule != "none":
+            held = state.get("server_opt")
+            opt_state = {k: dict(v) for k, v in held.items()} if held is not None else opt.init_state(state["weights"])
+            new["server_opt"] = opt_state
+        elif "server_opt" in state:
+            new["server_opt"] = copy.deepcopy(state["server_opt"])
+        rng = self.ctx.rng(SERVER, "dp-noise") if self.dp else None
+        for name, shape in self.sum.shapes.items():  # the weights' order (DP: the order its noise is drawn in)
+            if rng is not None:
+                combined = self._private(name, shape, rng)
+            else:
+                combined = self.sum.pop_mean(name)
+            opt.step(new["weights"], {name: combined}, opt_state)
+            del combined
+        if self.controls is not None:  # c += Σ_S Δc_i / N (the float64 sum, folded in client order)
+            c = state["scaffold_c"]
+            sums = {n: self.controls.sums[n].reshape(a.shape) for n, a in c.items()}
+            new["scaffold_c"] = scaffold.server_control(c, [sums], m.cfg.clients)
+        elif "scaffold_c" in state:
+            new["scaffold_c"] = copy.deepcopy(state["scaffold_c"])
+        if self.dp:
+            return new, m.dp_metrics(self.norms, self.ctx)
+        return new, ({"norm_bounded": float(sum(x > self.bound for x in self.norms))} if self.bound > 0 else {})
+
+    def _private(self, name: str, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+        """DP-FedAvg's mean of one tensor: (Σ clip(δ_i) + N(0, (σ·C)²)) / clients_per_round, in float32."""
+        o = self.method.opts
+        s = self.sum.sums.pop(name).reshape(shape)
+        std = o.dp_noise * o.dp_clip
+        noise = rng.normal(0.0, std, size=s.shape) if std > 0 else 0.0
+        return ((s + noise) / self.method.cfg.clients_per_round).astype(np.float32)
+
+    # ---- the integrity guard's single-client trial -------------------------------------------
+    def alone(self, client: int, prepared: Folded) -> str | None:
+        from fedsqueeze.runtime.integrity import nonfinite_part  # the runtime's guard asks; no import cycle
+
+        if self.dp:  # the noise makes a blockwise trial costly: run the real one, on a copy
+            with np.errstate(over="ignore", invalid="ignore"):
+                new, _ = self.method.aggregate(copy.deepcopy(self.state), {client: prepared.update}, self.ctx)
+            return nonfinite_part(new)
+        bad = self._alone_flags(prepared)
+        state, opt = self.state, self.method.server_opt
+        held = state.get("server_opt")
+        keys = list(state) + (["server_opt"] if opt.rule != "none" and held is None else [])
+        for key in keys:  # nonfinite_part's order: the new state's keys, then each part's own order
+            paths: list[tuple[str, ...]]
+            if key == "weights":
+                paths = [(key, n) for n in state["weights"]]
+            elif key == "server_opt" and opt.rule != "none":
+                parts = held if held is not None else opt.init_state({})
+                paths = [(key, k, n) for k in parts for n in state["weights"]]
+            elif key == "scaffold_c" and self.controls is not None:
+                paths = [(key, n) for n in state["scaffold_c"]]
+            else:
+                if key not in self._untouched:
+                    self._untouched[key] = nonfinite_part(state[key], f"state[{key!r}]")
+                if self._untouched[key] is not None:
+                    return self._untouched[key]
+                continue
+            found = next((path for path in paths if path in bad), None)
+            if found is not None:
+                return "state" + "".join(f"[{k!r}]" for k in found)
+        return None
+
+    def _alone_flags(self, prepared: Folded) -> set[tuple[str, ...]]:
+        """The state paths a single-client aggregate would leave non-finite.
+
+        The mean of one update is that update, and the server optimizer and SCAFFOLD's rule are
+        coordinate-wise, so the trial runs them a block at a time on views: no copy of the state.
+        """
+        state, opt = self.state, self.method.server_opt
+        held = state.get("server_opt") if opt.rule != "none" else None
+        bad: set[tuple[str, ...]] = set()
+        for name, w in state["weights"].items():
+            flat_w, flat_d = w.reshape(-1), prepared.delta[name].reshape(-1)
+            for lo in range(0, flat_w.size, MEAN_BLOCK):
+                hi = min(lo + MEAN_BLOCK, flat_w.size)
+                ws = {name: flat_w[lo:hi]}
+                if opt.rule == "none":
+                    os: dict[str, Tensors] = {}
+                elif held is None:
+                    os = opt.init_state(ws)
+                else:
+                    os = {k: {name: v[name].reshape(-1)[lo:hi]} for k, v in held.items()}
+                opt.step(ws, {name: flat_d[lo:hi]}, os)
+                if not all_finite(ws[name]):
+                    bad.add(("weights", name))
+                for k, v in os.items():
+                    if not all_finite(v[name]):
+                        bad.add(("server_opt", k, name))
+        if self.controls is not None and prepared.control is not None:
+            for name, c in state["scaffold_c"].items():
+                flat_c, flat_dc = c.reshape(-1), prepared.control[name].reshape(-1)
+                for lo in range(0, flat_c.size, MEAN_BLOCK):
+                    hi = min(lo + MEAN_BLOCK, flat_c.size)
+                    out = scaffold.server_control({name: flat_c[lo:hi]}, [{name: flat_dc[lo:hi]}], self.method.cfg.clients)
+                    if not all_finite(out[name]):
+                        bad.add(("scaffold_c", name))
+        return bad

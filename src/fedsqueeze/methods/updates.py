@@ -15,9 +15,11 @@ validated, and consumed only by the same method's ``aggregate``:
 
 from __future__ import annotations
 
+import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar, Union
+from typing import Any, TypeVar, Union
 
 import numpy as np
 
@@ -128,9 +130,23 @@ def stepped(weights: np.ndarray, step: np.ndarray, dtype: type = np.float32) -> 
 MEAN_BLOCK = 1 << 18  # coordinates per block of weighted_mean: 2 MiB of float64 sum, 2 MiB of product
 
 
-def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int], dtype: type = np.float64, block: int = MEAN_BLOCK) -> np.ndarray:
-    """``Σ n_i·a_i / Σ n_i`` (FedAvg's mean), accumulated in float64 and returned in ``dtype``.
+def _fold(acc: np.ndarray, values: np.ndarray, n: int, scratch: np.ndarray) -> None:
+    """``acc += n·values`` in float64 (``scratch``: a float64 buffer of ``acc``'s size).
 
+    The one kernel of FedAvg's sum, shared by the blocked mean and the streamed one, so both make
+    the same float64 operations in the same order per coordinate. ``n·values`` is exact for a
+    float32 value and a count below 2^29 (24 + 29 ≤ 53 significant bits).
+    """
+    np.multiply(values, n, out=scratch, dtype=np.float64)
+    acc += scratch
+
+
+def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int], dtype: type = np.float64, block: int = MEAN_BLOCK) -> np.ndarray:
+    """``(Σ n_i·a_i) / Σ n_i`` (FedAvg's mean), summed in float64 in the given order, divided once,
+    and returned in ``dtype``.
+
+    The sum of ``n_i·a_i`` needs no weight before the last update is in, so a server can fold each
+    client's update into it as it arrives (:class:`WeightedSum`) and get these very bits.
     A convex combination of float32 arrays cannot overflow float64, so the mean of finite client
     tensors is finite however close to float32's 3.4e38 they are (a float32 sum could round to inf).
     It is computed one block of ``block`` coordinates at a time (the same float64 operations in the
@@ -151,8 +167,8 @@ def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int], dtype: ty
         a, t = acc[: stop - start], prod[: stop - start]
         a.fill(0.0)
         for f, n in zip(flats, counts):
-            np.multiply(f[start:stop], n / total, out=t, dtype=np.float64)
-            a += t
+            _fold(a, f[start:stop], n, t)
+        np.divide(a, total, out=a)
         out[start:stop] = a
     return out.reshape(shape)
 
@@ -160,6 +176,87 @@ def weighted_mean(arrays: Sequence[np.ndarray], counts: Sequence[int], dtype: ty
 def weighted_mean_f32(arrays: Sequence[np.ndarray], counts: Sequence[int], block: int = MEAN_BLOCK) -> np.ndarray:
     """:func:`weighted_mean` in float32 (FedAvg's new weights: a convex combination stays in range)."""
     return weighted_mean(arrays, counts, np.float32, block)
+
+
+class WeightedSum:
+    """FedAvg's mean of named tensors, folded in one client update at a time.
+
+    Holds ``Σ n_i·δ_i`` per tensor in float64 (8 bytes per value) and ``Σ n_i``; a server that
+    folds each decoded update in as it arrives, then drops it, holds this sum and one update
+    instead of every update of the round. :meth:`mean` gives :func:`weighted_mean`'s bits for
+    the same updates in the same order (the same kernel, block by block).
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], block: int = MEAN_BLOCK) -> None:
+        self.shapes = dict(shapes)
+        self.block = block
+        self.sums: dict[str, np.ndarray] = {name: np.zeros(math.prod(s), np.float64) for name, s in self.shapes.items()}
+        self.total = 0
+        self.count = 0  # updates folded in
+
+    def add(self, tensors: Mapping[str, np.ndarray], n: int) -> None:
+        """Fold ``n·tensors`` into the sums (``tensors`` has exactly the named shapes)."""
+        scratch = np.empty(min(self.block, max((a.size for a in self.sums.values()), default=0)), np.float64)
+        for name, acc in self.sums.items():
+            flat = np.asarray(tensors[name]).reshape(-1)
+            for start in range(0, acc.size, self.block):
+                stop = min(start + self.block, acc.size)
+                _fold(acc[start:stop], flat[start:stop], n, scratch[: stop - start])
+        self.total += n
+        self.count += 1
+
+    def pop_mean(self, name: str, dtype: type = np.float32) -> np.ndarray:
+        """The mean of tensor ``name`` in ``dtype``; its float64 sum is freed (call once per name)."""
+        acc = self.sums.pop(name)
+        out: np.ndarray = np.empty(acc.size, dtype)
+        total = float(self.total)
+        for start in range(0, acc.size, self.block):
+            stop = min(start + self.block, acc.size)
+            a = acc[start:stop]
+            np.divide(a, total, out=a)
+            out[start:stop] = a
+        return out.reshape(self.shapes[name])
+
+    def copy(self) -> WeightedSum:
+        """An independent copy (the sums so far)."""
+        other = WeightedSum({}, self.block)
+        other.shapes, other.total, other.count = dict(self.shapes), self.total, self.count
+        other.sums = {name: acc.copy() for name, acc in self.sums.items()}
+        return other
+
+
+class Accumulator(ABC):
+    """A method's aggregation of one round attempt, fed one decoded update at a time.
+
+    A method whose rule needs no more than a running sum of the updates (FedAvg's weighted mean
+    with its server optimizers, norm bounding, SCAFFOLD, DP-FedAvg) returns one from
+    ``accumulator(state, ctx)``; the round engine then folds each client's update in as soon as
+    it is decoded and drops it, so the server holds one decoded update and this accumulator,
+    not the round's K updates. ``aggregate(state, updates, ctx)`` must equal feeding the updates
+    in client order and calling :meth:`finish`, bit for bit. Rules that need every update at
+    once (median, trimmed mean, Krum, centered clipping) have none and keep the list path.
+    """
+
+    @abstractmethod
+    def prepare(self, client: int, update: Any) -> Any:
+        """The update as this rule folds it in (e.g. clipped to a norm bound)."""
+
+    @abstractmethod
+    def alone(self, client: int, prepared: Any) -> str | None:
+        """Where the state would be non-finite if this update alone were aggregated from the
+        round's start state (:func:`fedsqueeze.runtime.integrity.nonfinite_part`'s path), else None."""
+
+    @abstractmethod
+    def add(self, client: int, prepared: Any) -> None:
+        """Fold one prepared update in (clients in increasing order)."""
+
+    @abstractmethod
+    def copy(self) -> Accumulator:
+        """An independent copy of what was folded in so far."""
+
+    @abstractmethod
+    def finish(self) -> tuple[Any, dict[str, Any]]:
+        """The new server state and the round's metrics; the start state is left as it was."""
 
 
 U = TypeVar("U")

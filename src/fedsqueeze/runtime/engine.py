@@ -15,10 +15,14 @@ A round, attempt by attempt:
 2. encode each one's downlink (counted, even for a client that then drops out);
 3. hand the messages of the clients that did not drop out to the transport; the client side runs
    the method behind :func:`~fedsqueeze.runtime.faults.with_injected_faults`;
-4. for each reply, in client order: damage it in transit (``fault_corrupt``/``fault_truncate``),
-   count its bytes, drop it if it arrives after the ``deadline``, decode it;
-5. with at least ``min_clients`` decoded updates, aggregate; otherwise retry with a fresh sample
-   or keep the model (``min_clients_policy``). Then evaluate and write the record.
+4. for each reply, in client order, taken from the transport one at a time: damage it in transit
+   (``fault_corrupt``/``fault_truncate``), count its bytes, drop it if it arrives after the
+   ``deadline``, decode it; where the method's rule allows (FedAvg's weighted mean with its server
+   optimizers, norm bounding, SCAFFOLD, DP-FedAvg: ``method.accumulator``), fold the update into
+   the round's running sum at once and drop it, so the server holds one decoded update, not K;
+5. with at least ``min_clients`` decoded updates, aggregate (finish the sum, or hand the method
+   the list of updates), never adopting a non-finite model (runtime/integrity.py); otherwise retry
+   with a fresh sample or keep the model (``min_clients_policy``). Then evaluate and write the record.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -47,7 +52,7 @@ from fedsqueeze.runtime.checkpoint import (
 )
 from fedsqueeze.runtime.common import round_record, run_header, sample_clients, simulated_round_time
 from fedsqueeze.runtime.faults import check_attack, drops_out, inject_faults, straggler_delay
-from fedsqueeze.runtime.integrity import aggregate_finite, clip_examples
+from fedsqueeze.runtime.integrity import StreamGuard, aggregate_finite, clip_examples
 from fedsqueeze.runtime.progress import RunProgress
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.task import Task, build_task
@@ -99,6 +104,18 @@ class Transport(ABC):
     def exchange(self, calls: list[ClientCall]) -> dict[int, ClientReply]:
         """Deliver every call and collect the replies (by client id); a missing client has no reply."""
 
+    def replies(self, calls: list[ClientCall]) -> Iterator[tuple[ClientCall, ClientReply | None]]:
+        """Each call with its reply (None: none came), in call order, the engine taking one at a time.
+
+        The engine decodes and folds each reply in before it asks for the next, and keeps no
+        reference to it: a transport that yields them as they are made or released (the local
+        simulator runs each client only when asked) lets the server hold one payload at a time.
+        By default: :meth:`exchange`, each reply let go once it was handed over.
+        """
+        got = self.exchange(calls)
+        for call in calls:
+            yield call, got.pop(call.client, None)
+
     def client_states(self) -> dict[int, Any]:
         """The client states a checkpoint must keep (a transport whose clients keep their own: none)."""
         return {}
@@ -113,7 +130,9 @@ class RoundTally:
 
     uplink: list[int] = field(default_factory=list)
     downlink: list[int] = field(default_factory=list)
-    updates: dict[int, Any] = field(default_factory=dict)
+    decoded: list[int] = field(default_factory=list)  # the clients whose update was decoded this attempt
+    updates: dict[int, Any] = field(default_factory=dict)  # their updates (list path; a streamed round folds them in)
+    stream: StreamGuard | None = None  # this attempt's streamed aggregation (None: the method takes the list)
     dropped: list[dict[str, Any]] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     personal: list[float] = field(default_factory=list)  # personalised-model accuracies the clients report (fedsa-lora)
@@ -136,6 +155,17 @@ def _metric(metrics: dict[str, Any], key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0.0 <= float(value) < float("inf")):
         return 0.0
     return float(value)
+
+
+def stream_guard(method: Method, state: Any, ctx: RoundContext, min_clients: int) -> StreamGuard | None:
+    """The streamed, guarded aggregation of one round attempt, if the method's rule allows it.
+
+    A method offers one with ``accumulator(state, ctx)`` (:class:`~fedsqueeze.methods.updates.Accumulator`);
+    one without, or whose rule needs every update at once, gets None and the list path.
+    """
+    make = getattr(method, "accumulator", None)
+    acc = make(state, ctx) if callable(make) else None
+    return StreamGuard(acc, ctx, min_clients) if acc is not None else None
 
 
 class Engine:
@@ -172,23 +202,28 @@ class Engine:
             actx = replace(ctx, attempt=attempt, participants=tuple(clients))
             # a failed attempt's updates are discarded; the clients keep their own state, as real clients
             # would (they never learn that the server threw their update away)
-            tally.updates, tally.link, tally.clipped = {}, {}, []
+            tally.decoded, tally.updates, tally.link, tally.clipped = [], {}, {}, []
+            tally.stream = stream_guard(method, state, replace(ctx, attempt=attempt), cfg.min_clients)
             calls = self._send(state, actx, clients, tally)
-            replies = self.transport.exchange(calls) if calls else {}
-            for call in calls:
-                self._receive(call, replies.get(call.client), state, tally)
+            for call, reply in self.transport.replies(calls) if calls else ():
+                self._receive(call, reply, state, tally)
+                del reply  # a streamed round holds no reply once it is folded in
             if progress:
                 for _ in clients:
                     progress.advance_client()
-            if len(tally.updates) >= cfg.min_clients:
+            if len(tally.decoded) >= cfg.min_clients:
                 break
-            log.warning("round %d: %d of %d clients survived, min_clients=%d", ctx.round, len(tally.updates), len(clients), cfg.min_clients)
-        skipped = len(tally.updates) < cfg.min_clients
+            log.warning("round %d: %d of %d clients survived, min_clients=%d", ctx.round, len(tally.decoded), len(clients), cfg.min_clients)
+        skipped = len(tally.decoded) < cfg.min_clients
         agg_metrics: dict[str, Any] = {}
         aggregated = 0
         if not skipped:
             # never adopt a non-finite model: drop the clients that would make it so (runtime/integrity.py)
-            agg = aggregate_finite(method, state, tally.updates, replace(ctx, attempt=attempt), cfg.min_clients)
+            if tally.stream is not None:
+                agg = tally.stream.finish(state)
+            else:
+                agg = aggregate_finite(method, state, tally.updates, replace(ctx, attempt=attempt), cfg.min_clients)
+            tally.stream = None
             for client, reason in agg.dropped.items():
                 tally.drop(client, reason, ctx.round, attempt)
             state, agg_metrics, aggregated = agg.state, agg.metrics, agg.aggregated
@@ -250,6 +285,7 @@ class Engine:
         if "personal_accuracy" in reply.metrics:
             tally.personal.append(min(_metric(reply.metrics, "personal_accuracy"), 1.0))
         payload, fault = inject_faults(cfg, ctx, client, reply.payload, ctx.attempt)
+        reply.payload = None  # the engine's from here: held only as long as its decoded update needs it
         tally.uplink.append(len(payload))  # sent, so counted, even if it arrives late or is rejected
         delay_s = straggler_delay(cfg, ctx, client, ctx.attempt)
         arrival_s = reply.compute_s + delay_s
@@ -262,11 +298,18 @@ class Engine:
         t1 = time.perf_counter()
         try:
             update, reported = clip_examples(self.method.decode_update(payload, client, state, ctx), cfg.max_client_examples)
-            tally.updates[client] = update
-            if reported is not None:
-                tally.clipped.append({"client": client, "reported": reported, "used": cfg.max_client_examples})
         except PayloadError as exc:
             tally.drop(client, f"bad payload ({fault or 'as sent'}): {exc}", ctx.round, ctx.attempt)
+            tally.codec_s += time.perf_counter() - t1
+            return
+        del payload  # the update may be views into it; nothing else holds it
+        tally.decoded.append(client)
+        if tally.stream is not None:
+            tally.stream.add(client, update)  # folded in, then dropped: the server holds one decoded update
+        else:
+            tally.updates[client] = update
+        if reported is not None:
+            tally.clipped.append({"client": client, "reported": reported, "used": cfg.max_client_examples})
         tally.codec_s += time.perf_counter() - t1
 
     # ---- the run ----------------------------------------------------------------------------------

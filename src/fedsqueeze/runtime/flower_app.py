@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -155,34 +156,39 @@ class FlowerTransport(Transport):
         )
 
     def exchange(self, calls: list[ClientCall]) -> dict[int, ClientReply]:
+        return {call.client: reply for call, reply in self.replies(calls) if reply is not None}
+
+    def replies(self, calls: list[ClientCall]) -> Iterator[tuple[ClientCall, ClientReply | None]]:
+        """Push every call, pull the replies, then hand them to the engine one at a time, each
+        Flower message let go as soon as its payload is read (the engine folds it in before the next)."""
         timeout = self.cfg.client_timeout if self.cfg.client_timeout > 0 else self.settings.reply_timeout_s
         missing = timeout_reason(timeout) if self.cfg.client_timeout > 0 else f"no reply within {timeout:.0f}s"
         t0 = time.monotonic()
-        replies = _exchange(self.grid, [train_message(self._request(c), self.nodes[c.client]) for c in calls], timeout)
+        messages = _exchange(self.grid, [train_message(self._request(c), self.nodes[c.client]) for c in calls], timeout)
         waited = time.monotonic() - t0
-        out: dict[int, ClientReply] = {}
-        for call, reply in zip(calls, replies):
-            if reply is None:
-                out[call.client] = ClientReply(error=missing)
-                continue
-            if reply.has_error():
-                out[call.client] = ClientReply(error=f"flower error {reply.error.code}: {reply.error.reason}")
-                continue
-            try:
-                payload, metrics, error = read_reply(reply)
-            except PayloadError as exc:
-                out[call.client] = ClientReply(error=f"bad reply: {exc}")
-                continue
-            if error is not None:
-                out[call.client] = ClientReply(error=f"client error: {error}")
-                continue
-            # the client's own account of its time, bounded by what the server saw
-            for key in ("train_s", "codec_s"):
-                if key in metrics:
-                    metrics[key] = min(max(metrics[key], 0.0), waited)
-            compute_s = min(metrics.get("train_s", 0.0) + metrics.get("codec_s", 0.0), waited)
-            out[call.client] = ClientReply(payload=payload, metrics=metrics, compute_s=compute_s)
-        return out
+        for i, call in enumerate(calls):
+            message, messages[i] = messages[i], None
+            yield call, self._reply(message, missing, waited)
+
+    @staticmethod
+    def _reply(reply: Message | None, missing: str, waited: float) -> ClientReply:
+        """The engine's reply from one Flower message (``missing``: the reason when none came)."""
+        if reply is None:
+            return ClientReply(error=missing)
+        if reply.has_error():
+            return ClientReply(error=f"flower error {reply.error.code}: {reply.error.reason}")
+        try:
+            payload, metrics, error = read_reply(reply)
+        except PayloadError as exc:
+            return ClientReply(error=f"bad reply: {exc}")
+        if error is not None:
+            return ClientReply(error=f"client error: {error}")
+        # the client's own account of its time, bounded by what the server saw
+        for key in ("train_s", "codec_s"):
+            if key in metrics:
+                metrics[key] = min(max(metrics[key], 0.0), waited)
+        compute_s = min(metrics.get("train_s", 0.0) + metrics.get("codec_s", 0.0), waited)
+        return ClientReply(payload=payload, metrics=metrics, compute_s=compute_s)
 
     def client_states(self) -> dict[int, Any]:
         return {}  # they stay on the nodes

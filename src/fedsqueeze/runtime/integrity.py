@@ -24,6 +24,10 @@ step, a zeroth-order step. The rule, for every method and runtime alike:
    too few clients are left: the round keeps the previous model, and its record says why
    (``aggregate_rejected``).
 
+A streamed round (:class:`StreamGuard`, the engine's path for the rules that fold one update at a
+time) applies the same rule with the same results: each update's step-2 trial is made as it
+arrives, and the sum without the failing clients is kept aside from the first failure on.
+
 For FedAvg's weighted mean step 3 always succeeds: the new model is a convex combination of the
 single-client models of step 2 (``w + lr·Σ p_i Δ_i = Σ p_i (w + lr·Δ_i)``, Σ p_i = 1), each finite.
 Huge but representable updates (the model is finite, yet useless) are what ``max_update_norm`` and
@@ -41,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.methods import Method, RoundContext
+from fedsqueeze.methods.updates import Accumulator
 
 log = logging.getLogger("fedsqueeze")
 
@@ -92,22 +97,82 @@ def aggregate_finite(method: Method, state: Any, updates: dict[int, Any], ctx: R
     for client in sorted(updates):
         alone = _try(method, state, {client: updates[client]}, ctx)[2]
         if alone is not None:
-            dropped[client] = f"update would make the global model non-finite (at {alone})"
+            dropped[client] = _alone_reason(alone)
     rest = {c: u for c, u in updates.items() if c not in dropped}
     if dropped and rest and len(rest) >= min_clients:
         new, metrics, bad = _try(method, state, rest, ctx)
         if bad is None:
             return Aggregated(new, metrics, len(rest), dropped)
+    return _kept(state, ctx, sorted(updates), dropped, sorted(rest), bad, min_clients)
+
+
+def _alone_reason(where: str) -> str:
+    return f"update would make the global model non-finite (at {where})"
+
+
+def _kept(
+    state: Any, ctx: RoundContext, clients: list[int], dropped: dict[int, str], rest: list[int], bad: str | None, min_clients: int
+) -> Aggregated:
+    """The round keeps the previous model: why (step 4 of the rule)."""
     if not dropped:
-        reason = (
-            f"the aggregate of clients {sorted(updates)} is not finite (at {bad}), though each update alone is; kept the previous model"
-        )
+        reason = f"the aggregate of clients {clients} is not finite (at {bad}), though each update alone is; kept the previous model"
     elif rest and len(rest) >= min_clients:
-        reason = f"the aggregate of the other clients {sorted(rest)} is not finite either (at {bad}); kept the previous model"
+        reason = f"the aggregate of the other clients {rest} is not finite either (at {bad}); kept the previous model"
     else:
         reason = f"{len(rest)} clients left after dropping {sorted(dropped)}, min_clients={min_clients}; kept the previous model"
     log.warning("round %d: %s", ctx.round, reason)
     return Aggregated(state, {}, 0, dropped, reason)
+
+
+class StreamGuard:
+    """:func:`aggregate_finite` over a method's :class:`~fedsqueeze.methods.updates.Accumulator`:
+    each update is folded in as it arrives, then dropped, with the very decisions and bits of the
+    list path.
+
+    Step 2 of the rule needs each update alone, which is gone by the end of the round, so each
+    update's single-client trial is made when it arrives (``Accumulator.alone``, a blockwise pass
+    over it). Step 3 needs the sum without the clients step 2 drops: from the first update whose
+    trial fails, a second accumulator holds the others (a copy of the sum so far, then every
+    update whose trial passes), so in the usual round nothing is held twice.
+    """
+
+    def __init__(self, acc: Accumulator, ctx: RoundContext, min_clients: int = 1) -> None:
+        self.all, self.ctx, self.min_clients = acc, ctx, min_clients
+        self.rest: Accumulator | None = None  # the sum without the clients whose trial failed
+        self.clients: list[int] = []
+        self.failed: dict[int, str] = {}  # client: why its update alone breaks the model
+
+    def add(self, client: int, update: Any) -> None:
+        """Fold one client's decoded update in (clients in increasing order)."""
+        prepared = self.all.prepare(client, update)
+        with np.errstate(over="ignore", invalid="ignore"):
+            alone = self.all.alone(client, prepared)
+        if alone is not None:
+            self.failed[client] = _alone_reason(alone)
+            if self.rest is None:
+                self.rest = self.all.copy()
+        elif self.rest is not None:
+            self.rest.add(client, prepared)
+        self.all.add(client, prepared)
+        self.clients.append(client)
+
+    def finish(self, state: Any) -> Aggregated:
+        """The guarded aggregate of every update folded in; ``state`` (the round's start) is never modified."""
+        new, metrics, bad = _finish(self.all)
+        if bad is None:
+            return Aggregated(new, metrics, len(self.clients))
+        rest = [c for c in self.clients if c not in self.failed]
+        if self.failed and rest and len(rest) >= self.min_clients and self.rest is not None:
+            new, metrics, bad = _finish(self.rest)
+            if bad is None:
+                return Aggregated(new, metrics, len(rest), dict(self.failed))
+        return _kept(state, self.ctx, sorted(self.clients), dict(self.failed), rest, bad, self.min_clients)
+
+
+def _finish(acc: Accumulator) -> tuple[Any, dict[str, Any], str | None]:
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is what the check is for
+        new, metrics = acc.finish()
+    return new, metrics, nonfinite_part(new)
 
 
 def clip_examples(update: Any, cap: int) -> tuple[Any, int | None]:

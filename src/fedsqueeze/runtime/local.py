@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from fedsqueeze.config import RunConfig
@@ -44,6 +45,11 @@ class LocalTransport(Transport):
 
     def exchange(self, calls: list[ClientCall]) -> dict[int, ClientReply]:
         return {call.client: self._call(call) for call in calls}
+
+    def replies(self, calls: list[ClientCall]) -> Iterator[tuple[ClientCall, ClientReply | None]]:
+        """Each client runs when the engine asks for its reply: the server holds one payload at a time."""
+        for call in calls:
+            yield call, self._call(call)
 
     def _call(self, call: ClientCall) -> ClientReply:
         client = call.client
