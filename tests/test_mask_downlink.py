@@ -22,6 +22,7 @@ from fedsqueeze.methods.mask_downlink import (
     STEP_KIND,
     THETA_KIND,
     MaskDeltaDownlink,
+    SideInfo,
     apply_step,
     change_contexts,
     decode_theta,
@@ -30,6 +31,7 @@ from fedsqueeze.methods.mask_downlink import (
     encode_theta,
     theta_digest,
 )
+from fedsqueeze.methods.mask_method import delta_symbols
 from fedsqueeze.runtime.engine import load_resume
 
 ROUNDS = 6
@@ -152,6 +154,12 @@ def test_a_retried_round_finds_the_client_on_its_view(task):
     assert np.array_equal(sym, state["theta_sym"])
 
 
+def voted(rng: np.random.Generator, m, sym: np.ndarray, k: int, frac: float) -> np.ndarray:
+    """θ as the delta rule makes it from ``sym`` with ``k`` clients, a fraction of positions voted ±1 or ±2."""
+    counts = np.where(rng.random(sym.size) < frac, rng.choice([-2, -1, 1, 2], size=sym.size), 0).astype(np.int32)
+    return delta_symbols(m.start_theta(m.theta_of(sym, 255)), counts, k)
+
+
 @pytest.mark.parametrize("stratify", [False, True])
 def test_a_step_coded_against_the_aggregated_clients_draws_lands_on_the_view(task, stratify):
     m = build("deltamask", task, stratify=stratify)
@@ -164,17 +172,60 @@ def test_a_step_coded_against_the_aggregated_clients_draws_lands_on_the_view(tas
     strata = {"strata": [[0, 3], [2, 3]]} if stratify else {}
     state["aggregated"] = {"round": 2, "clients": [1, 3], **strata}
     held = state["theta_sym"].copy()
-    state["theta_sym"] = moved(rng, held, 0.003)
-    state["theta_sym"][:5] = 255  # the clip moves these back to 250 next round: contexts of their own
+    held[:5] = 255  # the clip moves these back to 250 next round: contexts of their own
+    state["theta_sym"] = held
+    _, _, _, _, cstate = m.receive_downlink(m.downlink_for(state, ctx(2), 0, (1, 0)), cstate, 2)
+    state["theta_sym"] = voted(rng, m, held, 2, 0.003)  # what the delta rule makes of 2 clients' votes
     msg = m.downlink_for(state, ctx(3), 0, (2, 0))
     assert unframe(msg)[1]["mode"] == "replay"
     step = state[VIEW_KEY]["steps"][-1]["bytes"].tobytes()
-    assert unframe(step)[1] == {"levels": 255, "clients": [1, 3], **strata, "sections": unframe(step)[1]["sections"]}
-    assert len(unframe(step)[1]["sections"]) == 4  # the change bits, then the values in 3 groups
+    sections = unframe(step)[1]["sections"]
+    assert unframe(step)[1] == {"levels": 255, "clients": [1, 3], **strata, "values": "outcome", "sections": sections}
+    assert len(sections) == 6  # the change bits, then the vote counts in 5 groups
     sym, *_ = m.receive_downlink(msg, cstate, 3)
     assert np.array_equal(sym, state["theta_sym"])
-    contexts, groups = m.step_side(2, [1, 3], [(0, 3), (2, 3)] if stratify else None, np.full(m.n, REST, np.uint8), 255)
-    assert contexts.max() <= 61 and groups is not None and set(np.unique(groups)) <= {0, 1}  # nothing clipped at 250
+    side = m.step_side(2, [1, 3], [(0, 3), (2, 3)] if stratify else None, np.full(m.n, REST, np.uint8), 255)
+    assert side.contexts.max() <= 61 and side.groups is not None and set(np.unique(side.groups)) <= {0, 1, 2, 3}  # nothing clipped
+    assert side.outcomes is not None and side.outcomes.shape == (256, 5)
+
+
+def test_the_outcomes_are_the_delta_rules_symbols_for_each_vote_count(task):
+    m = build("deltamask", task)
+    table = m.step_outcomes(255, 5)
+    # counts 0, +1, −1, +2, −2, ...: θ_start + c/5 (θ_start = θ clipped to [0.02, 0.98]), clipped to [0, 1]
+    assert table[100].tolist() == [100, 151, 49, 202, 0, 253, 0, 255, 0, 255, 0]
+    assert table[250].tolist() == [250, 255, 199, 255, 148, 255, 97, 255, 46, 255, 0]
+    assert table[255].tolist() == [250, 255, 199, 255, 148, 255, 97, 255, 46, 255, 0]  # held 1.0 starts from 0.98
+    counts = np.array([[0, 1, -1, 2, -2, 3, -3, 4, -4, 5, -5]] * 256, dtype=np.int32)
+    direct = delta_symbols(m.start_theta(m.theta_of(np.repeat(np.arange(256), 11).astype(np.uint8), 255)), counts.ravel(), 5)
+    assert np.array_equal(direct.reshape(256, 11), table)  # the aggregation's own 1-D path, bit for bit
+    assert build("fedpm", task).step_outcomes(255, 5) is None  # the Beta rule: differences
+
+
+def test_a_step_coded_as_outcomes_costs_exactly_its_counts():
+    # 2 positions at 100 go to 151 and 2 at 240 saturate at 255: the same outcome (index 1) for all 4
+    outcomes = np.stack([np.arange(256), np.minimum(np.arange(256) + 51, 255), np.maximum(np.arange(256) - 51, 0)], axis=1)
+    old = np.array([100, 100, 240, 240, REST, REST], dtype=np.uint8)
+    new = np.array([151, 151, 255, 255, REST, REST], dtype=np.uint8)
+    side = SideInfo(change_contexts(old, 255), None, outcomes)
+    part = encode_step(old, new, 255, side)
+    # change counts: contexts 25 and 60 all changed (γ(3) = 011 each), 62 none (γ(1) = 1): 7 bits, 1 byte;
+    # values: index 1 four times (γ(5) = 00101), indices 0 and 2 unused (1 bit each): 7 bits, 1 byte, no ANS word
+    meta = {"levels": 255, "values": "outcome", "sections": [1, 1]}
+    assert unframe(part)[1] == meta and len(part) == frame_size(STEP_KIND, meta, 2)
+    assert np.array_equal(apply_step(old, 255, part, side_for=lambda *_: side), new)
+    # as differences the values take 51 and 15: the histogram of 256 values (γ(3) twice, 254 unused:
+    # 260 bits, 33 bytes), then one 4-byte ANS word
+    assert unframe(encode_step(old, new, 255))[1]["sections"] == [1, 37]
+    # a change no outcome gives: the step falls back to differences
+    odd = new.copy()
+    odd[0] = 7
+    assert "values" not in unframe(encode_step(old, odd, 255, side))[1]
+    assert np.array_equal(apply_step(old, 255, encode_step(old, odd, 255, side), side_for=lambda *_: side), odd)
+    # refused: outcome values where the side information gives none, and an unknown value code
+    for bad, reason in ((part, "codes its values as 'outcome'"), (frame(STEP_KIND, {**meta, "values": "x"}, b"\0\0"), "as 'x'")):
+        with pytest.raises(PayloadError, match=reason):
+            apply_step(old, 255, bad)
 
 
 # ---- hostile messages: refused with a reason -------------------------------------------------------------

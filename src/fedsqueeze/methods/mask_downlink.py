@@ -8,13 +8,15 @@ round's clients train from, and every client that decoded round ``r``'s message 
 
 - **Step** ``r`` (a part of kind ``mask-theta-step``) turns the view of round ``h`` into that of
   round ``r``: the changed positions as a context code of the change bits
-  (:func:`fedsqueeze.codecs.sideinfo.encode_flips`). When the header names the clients whose
-  aggregation made the step (the usual case), the context of a position comes from their draws,
-  which both ends rebuild (:meth:`~fedsqueeze.methods.mask_method.MaskMethod.step_side`: a position
-  changes where some client's ``u`` lies near θ_start, and the values split by that client's
-  reference bit); otherwise it is the bin of the *held* symbol (``sym · 64 // (L + 1)``). Then each
-  changed position's new value as
-  ``(new − old) mod (L + 1)``, rANS under its own histogram (:func:`encode_packed_symbols`; the
+  (:func:`fedsqueeze.codecs.sideinfo.encode_flips`), then each changed position's new value. When
+  the header names the clients whose aggregation made the step (the usual case), both ends rebuild
+  their draws (:meth:`~fedsqueeze.methods.mask_method.MaskMethod.step_side`): a position changes
+  where some client's ``u`` lies near θ_start, and which way depends on that client's reference bit
+  (5 value groups); under the delta rule a value is the *vote count* that made it (its index among
+  the rule's outcomes for the held symbol, ``SideInfo.outcomes``, header ``"values": "outcome"``), so
+  a +1 vote is one symbol whether it moves 100 to 151 or saturates 242 at 255. Otherwise the context
+  is the bin of the *held* symbol (``sym · 64 // (L + 1)``) and a value is ``(new − old) mod (L + 1)``.
+  Each group's values are rANS-coded under their own histogram (:func:`encode_packed_symbols`; the
   histogram as Elias-gamma codes, not JSON).
   No step crosses a change of ``L`` (the Beta rule's first round): every client then gets a refresh.
 - **Refresh** (a part of kind ``mask-theta``): the whole θ, its symbols under their own histogram
@@ -26,14 +28,14 @@ round's clients train from, and every client that decoded round ``r``'s message 
 
 Every decoder checks what it reads before it allocates: the part's kind, its levels (those the client
 holds for a step; at most the method's largest for a refresh), the counts against the positions
-(at most ``n`` of them), the values' histogram against the count, and that a changed position
-changes.
+(at most ``n`` of them), the values' code (outcomes only where the side information gives them) and
+histogram against the count, and that a changed position changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -110,29 +112,64 @@ def decode_theta(part: bytes | memoryview, n: int, max_levels: int) -> tuple[np.
     return sym.astype(symbol_dtype(levels)), levels
 
 
-SideInfo = tuple[np.ndarray, np.ndarray | None]  # (change contexts, value groups in [0, VALUE_GROUPS) or None)
-VALUE_GROUPS = 3  # with side information, the changes' values are coded in this many groups
+class SideInfo(NamedTuple):
+    """What both ends rebuild for a step: the change contexts, optionally a value group per position
+    (in ``[0, VALUE_GROUPS)``, each group's values coded apart) and the step's *outcomes*.
+
+    ``outcomes[s, j]`` (``levels + 1`` rows) is the symbol a position holding ``s`` takes for value
+    index ``j``: for the delta rule, the aggregation's result for each count of votes (index 0 the
+    count 0, then +1, −1, +2, …), so a change is coded as the count that made it, whatever the held
+    symbol (a count of +1 is one symbol whether it moves 100 to 151 or saturates 242 at 255).
+    Without outcomes a change is coded as ``(new − old) mod (L + 1)``.
+    """
+
+    contexts: np.ndarray
+    groups: np.ndarray | None = None
+    outcomes: np.ndarray | None = None
+
+
+VALUE_GROUPS = 5  # with side information, the changes' values are coded in this many groups
+OUTCOME_CODE = "outcome"  # a step header's ``values`` when its changes are coded as outcome indices
 SideInfoFn = Callable[[dict[str, Any], np.ndarray, int, int], SideInfo]
 
 
-def encode_step(old: np.ndarray, new: np.ndarray, levels: int, side: SideInfo | None = None, extra: dict[str, Any] | None = None) -> bytes:
-    """A step part: where ``new`` differs from ``old`` (both at ``levels`` levels), and by how much (mod L + 1).
+def outcome_indices(outcomes: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray | None:
+    """For each changed position (``old`` → ``new``), the first value index whose outcome is ``new``;
+    None when some change is no outcome (then the step codes differences)."""
+    index = np.empty(old.size, dtype=np.int64)
+    step = chunk_size(max(old.size, 1))
+    for lo in range(0, old.size, step):  # in chunks: one row of outcomes per change would be large
+        hit = outcomes[old[lo : lo + step]] == new[lo : lo + step, None]
+        if not hit.any(axis=1).all():
+            return None
+        index[lo : lo + step] = hit.argmax(axis=1)
+    return index
 
-    ``side``: the change contexts both ends compute (default: :func:`change_contexts` of ``old``)
-    and, optionally, a group per position (in ``[0, VALUE_GROUPS)``) whose changes' values are coded apart; ``extra``:
-    the header fields the receiver computes them from.
+
+def encode_step(old: np.ndarray, new: np.ndarray, levels: int, side: SideInfo | None = None, extra: dict[str, Any] | None = None) -> bytes:
+    """A step part: where ``new`` differs from ``old`` (both at ``levels`` levels), and how.
+
+    ``side``: what both ends compute (:class:`SideInfo`; default: the contexts
+    :func:`change_contexts` of ``old``, no groups, differences); ``extra``: the header fields the
+    receiver computes it from.
     """
-    contexts, groups = side if side is not None else (change_contexts(old, levels), None)
+    side = side if side is not None else SideInfo(change_contexts(old, levels))
     changed = old != new
-    _, change_body = encode_flips(changed, contexts)  # its header only names the coder
-    diff = (new[changed].astype(np.int64) - old[changed].astype(np.int64)) % (levels + 1)
-    if groups is None:
-        values = [encode_packed_symbols(diff, levels + 1)]
+    _, change_body = encode_flips(changed, side.contexts)  # its header only names the coder
+    values, alphabet, code = None, levels + 1, {}
+    if side.outcomes is not None:
+        values = outcome_indices(side.outcomes, old[changed], new[changed])
+        if values is not None:
+            alphabet, code = int(side.outcomes.shape[1]), {"values": OUTCOME_CODE}
+    if values is None:
+        values = (new[changed].astype(np.int64) - old[changed].astype(np.int64)) % (levels + 1)
+    if side.groups is None:
+        coded = [encode_packed_symbols(values, alphabet)]
     else:
-        g = groups[changed]
-        values = [encode_packed_symbols(diff[g == k], levels + 1) for k in range(VALUE_GROUPS)]
-    meta = {"levels": int(levels), **(extra or {}), "sections": [len(change_body), *map(len, values)]}
-    return frame(STEP_KIND, meta, change_body + b"".join(values))
+        g = side.groups[changed]
+        coded = [encode_packed_symbols(values[g == k], alphabet) for k in range(VALUE_GROUPS)]
+    meta = {"levels": int(levels), **(extra or {}), **code, "sections": [len(change_body), *map(len, coded)]}
+    return frame(STEP_KIND, meta, change_body + b"".join(coded))
 
 
 def apply_step(
@@ -145,20 +182,27 @@ def apply_step(
     _, meta, body = unframe(part, expect_kind=STEP_KIND, max_meta_bytes=PART_META_BYTES + META_PER_CLIENT * max_clients)
     if meta.get("levels") != levels:
         raise PayloadError(f"downlink step is at {meta.get('levels')!r} levels, this client's view at {levels}")
-    contexts, groups = side_for(meta, sym, levels, round_) if side_for is not None else (change_contexts(sym, levels), None)
-    parts = split_body(body, meta.get("sections"), 2 if groups is None else 1 + VALUE_GROUPS)
-    positions, _ = decode_flips_counted(CONTEXT_CODE, parts[0], contexts, sym.size)
-    if groups is None:
-        diff = decode_packed_symbols(parts[1], int(positions.size), levels + 1)
+    side = side_for(meta, sym, levels, round_) if side_for is not None else SideInfo(change_contexts(sym, levels))
+    code = meta.get("values")
+    if code not in (None, OUTCOME_CODE) or (code == OUTCOME_CODE and side.outcomes is None):
+        raise PayloadError(f"downlink step codes its values as {str(code)[:40]!r}, which this step's side information does not give")
+    outcomes = side.outcomes if code == OUTCOME_CODE else None
+    alphabet = levels + 1 if outcomes is None else int(outcomes.shape[1])
+    parts = split_body(body, meta.get("sections"), 2 if side.groups is None else 1 + VALUE_GROUPS)
+    positions, _ = decode_flips_counted(CONTEXT_CODE, parts[0], side.contexts, sym.size)
+    if side.groups is None:
+        values = decode_packed_symbols(parts[1], int(positions.size), alphabet)
     else:
-        g = groups[positions]
-        diff = np.empty(positions.size, dtype=np.int64)
+        g = side.groups[positions]
+        values = np.empty(positions.size, dtype=np.int64)
         for k in range(VALUE_GROUPS):
-            diff[g == k] = decode_packed_symbols(parts[1 + k], int((g == k).sum()), levels + 1)
-    if np.any(diff == 0):
+            values[g == k] = decode_packed_symbols(parts[1 + k], int((g == k).sum()), alphabet)
+    held = sym[positions].astype(np.int64)
+    moved = (held + values) % (levels + 1) if outcomes is None else outcomes[held, values].astype(np.int64)
+    if np.any(moved == held):
         raise PayloadError("downlink step changes a position to the value it holds")
     out = sym.copy()
-    out[positions] = (out[positions].astype(np.int64) + diff) % (levels + 1)
+    out[positions] = moved
     return out
 
 

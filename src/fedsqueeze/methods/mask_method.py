@@ -82,6 +82,13 @@ class MaskOptions:
             raise ConfigError("option 'carry_priors' applies to aggregate=beta only, not aggregate=delta")
 
 
+def delta_symbols(theta_start: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
+    """The delta rule's θ symbols: ``θ_start + counts / k`` clipped to [0, 1], at ``INIT_LEVELS`` levels
+    (elementwise float32, so the server's aggregation and the downlink's outcome table agree bit for bit)."""
+    theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(k), 0.0, 1.0)
+    return np.rint(theta * INIT_LEVELS).astype(np.uint8)
+
+
 class MaskMethod(Method):
     """Shared machinery of the mask methods: model, training, server state, downlink, aggregation.
 
@@ -185,29 +192,45 @@ class MaskMethod(Method):
     def step_side(self, round_: int, clients: list[int], strata: list[tuple[int, int]] | None, sym: np.ndarray, levels: int) -> SideInfo:
         """The side information of the step that round ``round_``'s aggregation of ``clients`` made of θ ``sym``.
 
-        Both ends rebuild each client's uniforms and θ_start (as the server's aggregation did); a
-        position's change context is ``2 · b + r`` with ``b`` the nearest bin of ``|u − θ_start|``
-        over the clients (:func:`~fedsqueeze.codecs.sideinfo.flip_contexts`: a flip happens where
-        ``u`` is near θ_start) and ``r`` that client's reference bit (capped at 61), which also
-        groups the values (a reference 1 can only flip down, a 0 only up). Positions whose θ the
-        clip moved to another symbol (near 0 or 1: they move back unless voted) have contexts 62 and 63
-        and a value group of their own.
+        Both ends rebuild each client's uniforms and θ_start (as the server's aggregation did) and,
+        per reference bit ``r``, the nearest bin ``b_r`` of ``|u − θ_start|`` over the clients with that
+        bit (:func:`~fedsqueeze.codecs.sideinfo.flip_contexts`: a flip happens where ``u`` is near
+        θ_start). With ``b`` the nearer of the two (ties: reference 1) and ``r`` its bit, a position's
+        change context is ``2 · b + r`` (capped at 61), and its value group ``2 · r + o``, ``o`` = 1
+        where a client of the other bit is within one octave (``b_{1−r} + 2 ≥ b``: the vote may go
+        either way); a reference 1 can only flip down, a 0 only up. Positions whose θ the clip moved
+        to another symbol (near 0 or 1: they move back unless voted) have contexts 62 and 63 and
+        value group 4. Under the delta rule the values are the vote counts (:meth:`step_outcomes`).
         """
         ctx = RoundContext(round=round_, rounds=self.cfg.rounds, seed=self.cfg.seed)
         theta = self.theta_of(sym, levels)
         theta_start = self.start_theta(theta)
-        best = np.zeros(self.n, dtype=np.uint8)
-        ref = np.zeros(self.n, dtype=np.uint8)
+        nearest = np.zeros((2, self.n), dtype=np.uint8)  # per reference bit: 1 + the nearest bin (0: no client)
         for i, client in enumerate(clients):
             c = flip_contexts(self.uniforms(ctx, client, strata[i] if strata else None), theta_start)
-            nearer = (c >> 1) > best
-            best[nearer] = c[nearer] >> 1
-            ref[nearer] = c[nearer] & 1
-        contexts = np.minimum((best << 1) | ref, 61)
+            bins = (c >> 1) + 1
+            for r in (0, 1):
+                np.maximum(nearest[r], np.where((c & 1) == r, bins, 0), out=nearest[r])
+        ref = (nearest[1] >= nearest[0]).astype(np.uint8)
+        best = np.maximum(nearest[0], nearest[1]) - 1  # every position has some client: at least bin 0
+        other = np.minimum(nearest[0], nearest[1])  # the other bit's 1 + bin (0: none)
+        contexts = np.minimum((best << 1) | ref, 61).astype(np.uint8)
+        groups = (ref << 1) | ((other > 0) & (other.astype(np.int16) + 1 >= best)).astype(np.uint8)
         clipped = np.rint(theta_start * np.float32(levels)) != sym  # the clip moved it to another symbol
         contexts[clipped] = 62 + (theta[clipped] < 0.5)
-        ref[clipped] = 2
-        return contexts, ref
+        groups[clipped] = 4
+        return SideInfo(contexts, groups, self.step_outcomes(levels, len(clients)))
+
+    def step_outcomes(self, levels: int, k: int) -> np.ndarray | None:
+        """The delta rule's outcomes (:class:`~fedsqueeze.methods.mask_downlink.SideInfo`): for each held
+        symbol and vote count 0, +1, −1, …, ±k of ``k`` clients, the symbol :meth:`_update_theta` makes
+        (the same function, so both ends agree bit for bit); None for the Beta rule."""
+        if self.opts.aggregate != "delta" or levels != INIT_LEVELS or k < 1:
+            return None
+        counts = np.array([0, *(c * s for c in range(1, k + 1) for s in (1, -1))], dtype=np.int32)
+        held: np.ndarray = np.arange(levels + 1, dtype=symbol_dtype(levels))
+        theta_start = self.start_theta(self.theta_of(held, levels))
+        return delta_symbols(theta_start[:, None], counts[None, :], k)
 
     def _server_step_side(self, state: dict[str, Any], sym: np.ndarray, round_: int) -> tuple[SideInfo, dict[str, Any]] | None:
         """Server: the side information of round ``round_``'s step, when the last aggregation (round ``round_ − 1``) made it."""
@@ -222,7 +245,7 @@ class MaskMethod(Method):
     def _client_step_side(self, meta: dict[str, Any], sym: np.ndarray, levels: int, round_: int) -> SideInfo:
         """Client: the side information a step's header names, checked (clients, strata, the round)."""
         if "clients" not in meta:
-            return change_contexts(sym, levels), None
+            return SideInfo(change_contexts(sym, levels))
         clients, strata = meta.get("clients"), meta.get("strata")
         if not (
             isinstance(clients, list)
@@ -387,8 +410,7 @@ class MaskMethod(Method):
         """The new θ symbols and levels from ``k`` clients' ``counts`` (Σm, or Σ(m − ref) for aggregate=delta)."""
         if self.opts.aggregate == "delta":
             # θ += mean(m − ref): E[m − ref] = θ_client − θ_start, noise only where clients moved
-            theta = np.clip(theta_start + counts.astype(np.float32) / np.float32(k), 0.0, 1.0)
-            state["theta_sym"] = np.rint(theta * INIT_LEVELS).astype(np.uint8)
+            state["theta_sym"] = delta_symbols(theta_start, counts, k)
             state["levels"] = INIT_LEVELS
         elif self.opts.carry_priors:
             state["alpha"] += counts
