@@ -6,6 +6,9 @@ On synthetic updates and masks, per row: time, peak RSS (sampled every 20 ms) an
 - FedAvg's server path (``server:fedavg``): K clients' raw float32 payloads, each decoded by the
   method's own ``decode_update`` (every check, finite, views into the payload), then its
   ``aggregate`` (the mean rule and the server step on the state's weights);
+- the round engine's real server path for one FedAvg round (``engine:fedavg``), unchunked: K
+  clients' raw uploads of all d values, each folded into the round's running sum as it arrives
+  (the engine's streamed aggregation), with the integrity guard and the server step;
 - the mask methods deltamask and fedpm in both directions: K clients code their masks (uplink),
   the server decodes them and aggregates (its rebuild and Beta rule), then codes θ (downlink) and
   a client decodes it.
@@ -96,7 +99,9 @@ def chunks(d: int, chunk: int) -> list[int]:
 def update_chunk(size: int, seed: int) -> np.ndarray:
     """A synthetic update: Gaussian, scale 1e-3 (a fine-tuning step's order of magnitude), float32."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(size, dtype=np.float32) * np.float32(1e-3)).astype(np.float32)
+    x = rng.standard_normal(size, dtype=np.float32)
+    x *= np.float32(1e-3)  # in place: the same float32 products, no second array
+    return x
 
 
 def codec_row(codec_id: str, options: dict, sizes: list[int], rss: PeakRSS) -> dict[str, Any]:
@@ -134,8 +139,9 @@ def aggregate_row(sizes: list[int], clients: int, rss: PeakRSS) -> dict[str, Any
     return {"time_s": agg_s, "clients": clients, "bytes": 0}
 
 
-def tensor_method_over(name: str, size: int, clients: int):
-    """The tensor method ``name`` set up over a model of one ``size``-value weight (zeros) and a 2-class head."""
+def tensor_method_over(name: str, size: int, clients: int, parts: list[int] | None = None):
+    """The tensor method ``name`` set up over a model of one ``size``-value weight (zeros) and a
+    2-class head; with ``parts``, one weight of each of those sizes instead (a model's tensors)."""
     import torch
     from torch import nn
 
@@ -143,7 +149,7 @@ def tensor_method_over(name: str, size: int, clients: int):
     from fedsqueeze.methods import get_method
     from fedsqueeze.models import Classifier
 
-    backbone = nn.Sequential(nn.Linear(size, 1, bias=False, device="meta"))
+    backbone = nn.Sequential(*(nn.Linear(part, 1, bias=False, device="meta") for part in (parts or [size])))
     model = Classifier(backbone, 1, 2, "text").to_empty(device="cpu")
     with torch.no_grad():
         for p in model.parameters():
@@ -186,6 +192,74 @@ def server_row(name: str, sizes: list[int], clients: int, rss: PeakRSS) -> dict[
         del method, state, updates
         rss.check()
     return {**t, "time_s": t["server_decode_s"] + t["aggregate_s"], "clients": clients, "bytes": up // clients}
+
+
+def engine_row(name: str, d: int, clients: int, rss: PeakRSS, tensor: int) -> dict[str, Any]:
+    """One real round of the round engine at ``d`` parameters, unchunked: ``clients`` raw float32
+    uploads of a model of d values in tensors of at most ``tensor`` values (OPT-1.3B's largest,
+    its token embedding, is 1.03e8) and the head, each made when the engine asks for its reply,
+    then validated, decoded, checked by the integrity guard's single-client trial and folded into
+    the round's float64 sum by the engine's streamed path (``Engine.play_round``), and the server
+    step. ``server_peak_rss_gib`` is the peak outside the synthetic clients' encoding (what the
+    server holds, its broadcast message included); the row's ``peak_rss_gib`` also counts a
+    client's update and payload while it is made."""
+    import torch
+
+    from fedsqueeze.methods.base import RoundContext
+    from fedsqueeze.runtime.engine import ClientReply, Engine, Transport
+
+    method = tensor_method_over(name, d, clients, chunks(d, tensor))
+    state = method.init_server()
+    for p in method.params:  # the server's state holds the weights; the model itself only evaluates (not measured)
+        p.data = torch.empty(0)
+    method.evaluate = lambda state: (0.0, 0.0)
+    task = SimpleNamespace(model=method.task.model, model_params=d + 4, zero_shot=None)
+    t = {"client_encode_s": 0.0}
+    peaks = {"server": 0, "all": 0}
+    up = 0
+
+    class Clients(Transport):
+        """Synthetic clients whose uploads are made one at a time, as the engine takes each reply."""
+
+        def exchange(self, calls):  # the engine takes replies(), one at a time
+            raise NotImplementedError
+
+        def replies(self, calls):
+            nonlocal up
+            for call in calls:
+                peaks["server"] = max(peaks["server"], rss.peak)  # the server's work since the last client
+                t0 = time.perf_counter()
+                delta = {n: update_chunk(math.prod(s), 1000 * call.client + k).reshape(s) for k, (n, s) in enumerate(method.shapes.items())}
+                payload = encode_tensors(method.up_codec, delta, CodecContext(seed=call.client), n=100)
+                del delta
+                t["client_encode_s"] += time.perf_counter() - t0
+                up += len(payload)
+                rss.check()
+                peaks["all"] = max(peaks["all"], rss.peak)
+                rss.reset()
+                yield call, ClientReply(payload=payload)
+                del payload  # the engine has folded it in
+
+    engine = Engine(method.cfg, method, task, Clients(), runtime="bench", show_progress=False)  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    state, record = engine.play_round(state, RoundContext(round=1, rounds=10, seed=0))
+    round_s = time.perf_counter() - t0
+    peaks["server"] = max(peaks["server"], rss.peak)
+    peaks["all"] = max(peaks["all"], rss.peak)
+    assert record["clients_aggregated"] == clients and not record["dropped"], record
+    assert all(np.isfinite(w).all() for w in state["weights"].values())
+    rss.check()
+    server_s = round_s - t["client_encode_s"]
+    return {
+        **t,
+        "server_s": server_s,
+        "time_s": server_s,
+        "clients": clients,
+        "bytes": up // clients,
+        "server_peak_rss_gib": peaks["server"] / GIB,
+        "server_bytes_per_param": peaks["server"] / d,
+        "all_peak_rss_gib": peaks["all"] / GIB,
+    }
 
 
 def mask_method_over(name: str, size: int, clients: int):
@@ -293,7 +367,9 @@ def main() -> None:
     ds = [int(d) for d in args.d]
     rss = PeakRSS(int(args.max_rss_gb * GIB))
     plan: list[tuple[str, Any]] = [(f"codec:{cid}", (cid, opts)) for cid, opts in CODECS]
-    plan += [("aggregate:fedavg", None), ("server:fedavg", "fedavg")] + [(f"mask:{m}", m) for m in MASK_METHODS]
+    plan += [("aggregate:fedavg", None), ("server:fedavg", "fedavg"), ("engine:fedavg", "fedavg")] + [
+        (f"mask:{m}", m) for m in MASK_METHODS
+    ]
     if args.rows:
         plan = [p for p in plan if p[0] in args.rows]
     planned = {name for name, _ in plan}
@@ -311,13 +387,16 @@ def main() -> None:
                     row.update(aggregate_row(sizes, args.clients, rss))
                 elif name.startswith("server:"):
                     row.update(server_row(spec, sizes, args.clients, rss))
+                elif name.startswith("engine:"):
+                    row.update(engine_row(spec, d, args.clients, rss, int(args.chunk)))
+                    row["chunks"], row["tensors"] = 1, len(sizes)  # one real round of len(sizes) tensors: nothing chunked
                 else:
                     row.update(mask_row(spec, sizes, args.clients, rss))
                 row["status"] = "ok"
             except Aborted as exc:
                 row["status"] = f"aborted: {exc}"
             row["wall_s"] = time.perf_counter() - t0
-            row["peak_rss_gib"] = rss.peak / GIB
+            row["peak_rss_gib"] = row.pop("all_peak_rss_gib", rss.peak / GIB)  # engine rows reset the sampler per client
             if "bytes" in row and row["bytes"]:
                 row["bits_per_param"] = 8 * row["bytes"] / d
             rows.append(row)

@@ -33,6 +33,21 @@ def test_server_row_decodes_and_aggregates_every_chunk_through_the_method():
     assert row["time_s"] == row["server_decode_s"] + row["aggregate_s"]
 
 
+def test_engine_row_plays_one_real_streamed_round_over_all_d_values():
+    rss = scale.PeakRSS(1 << 40)
+    try:
+        row = scale.engine_row("fedavg", 3000, 4, rss, tensor=2000)
+    finally:
+        rss.stop()
+    want = len(encode_tensors(get_codec("raw"), {"backbone.0.weight": np.zeros((1, 2000), np.float32),
+                                                 "backbone.1.weight": np.zeros((1, 1000), np.float32),
+                                                 "head.weight": np.zeros((2, 1), np.float32),
+                                                 "head.bias": np.zeros(2, np.float32)}, n=100))  # fmt: skip
+    assert row["clients"] == 4 and row["bytes"] == want  # one client's whole upload: nothing chunked
+    assert row["time_s"] == row["server_s"] > 0 and row["client_encode_s"] > 0
+    assert 0 < row["server_peak_rss_gib"] <= row["all_peak_rss_gib"]
+
+
 def test_a_run_replaces_only_the_rows_it_measures(tmp_path, monkeypatch):
     out = tmp_path / "scale.json"
     kept = [{"row": "codec:sz3", "d": 2000, "status": "ok", "time_s": 1.0}, {"row": "server:fedavg", "d": 9, "status": "ok", "time_s": 2.0}]
