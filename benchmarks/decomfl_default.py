@@ -63,6 +63,16 @@ VARIANTS: dict[str, dict] = {
         "run": {"local_steps": 2000, "lr": 1e-3},
         "options": {"params": "head", "zo_batch_size": -1},
     },
+    "feedsign-head-k2000-warm300": {
+        "method": "feedsign",
+        "run": {"local_steps": 2000, "lr": 1e-3},
+        "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300},
+    },
+    "feedsign-head-k8000-lr2.5e-4": {
+        "method": "feedsign",
+        "run": {"local_steps": 8000, "lr": 2.5e-4},
+        "options": {"params": "head", "zo_batch_size": -1},
+    },
     "lora-k60": {"run": {"local_steps": 60, "lr": 2e-3}, "options": {"params": "lora"}},
 }
 

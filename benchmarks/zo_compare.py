@@ -8,7 +8,9 @@ a forward is 1, a backward ≈ 2 (so a first-order step on a batch of B costs 3�
 zeroth-order step costs 2·B (two forwards; regenerating z is not counted); the methods that train
 only the head on cached backbone features pay one forward per example of the client, once (the
 cache), then each step on the cache costs its forwards scaled by trainable / model parameters (the
-head's matmul against the whole model's). A zeroth-order step with P perturbations costs P times one
+head's matmul against the whole model's). ``params=top`` caches the lower layers' output in that
+same pass, and each of its evaluations costs the top layers' share of a forward (the round's
+``zo_forward_share``, top_layers / layers). A zeroth-order step with P perturbations costs P times one
 with one (P per round from the round's ``zo_perturbations``, which ``adjust_perturb`` changes); the
 moment buffers of ``momentum`` / ``adam_beta2`` cost no forwards and are not counted. Warm-start rounds of the ZO methods are linear probing on
 the cache (their 100 steps are counted the same way). Bytes are the run's real
@@ -52,15 +54,16 @@ def curves(res: dict) -> dict:
     out = {"round": [], "accuracy": [], "compute": [], "bytes": []}
     for r in res["rounds"]:
         participants = r.get("clients_uploaded", cfg["clients_per_round"])
-        if not seen:  # every client caches its features once (head-only methods, ZO warm start)
+        if not seen:  # every client caches its features once (head-only methods, ZO warm start; params=top caches its
+            # lower layers' output in the same pass)
             compute += per_client_examples if (head_only(res) or warm) else 0.0
             seen = True
         if zo and r["round"] <= warm:
             step = 3 * batch * warm_steps * head_share
         elif head_only(res):
             step = (2 * zo_batch * perturbations(res, r) if zo else 3 * batch) * cfg["local_steps"] * head_share
-        elif zo:
-            step = 2 * zo_batch * perturbations(res, r) * cfg["local_steps"]
+        elif zo:  # params=top: each evaluation runs only the top layers (their share of a forward)
+            step = 2 * zo_batch * perturbations(res, r) * cfg["local_steps"] * r.get("zo_forward_share", 1.0)
         else:
             step = 3 * batch * cfg["local_steps"]
         compute += step * participants / clients

@@ -51,22 +51,24 @@ from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import ClientOutput, Method, RoundContext, register_method
 from fedsqueeze.methods.decomfl_wire import ZOShape, decode_downlink, decode_uplink, encode_downlink, encode_uplink
 from fedsqueeze.methods.head import evaluate_probe, head_names, train_probe
-from fedsqueeze.methods.peft import inject_lora
+from fedsqueeze.methods.peft import inject_lora, split_modules
 from fedsqueeze.methods.robust import SCALAR_RULES
 from fedsqueeze.methods.updates import TensorUpdate, ZOUpdate, example_count, of_type, stepped, weighted_mean
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.methods.zo import Momentum, Perturber, local_zo
+from fedsqueeze.methods.zo_top import TopLayers
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import Check, above, at_least, between, option
 from fedsqueeze.privacy import dp_epsilon, private_mean
 from fedsqueeze.seeding import SERVER
 from fedsqueeze.task import Task
-from fedsqueeze.training import batch_inputs, iterate_batches
+from fedsqueeze.training import Encoded, batch_inputs, iterate_batches
+from fedsqueeze.training import evaluate as evaluate_split
 
 Tensors = dict[str, np.ndarray]
 # measured on the default task (docs/decomfl.md): full 1e-3 diverged, 1e-4 lowered the loss but
 # not the error; lora 1e-2 diverged (centralised screen), 2e-3 learnt steadily
-DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "head": 1e-3}
+DEFAULT_LR = {"full": 1e-4, "lora": 2e-3, "head": 1e-3, "top": 2e-3}
 WARM_DTYPES = {"float16": np.float16, "float32": np.float32}
 MAX_PERTURBATIONS = 4096  # the most perturbations per step adjust_perturb may reach (bounds every message)
 
@@ -114,8 +116,9 @@ class ZOOptions:
     )
     params: str = option(
         "lora",
-        "what trains: 'lora' (LoRA on query/value + head), 'full' (every weight), 'head' (classifier only); "
-        "lr 0 = 2e-3, 1e-4, 1e-3 respectively",
+        "what trains: 'lora' (LoRA on query/value + head), 'full' (every weight), 'head' (classifier only), "
+        "'top' (LoRA on top_modules of the top_layers layers + head, on cached lower-layer outputs); "
+        "lr 0 = 2e-3, 1e-4, 1e-3, 2e-3 respectively",
         choices=tuple(DEFAULT_LR),
     )
     lr_schedule: str = option(
@@ -129,8 +132,18 @@ class ZOOptions:
     warm_start_steps: int = option(100, "local AdamW steps on cached features in each warm-start round", check=at_least(0))
     warm_start_lr: float = option(1e-2, "learning rate of the warm-start linear probing", check=at_least(0.0))
     warm_start_dtype: str = option("float16", "wire dtype of the warm-start head and its deltas", choices=tuple(WARM_DTYPES))
-    rank: int = option(8, "LoRA rank r for params='lora'", check=at_least(1))
-    lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' (update scaled by alpha / r)", check=above(0.0))
+    rank: int = option(8, "LoRA rank r for params='lora' and 'top'", check=at_least(1))
+    lora_alpha: float = option(16.0, "LoRA scaling alpha for params='lora' and 'top' (update scaled by alpha / r)", check=above(0.0))
+    top_layers: int = option(
+        1,
+        "params='top': how many of the encoder's top layers train (the layers below are run once per client and cached)",
+        check=at_least(1),
+    )
+    top_modules: str = option(
+        "query,key,value,dense",
+        "params='top': the modules of the top layers that get LoRA (comma-separated; 'dense' = the attention output and both "
+        "feed-forward projections)",
+    )
     momentum: float = option(
         0.0,
         "β of a moving average of the zeroth-order steps, m ← β·m + (1−β)·ĝ, w ← w − lr·m (0 = plain ZO-SGD); "
@@ -191,6 +204,8 @@ class ZOMethod(Method):
 
     Options: ClassVar[type] = ZOOptions
     perturbations_per_step: int = 1
+    # lr when the run's lr is 0, by what trains (a subclass may tune its own)
+    default_lrs: ClassVar[dict[str, float]] = DEFAULT_LR
 
     def perturb_changes(self) -> tuple[tuple[int, int], ...]:
         """The rounds where P changes, as (round, P); none unless the method offers ``adjust_perturb``."""
@@ -229,13 +244,17 @@ class ZOMethod(Method):
             return [n for n, _ in model.named_parameters()]
         if self.opts.params == "head":
             return list(self.head)
+        if self.opts.params == "top":
+            self.top = TopLayers(model, self.opts.top_layers)
+            targets = split_modules(self.opts.top_modules)
+            return self.top.inject_lora(self.opts.rank, self.opts.lora_alpha, targets, self.cfg.seed) + list(self.head)
         # the adapters' A matrices come from the run seed so every party builds the same model
         lora = inject_lora(model, self.opts.rank, self.opts.lora_alpha, ["query", "value"], self.name, seed=self.cfg.seed)
         return lora + list(self.head)
 
     @property
     def lr(self) -> float:
-        return self.cfg.lr if self.cfg.lr > 0 else DEFAULT_LR[self.opts.params]
+        return self.cfg.lr if self.cfg.lr > 0 else self.default_lrs[self.opts.params]
 
     def trainable_params(self) -> int:
         return sum(p.numel() for p in self.named.values())
@@ -350,6 +369,8 @@ class ZOMethod(Method):
         elif updates:
             zo = dict(zip(updates, of_type(updates, ZOUpdate)))
             metrics = self.zo_aggregate(state, zo, ctx)
+            if self.opts.params == "top":  # a loss evaluation's share of a full forward (for compute counts)
+                metrics["zo_forward_share"] = self.top.fraction
         oldest = max(int(state["synced"].min()), self.opts.warm_start_rounds)
         state["history"] = [r for r in state["history"] if r["round"] > oldest]  # nobody needs the rest
         metrics["history_records"] = float(len(state["history"]))
@@ -398,7 +419,22 @@ class ZOMethod(Method):
         if self.opts.params == "head":
             load_weights(self.named, state["weights"])
             return evaluate_probe(self.task, self.cfg.eval_batch_size)
+        if self.opts.params == "top":
+            load_weights(self.named, state["weights"])
+            return evaluate_split(self.task.model, self.top_cache("test"), self.cfg.eval_batch_size, forward=self.top.forward)
         return evaluate_weights(self.task, self.named, state["weights"])
+
+    def top_cache(self, split: str) -> Encoded:
+        """params='top': the inputs of the first trainable layer on ``split``, computed once.
+
+        The layers below it never train, so one pass of the pre-trained model serves every round
+        (simulator: once for the whole split; a client would cache its own examples).
+        """
+        caches = self.__dict__.setdefault("_top_caches", {})
+        if split not in caches:
+            data = self.task.train if split == "train" else self.task.test
+            caches[split] = self.top.cache(data, self.cfg.eval_batch_size)
+        return caches[split]
 
     # ---- client ---------------------------------------------------------------------------------
     def init_client_state(self) -> dict[str, Any]:
@@ -439,6 +475,10 @@ class ZOMethod(Method):
             labels = self.task.train.labels[idx_all]
             head = self.task.model.head
             return (lambda idx: float(F.cross_entropy(head(feats[idx]), labels[idx]))), len(idx_all)
+        if self.opts.params == "top":
+            cached = self.top_cache("train").subset(idx_all)
+            forward = self.top.forward
+            return (lambda idx: float(F.cross_entropy(forward(batch_inputs(cached, idx)), cached.labels[idx]))), len(cached)
         data = self.task.client_data(client)
         model = self.task.model
         return (lambda idx: float(F.cross_entropy(model(**batch_inputs(data, idx)), data.labels[idx]))), len(data)
