@@ -24,6 +24,12 @@ from fedsqueeze.runtime.common import run_header
 from fedsqueeze.runtime.local import run_round
 from fedsqueeze.task import build_task
 
+
+def feedsign_head(steps: int, lr: float, **options) -> dict:
+    """A feedsign variant on the head with whole-client batches."""
+    return {"method": "feedsign", "run": {"local_steps": steps, "lr": lr}, "options": {"params": "head", "zo_batch_size": -1, **options}}
+
+
 VARIANTS: dict[str, dict] = {
     # name: (run fields, method options[, method]); the method is decomfl unless named
     "head-zo": {"run": {"local_steps": 20}, "options": {"params": "head", "zo_batch_size": -1}},
@@ -53,26 +59,10 @@ VARIANTS: dict[str, dict] = {
         "run": {"local_steps": 500, "lr": 1e-2},
         "options": {"params": "head", "zo_batch_size": -1, "pool_size": 1024, "importance": "pro"},
     },
-    "feedsign-head-k4000": {
-        "method": "feedsign",
-        "run": {"local_steps": 4000, "lr": 1e-3},
-        "options": {"params": "head", "zo_batch_size": -1},
-    },
-    "feedsign-head-k2000": {
-        "method": "feedsign",
-        "run": {"local_steps": 2000, "lr": 1e-3},
-        "options": {"params": "head", "zo_batch_size": -1},
-    },
-    "feedsign-head-k2000-warm300": {
-        "method": "feedsign",
-        "run": {"local_steps": 2000, "lr": 1e-3},
-        "options": {"params": "head", "zo_batch_size": -1, "warm_start_steps": 300},
-    },
-    "feedsign-head-k8000-lr2.5e-4": {
-        "method": "feedsign",
-        "run": {"local_steps": 8000, "lr": 2.5e-4},
-        "options": {"params": "head", "zo_batch_size": -1},
-    },
+    "feedsign-head-k4000": feedsign_head(4000, 1e-3),
+    "feedsign-head-k2000": feedsign_head(2000, 1e-3),
+    "feedsign-head-k2000-warm300": feedsign_head(2000, 1e-3, warm_start_steps=300),
+    "feedsign-head-k8000-lr2.5e-4": feedsign_head(8000, 2.5e-4),
     "lora-k60": {"run": {"local_steps": 60, "lr": 2e-3}, "options": {"params": "lora"}},
 }
 

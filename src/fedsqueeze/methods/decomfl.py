@@ -159,6 +159,26 @@ class ZOOptions:
 
 
 @dataclass
+class HeadZOOptions(ZOOptions):
+    """The shared options with fedkseed's and feedsign's defaults: the head, on whole-client batches.
+
+    Measured on the default task (docs/zo.md): their steps on the head (cached features, a step
+    costs a small matmul) learn where their steps on LoRA barely move; they want many local steps.
+    """
+
+    params: str = option(
+        "head",
+        "what trains: 'head' (classifier only, on cached features), 'lora' (LoRA on query/value + head), 'full' (every weight), "
+        "'top' (LoRA on top_modules of the top_layers layers + head, on cached lower-layer outputs); "
+        "lr 0 = the method's default for it (`fedsqueeze methods`)",
+        choices=tuple(DEFAULT_LR),
+    )
+    zo_batch_size: int = option(
+        -1, "minibatch of each zeroth-order step; -1 = all the client's data, 0 = the run's batch_size", check=at_least(-1)
+    )
+
+
+@dataclass
 class DeComFLOptions(ZOOptions):
     # old option names (before the names were made the same across methods) say what they are now
     renamed: ClassVar[dict[str, str]] = {"aggregation": "aggregate", "lora_r": "rank"}

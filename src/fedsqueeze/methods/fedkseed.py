@@ -35,11 +35,11 @@ import numpy as np
 
 from fedsqueeze.errors import ConfigError, PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
-from fedsqueeze.methods.decomfl import DEFAULT_LR, ZOMethod, ZOOptions
+from fedsqueeze.methods.decomfl import DEFAULT_LR, HeadZOOptions, ZOMethod
 from fedsqueeze.methods.decomfl_wire import read_finite, read_head
 from fedsqueeze.methods.updates import ZOUpdate
 from fedsqueeze.methods.zo_wire import Reader, compact_frame, compact_unframe, decode_runs, encode_runs, varint, varints
-from fedsqueeze.options import above, at_least, between, option
+from fedsqueeze.options import above, between, option
 from fedsqueeze.seeding import SERVER
 
 Tensors = dict[str, np.ndarray]
@@ -49,20 +49,7 @@ PATHS = {REPLAY: "replay", SPARSE: "accumulated", DENSE: "accumulated"}
 
 
 @dataclass
-class FedKSeedOptions(ZOOptions):
-    """fedkseed's defaults train the head on whole-client batches (measured on the default task,
-    docs/zo.md); give it many steps (``local_steps``)."""
-
-    params: str = option(
-        "head",
-        "what trains: 'head' (classifier only, on cached features), 'lora' (LoRA on query/value + head), 'full' (every weight), "
-        "'top' (LoRA on top_modules of the top_layers layers + head, on cached lower-layer outputs); "
-        "lr 0 = 1e-2, 2e-3, 1e-4, 2e-3 respectively",
-        choices=tuple(DEFAULT_LR),
-    )
-    zo_batch_size: int = option(
-        -1, "minibatch of each zeroth-order step; -1 = all the client's data, 0 = the run's batch_size", check=at_least(-1)
-    )
+class FedKSeedOptions(HeadZOOptions):
     pool_size: int = option(1024, "K: number of seeds in the shared pool", check=between(2, 1 << 20))
     importance: str = option(
         "uniform",

@@ -17,39 +17,20 @@ With ``momentum`` Î² > 0 the votes go through the moving average instead: ``m â†
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedsqueeze.errors import PayloadError
 from fedsqueeze.methods.base import RoundContext, register_method
-from fedsqueeze.methods.decomfl import DEFAULT_LR, ZOMethod, ZOOptions
+from fedsqueeze.methods.decomfl import DEFAULT_LR, HeadZOOptions, ZOMethod
 from fedsqueeze.methods.decomfl_wire import read_head
 from fedsqueeze.methods.updates import ZOUpdate
 from fedsqueeze.methods.zo_wire import Reader, compact_frame, compact_unframe, decode_runs, encode_runs
-from fedsqueeze.options import at_least, option
 from fedsqueeze.seeding import SERVER
 
 Tensors = dict[str, np.ndarray]
 UP_KIND, DOWN_KIND = "feedsign-up", "feedsign-down"
-
-
-@dataclass
-class FeedSignOptions(ZOOptions):
-    """feedsign's defaults train the head on whole-client batches: measured on the default task
-    (docs/zo.md), sign steps on the head beat those on LoRA; give it many steps (``local_steps``)."""
-
-    params: str = option(
-        "head",
-        "what trains: 'head' (classifier only, on cached features), 'lora' (LoRA on query/value + head), 'full' (every weight), "
-        "'top' (LoRA on top_modules of the top_layers layers + head, on cached lower-layer outputs); "
-        "lr 0 = 1e-3, 2e-3, 1e-4, 2e-3 respectively",
-        choices=tuple(DEFAULT_LR),
-    )
-    zo_batch_size: int = option(
-        -1, "minibatch of each zeroth-order step; -1 = all the client's data, 0 = the run's batch_size", check=at_least(-1)
-    )
 
 
 def pack_signs(signs: np.ndarray) -> bytes:
@@ -81,7 +62,7 @@ def sign_step(grads: np.ndarray) -> np.ndarray:
 class FeedSign(ZOMethod):
     name = "feedsign"
     summary = "zeroth-order FL with a 1-bit sign vote per step per client and a server majority"
-    Options = FeedSignOptions
+    Options = HeadZOOptions  # the head on whole-client batches, measured best (docs/zo.md); give it many local_steps
     default_lr = DEFAULT_LR["head"]  # of the default params; `fedsqueeze methods` shows it
 
     def replay(self, record: dict[str, Any], seed: int) -> None:
