@@ -19,7 +19,10 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +36,7 @@ import pysz  # noqa: E402
 
 from fedsqueeze.codecs import CodecContext, decode_tensors, encode_tensors, get_codec  # noqa: E402
 from fedsqueeze.codecs.ans import encode_grouped_bits, group_order  # noqa: E402
+from fedsqueeze.codecs.base import CODECS  # noqa: E402
 from fedsqueeze.codecs.sz3 import sz3_compress, sz3_config  # noqa: E402
 
 SETTINGS = [
@@ -155,21 +159,6 @@ def sz3_vs_raw_pysz(tensors: dict, bound: float, repeats: int, algo: str = "inte
     }
 
 
-def previous_encode_grouped_bits(bits: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[dict, bytes]:
-    """The encoder before the chunked key sort: a stable argsort of the group ids cast to uint8/uint16
-    (numpy's radix sort), a gather of the bits, a count of the ones through ``groups[bits]``."""
-    order, bounds = group_order(groups, num_groups)
-    sizes = np.diff(bounds)
-    ones = np.bincount(groups[bits], minlength=num_groups).astype(np.int64)
-    coder = constriction.stream.stack.AnsCoder()
-    for g in range(num_groups - 1, -1, -1):
-        if 0 < ones[g] < sizes[g]:
-            p = ones[g] / sizes[g]
-            model = constriction.stream.model.Categorical(np.array([1.0 - p, p]), perfect=False)
-            coder.encode_reverse(bits[order[bounds[g] : bounds[g + 1]]].astype(np.int32), model)
-    return {"ones": ones.tolist()}, coder.get_compressed().astype("<u4").tobytes()
-
-
 def rans_core(bits: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[float, Callable[[], object]]:
     """What rANS alone costs: the grouped symbols prepared beforehand (int32), one call per group."""
     order, bounds = group_order(groups, num_groups)
@@ -191,10 +180,26 @@ def rans_core(bits: np.ndarray, groups: np.ndarray, num_groups: int) -> tuple[fl
     return float(sum(c.size for c, _ in calls)), run
 
 
-def ans_grouping(d: int, repeats: int) -> list[dict]:
-    """encode_grouped_bits at ``d`` positions against, in the same run, the encoder before it (a uint8
-    radix argsort, :func:`previous_encode_grouped_bits`), the int64 comparison sort before that
-    (``counting=False``) and the rANS calls alone on prepared symbols; all must give the same bytes."""
+def module_at(commit: str, path: str) -> types.ModuleType:
+    """The module ``path`` (under src/) as it was at ``commit``, loaded beside today's: the code a
+    hot path had before, timed in the same run as today's. A codec it registers is put back after."""
+    src = subprocess.run(["git", "show", f"{commit}:{path}"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent).stdout
+    name = f"before_{commit}_{Path(path).stem}"
+    mod = types.ModuleType(name)
+    registered = dict(CODECS)
+    sys.modules[name] = mod  # dataclasses look their module up
+    try:
+        exec(compile(src, f"{commit}:{path}", "exec"), mod.__dict__)
+    finally:
+        CODECS.clear()
+        CODECS.update(registered)
+    return mod
+
+
+def ans_grouping(d: int, repeats: int, before: types.ModuleType) -> list[dict]:
+    """encode_grouped_bits at ``d`` positions against, in the same run, the encoder of the ``--before``
+    commit and the rANS calls alone on prepared symbols; the bytes must equal the int64 comparison
+    sort's (``counting=False``, checked once, untimed)."""
     rng = np.random.default_rng(0)
     rows = []
     # fedpm's groups: θ levels k/K of a round with K = 5, most positions at θ = 1 (start θ clipped to 0.98);
@@ -209,8 +214,7 @@ def ans_grouping(d: int, repeats: int) -> list[dict]:
         coded, core = rans_core(bits, groups, num_groups)
         steps = {
             "new": lambda: encode_grouped_bits(bits, groups, num_groups),
-            "previous": lambda: previous_encode_grouped_bits(bits, groups, num_groups),
-            "int64_sort": lambda: encode_grouped_bits(bits, groups, num_groups, counting=False),
+            "before": lambda: before.encode_grouped_bits(bits, groups, num_groups),
             "rans_core": core,
         }
         best = {k: float("inf") for k in steps}
@@ -226,12 +230,10 @@ def ans_grouping(d: int, repeats: int) -> list[dict]:
                 "groups": num_groups,
                 "coded_symbols": int(coded),
                 "encode_s": best["new"],
-                "previous_encode_s": best["previous"],
-                "int64_sort_encode_s": best["int64_sort"],
+                "before_encode_s": best["before"],
                 "rans_core_s": best["rans_core"],
-                "speedup_vs_previous": best["previous"] / best["new"],
-                "speedup_vs_int64_sort": best["int64_sort"] / best["new"],
-                "identical_bytes": outs["new"] == outs["previous"] == outs["int64_sort"],
+                "speedup_vs_before": best["before"] / best["new"],
+                "identical_bytes": outs["new"] == outs["before"] == encode_grouped_bits(bits, groups, num_groups, counting=False),
                 "bytes": len(outs["new"][1]),
             }
         )
@@ -239,54 +241,11 @@ def ans_grouping(d: int, repeats: int) -> list[dict]:
     return rows
 
 
-def old_sz3_scan(a: np.ndarray, bound: float) -> tuple[bool, float | None, np.ndarray | None]:
-    """The encoder's reads of a tensor before the one-pass scan: isfinite, min/max, a != 0 mask, min/max again."""
-    if not np.isfinite(a).all() or not a.max() > a.min():
-        return False, None, None
-    nonzero = np.any(a.reshape(a.shape[0], -1) != 0, axis=1) if a.ndim >= 2 and a.shape[0] > 1 else None
-    rng = float(a.max()) - float(a.min())
-    return True, bound * rng, nonzero
-
-
-def previous_sz3_scan(a: np.ndarray) -> tuple[bool, float, float, np.ndarray | None]:
-    """The one-pass scan before this one: per-row min and max of every 2-D tensor in blocks of rows,
-    two reductions through ndarray.min/max on a small one (``(finite, lo, hi, nonzero rows)``)."""
-    block = 1 << 16
-    if a.ndim >= 2 and a.shape[0] > 1:
-        m = a.reshape(a.shape[0], -1)
-        step = max(1, block // max(m.shape[1], 1))
-        part_lo, part_hi = np.empty(m.shape[0], dtype=m.dtype), np.empty(m.shape[0], dtype=m.dtype)
-        for i in range(0, m.shape[0], step):
-            np.min(m[i : i + step], axis=1, out=part_lo[i : i + step])
-            np.max(m[i : i + step], axis=1, out=part_hi[i : i + step])
-        nonzero = (part_lo != 0) | (part_hi != 0)
-    elif a.size <= block:
-        part_lo, part_hi, nonzero = np.array([a.min()]), np.array([a.max()]), None
-    else:
-        flat = a.reshape(-1)
-        part_lo = np.array([flat[i : i + block].min() for i in range(0, flat.size, block)])
-        part_hi = np.array([flat[i : i + block].max() for i in range(0, flat.size, block)])
-        nonzero = None
-    lo, hi = float(part_lo.min()), float(part_hi.max())
-    return bool(np.isfinite(lo) and np.isfinite(hi)), lo, hi, nonzero
-
-
-def previous_sz3_compress(a: np.ndarray, bound: float, algo: str) -> tuple[bytes, bytes, int]:
-    """The codec's path for one lossy tensor before this change: the scan above, a fresh pysz
-    configuration per tensor (REL mode)."""
-    _, lo, hi, nonzero = previous_sz3_scan(a)
-    if nonzero is not None:
-        rows = int(nonzero.sum())
-        if 0 < rows <= a.shape[0] // 2:
-            values = a.reshape(a.shape[0], -1)[nonzero].reshape(-1)
-            return np.packbits(nonzero).tobytes(), sz3_compress(values, sz3_config("abs", bound * (hi - lo), algo)), rows
-    return b"", sz3_compress(a.reshape(-1), sz3_config("rel", bound, algo)), 0
-
-
-def sz3_per_tensor(tensors: dict, bound: float, repeats: int, algo: str) -> list[dict]:
-    """Each lossy tensor: our codec's path (plan, row selection, SZ3) against raw pysz on the whole tensor,
-    and against the codec's path before this change (:func:`previous_sz3_compress`), in the same run."""
+def sz3_per_tensor(tensors: dict, bound: float, repeats: int, algo: str, before: types.ModuleType) -> list[dict]:
+    """Each lossy tensor: our codec's path (plan, row selection, SZ3) against raw pysz (REL) on the whole
+    tensor, and against the codec of the ``--before`` commit, in the same run; the same bytes from both."""
     codec = get_codec("sz3", mode="rel", bound=bound, threshold=1024, algo=algo)
+    old = before.SZ3Codec(mode="rel", bound=bound, threshold=1024, algo=algo)
     cfg = sz3_config("rel", bound, algo)
     rows = []
     for name, a in tensors.items():
@@ -297,10 +256,9 @@ def sz3_per_tensor(tensors: dict, bound: float, repeats: int, algo: str) -> list
         steps = {
             "pysz": lambda: sz3_compress(a.reshape(-1), cfg),
             "codec": lambda: codec.compress_one(a, codec.plan(name, a)),
-            "previous_codec": lambda: previous_sz3_compress(a, bound, algo),
+            "before": lambda: old.compress_one(a, old.plan(name, a)),
             "scan": lambda: codec.plan(name, a),
-            "previous_scan": lambda: previous_sz3_scan(a),
-            "old_scan": lambda: old_sz3_scan(a, bound),
+            "before_scan": lambda: old.plan(name, a),
         }
         # a small tensor is timed over a batch of calls (~0.5 M values in all): one call of tens of µs
         # is timed cold (its Python paths out of cache after the other steps) and near the clock's cost
@@ -321,36 +279,34 @@ def sz3_per_tensor(tensors: dict, bound: float, repeats: int, algo: str) -> list
                 "pysz_s": best["pysz"],
                 "codec_s": best["codec"],
                 "fraction_of_pysz": best["pysz"] / best["codec"],
-                "previous_codec_s": best["previous_codec"],
-                "previous_fraction_of_pysz": best["pysz"] / best["previous_codec"],
-                "identical_bytes": codec.compress_one(a, codec.plan(name, a)) == previous_sz3_compress(a, bound, algo),
+                "before_codec_s": best["before"],
+                "before_fraction_of_pysz": best["pysz"] / best["before"],
+                "identical_bytes": codec.compress_one(a, codec.plan(name, a)) == old.compress_one(a, old.plan(name, a)),
                 "scan_s": best["scan"],
-                "previous_scan_s": best["previous_scan"],
-                "old_scan_s": best["old_scan"],
-                "scan_speedup": best["old_scan"] / best["scan"],
-                "scan_speedup_vs_previous": best["previous_scan"] / best["scan"],
+                "before_scan_s": best["before_scan"],
             }
         )
     return rows
 
 
-def hot_paths(weights: dict, update: dict, repeats: int) -> dict:
-    """The issue-16 hot paths: ANS grouping and sz3's pre-scan, each against its old code in the same run."""
-    out: dict = {"ans": ans_grouping(22_000_000, repeats)}
+def hot_paths(weights: dict, update: dict, repeats: int, before_commit: str) -> dict:
+    """The issue-16 hot paths: ANS grouping and sz3 per tensor, each against the ``before_commit`` code in the same run."""
+    out: dict = {"before_commit": before_commit}
+    out["ans"] = ans_grouping(22_000_000, repeats, module_at(before_commit, "src/fedsqueeze/codecs/ans.py"))
+    before_sz3 = module_at(before_commit, "src/fedsqueeze/codecs/sz3.py")
     for label, tensors in (("minilm_weights", weights), ("finetune_update", update)):
-        rows = sz3_per_tensor(tensors, 2e-2, repeats, "nopred")
-        big = [r for r in rows if r["numel"] >= 1_000_000]
+        rows = sz3_per_tensor(tensors, 2e-2, repeats, "nopred", before_sz3)
         out[label] = {
             "bound": 2e-2,
             "algo": "nopred",
             "tensors": rows,
-            "min_fraction_of_pysz_1M_plus": min(r["fraction_of_pysz"] for r in big),
             "min_fraction_of_pysz": min(r["fraction_of_pysz"] for r in rows),
+            "under_0.9": sum(r["fraction_of_pysz"] < 0.9 for r in rows),
             "total_fraction_of_pysz": sum(r["pysz_s"] for r in rows) / sum(r["codec_s"] for r in rows),
-            "previous_min_fraction_of_pysz": min(r["previous_fraction_of_pysz"] for r in rows),
-            "previous_total_fraction_of_pysz": sum(r["pysz_s"] for r in rows) / sum(r["previous_codec_s"] for r in rows),
+            "before_min_fraction_of_pysz": min(r["before_fraction_of_pysz"] for r in rows),
+            "before_under_0.9": sum(r["before_fraction_of_pysz"] < 0.9 for r in rows),
+            "before_total_fraction_of_pysz": sum(r["pysz_s"] for r in rows) / sum(r["before_codec_s"] for r in rows),
             "all_identical_bytes": all(r["identical_bytes"] for r in rows),
-            "total_scan_speedup": sum(r["old_scan_s"] for r in rows) / sum(r["scan_s"] for r in rows),
         }
         summary = {k: v for k, v in out[label].items() if k != "tensors"}
         worst = min(rows, key=lambda r: r["fraction_of_pysz"])
@@ -364,13 +320,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "codecs.json"))
     ap.add_argument("--hot-paths", action="store_true", help="only the ANS / sz3 hot paths, into results/codecs_hot_paths.json")
+    ap.add_argument("--before", default="af7130a", help="--hot-paths: the commit whose ans.py and sz3.py are timed against today's")
     args = ap.parse_args()
     weights, update = load_weights_and_update(args.update_cache)
     if args.hot_paths:
         hot = {
             "machine": {"cpu_count": os.cpu_count(), "note": "shared 2-core machine; best CPU time (process_time) of repeats, interleaved"}
         }
-        hot.update(hot_paths(weights, update, max(3, args.repeats)))
+        hot.update(hot_paths(weights, update, max(3, args.repeats), args.before))
         path = Path(__file__).parent / "results" / "codecs_hot_paths.json"
         path.write_text(json.dumps(hot, indent=2) + "\n")
         print(f"→ {path}")

@@ -24,7 +24,7 @@ from fedsqueeze.codecs.sideinfo import (
     pack_counts,
     unpack_counts,
 )
-from fedsqueeze.codecs.sz3 import scan, sz3_compress, sz3_config
+from fedsqueeze.codecs.sz3 import rel_abs_bound, scan, sz3_compress, sz3_config
 from fedsqueeze.errors import PayloadError
 
 
@@ -118,15 +118,18 @@ def test_counting_sort_grouping_gives_the_same_bytes_as_before(num_groups):
     np.testing.assert_array_equal(decode_grouped_bits(meta, body, groups, num_groups), bits)
 
 
-@pytest.mark.parametrize(("n", "num_groups"), [(0, 3), (1, 1), (200_001, 6), (65_536, 64), (131_073, 300), (70_000, 40_000)])
+@pytest.mark.parametrize(
+    ("n", "num_groups"), [(0, 3), (1, 1), (200_001, 6), (140_000, 16), (140_000, 17), (65_536, 64), (131_073, 300), (70_000, 40_000)]
+)
 def test_chunked_key_sort_codes_the_same_bytes_as_one_sort(n, num_groups):
-    """Over several 65,536-position chunks (and 40,000 groups: 64-bit keys), in any integer dtype."""
+    """Over several 65,536-position chunks (up to 16 groups, ones counted per group; more, by one
+    reduceat; 40,000 groups: 64-bit keys), in any integer dtype."""
     rng = np.random.default_rng(n + num_groups)
     groups = rng.integers(0, num_groups, n)
     bits = rng.random(n) < rng.random(num_groups)[groups]
     want = encode_grouped_bits(bits, groups, num_groups, counting=False)
     assert want[0]["ones"] == np.bincount(groups[bits], minlength=num_groups).tolist()
-    for dtype in (np.int64, np.int32, np.uint16 if num_groups <= 1 << 16 else np.uint32):
+    for dtype in (np.int64, np.int32, np.uint8 if num_groups <= 1 << 8 else np.uint16 if num_groups <= 1 << 16 else np.uint32):
         assert encode_grouped_bits(bits, groups.astype(dtype), num_groups) == want
     np.testing.assert_array_equal(decode_grouped_bits(want[0], want[1], groups, num_groups), bits)
 
@@ -138,6 +141,19 @@ def test_grouped_bits_refuse_a_group_outside_the_range(bad):
         encode_grouped_bits(np.zeros(3, dtype=bool), np.array(bad), 6)
     with pytest.raises(ValueError, match="one length"):
         encode_grouped_bits(np.zeros(4, dtype=bool), np.zeros(3, dtype=np.int64), 6)
+
+
+def test_grouped_bits_check_the_groups_of_every_chunk():
+    """The group ids are checked a chunk at a time: a bad id in the last chunk is refused too; a
+    type all of whose values are groups (uint8 for 256 groups) needs no check."""
+    long = np.zeros(3 * 65_536 + 5, dtype=np.int64)
+    for bad in (6, -1, 1 << 15):
+        long[-1] = bad
+        with pytest.raises(ValueError, match=r"\[0, 6\)"):
+            encode_grouped_bits(np.zeros(long.size, dtype=bool), long, 6)
+    groups = np.arange(300, dtype=np.int64) % 256
+    bits = groups % 3 == 0
+    assert encode_grouped_bits(bits, groups.astype(np.uint8), 256) == encode_grouped_bits(bits, groups, 256, counting=False)
 
 
 def test_one_pass_scan_finds_range_finiteness_and_rows():
@@ -176,7 +192,7 @@ def test_scan_skips_the_rows_of_a_tensor_whose_first_column_says_dense():
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning", "ignore:invalid value encountered:RuntimeWarning")
 def test_sz3_plans_a_small_vector_as_the_full_scan_decides():
-    """A bias takes the one-sum path; every case goes lossy exactly when the full scan says so."""
+    """A bias takes the one-dot-product path; every case goes lossy exactly when the full scan says so."""
     rel = get_codec("sz3", mode="rel", bound=1e-2, threshold=4)
     absolute = get_codec("sz3", mode="abs", bound=1e-2, threshold=4)
     cases = {
@@ -187,12 +203,50 @@ def test_sz3_plans_a_small_vector_as_the_full_scan_decides():
         "inf": (np.array([0, 1, 2, np.inf, 4, 5, 6, 7], dtype=np.float32), False, False),
         "both infs": (np.array([-np.inf, 1, 2, 3, 4, 5, 6, np.inf], dtype=np.float32), False, False),
         "overflowing sum": (np.array([3e38, 3e38, 3e38, 1, 1, 1, 1, 0], dtype=np.float32), True, True),
+        "overflowing dot": (np.array([2e19, 1, 2, 3, 4, 5, 6, 0], dtype=np.float32), True, True),
+        "minus inf": (np.array([0, 1, 2, -np.inf, 4, 5, 6, 7], dtype=np.float32), False, False),
+        "nan float64": (np.array([0, 1, 2, np.nan, 4, 5, 6, 7]), False, False),
     }
     for name, (a, lossy_rel, lossy_abs) in cases.items():
         assert (rel.plan("b", a) is not None, absolute.plan("b", a) is not None) == (lossy_rel, lossy_abs), name
     plain = rel.plan("b", cases["plain"][0])
     assert plain is not None and plain.finite and math.isnan(plain.lo) and math.isnan(plain.hi) and plain.nonzero_rows is None
     assert rel.plan("b", cases["overflowing sum"][0]) == (True, 0.0, float(np.float32(3e38)), None)  # the full scan's
+    assert rel.plan("b", cases["overflowing dot"][0]) == (True, 0.0, float(np.float32(2e19)), None)
+    longer = np.arange(9000, dtype=np.float32)  # over the one-dot-product size: the full scan, with its range
+    assert rel.plan("b", longer) == (True, 0.0, 8999.0, None)
+
+
+def test_rel_bound_becomes_the_abs_bound_sz3_works_out_in_the_tensors_type():
+    """SZ3's REL mode takes max − min in the tensor's own type: float32 rounding, not float64's."""
+    info = scan(np.array([0.1, 16777217.0], dtype=np.float32))  # 2^24 + 1 rounds to 2^24 in float32
+    assert info.hi == 16777216.0 and info.lo == float(np.float32(0.1))
+    # float64: 16777216 − 0.1 = 16777215.9 (rounded to 53 bits); float32: 16777216 − 0.1 rounds back to 16777216
+    assert rel_abs_bound(0.5, info, np.dtype(np.float32)) == 0.5 * 16777216.0
+    assert rel_abs_bound(0.5, info, np.dtype(np.float64)) == 0.5 * (16777216.0 - float(np.float32(0.1)))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_dense_rel_tensors_go_to_sz3_at_their_abs_bound_and_give_rel_modes_stream():
+    """The dense REL path hands SZ3 the ABS bound of the scan's range: the very stream SZ3's REL mode
+    gives, for every predictor, float32 and float64, ranges whose float32 and float64 differences
+    differ, and a range that overflows float32."""
+    rng = np.random.default_rng(5)
+    arrays = []
+    while len(arrays) < 12:  # float32 tensors whose max − min rounds differently in float32 and float64
+        a = (rng.standard_normal((40, 60)) * rng.uniform(1e-3, 10) + rng.uniform(-5, 5)).astype(np.float32)
+        if float(a.max() - a.min()) != float(a.max()) - float(a.min()):
+            arrays.append(a)
+    arrays += [rng.standard_normal((50, 200)), np.array([-3e38, 3e38] * 1500, dtype=np.float32).reshape(30, 100)]
+    for algo in ("interp_lorenzo", "lorenzo_reg", "interp", "nopred"):
+        for bound in (1e-2, 2e-2, 1e-3):
+            codec = get_codec("sz3", mode="rel", bound=bound, threshold=1024, algo=algo)
+            for a in arrays:
+                info = codec.plan("w", a)
+                assert info is not None and not math.isnan(info.lo)
+                bitmap, stream, rows = codec.compress_one(a, info)
+                assert (bitmap, rows) == (b"", 0)
+                assert stream == sz3_compress(a.reshape(-1), sz3_config("rel", bound, algo)), (algo, bound, a.dtype)
 
 
 def test_sz3_reuses_its_configuration_and_codes_the_same_bytes():

@@ -94,17 +94,18 @@ def grouped_bits_cap(entropy_bits: float, coded_groups: int) -> int:
 
 
 _KEY_CHUNK = 1 << 16  # positions per chunk of the encoder's grouping sort: its keys stay in cache
+_FEW_GROUPS = 16  # up to this many groups, a chunk's ones are counted group by group
 
 
-def _check_groups(groups: np.ndarray, num_groups: int) -> None:
-    """Refuse a group id outside ``[0, num_groups)``: it would wrap into another group's keys."""
+def _unchecked_view(groups: np.ndarray, num_groups: int) -> np.ndarray | None:
+    """``groups`` as unsigned (a negative id reads as huge), to check chunk by chunk for an id outside
+    ``[0, num_groups)``, which would wrap into another group's keys; None when every value of the
+    type is a group."""
     if groups.dtype.kind not in "iu":
         raise ValueError(f"groups must be integers, got {groups.dtype}")
     if groups.dtype.kind == "u" and np.iinfo(groups.dtype).max < num_groups:
-        return  # every value of the type is a group
-    top = groups.view(groups.dtype.str.replace("i", "u")).max() if groups.size else 0  # negatives read as huge
-    if top >= num_groups:
-        raise ValueError(f"groups must lie in [0, {num_groups})")
+        return None
+    return groups.view(groups.dtype.str.replace("i", "u"))
 
 
 def _grouped_chunks(
@@ -120,7 +121,7 @@ def _grouped_chunks(
     """
     if bits.shape != groups.shape or bits.ndim != 1:
         raise ValueError(f"bits {bits.shape} and groups {groups.shape} must be vectors of one length")
-    _check_groups(groups, num_groups)
+    check = _unchecked_view(groups, num_groups)
     shift = step.bit_length()  # position << 1 | bit fits below it
     key_t: Any = np.uint32 if num_groups <= 1 << (32 - shift) else np.uint64
     low = np.arange(step, dtype=key_t) << key_t(1)
@@ -128,8 +129,11 @@ def _grouped_chunks(
     chunks = (bits.size + step - 1) // step
     pieces, bounds = [], np.empty((chunks, num_groups + 1), dtype=np.int64)
     sums = np.empty((chunks, num_groups), dtype=np.int64)
+    few = num_groups <= _FEW_GROUPS
     for i, lo in enumerate(range(0, bits.size, step)):
         g = groups[lo : lo + step]
+        if check is not None and np.maximum.reduce(check[lo : lo + step]) >= num_groups:  # the chunk in cache, not another pass
+            raise ValueError(f"groups must lie in [0, {num_groups})")
         buf: Any = np.empty(g.size + 1, dtype=key_t)  # a last 0 after the keys: reduceat may index one past them
         key, buf[-1] = buf[:-1], 0
         np.left_shift(g, shift, out=key, dtype=key_t, casting="unsafe")
@@ -139,8 +143,11 @@ def _grouped_chunks(
         bounds[i] = np.searchsorted(key, edges)
         buf &= key_t(1)
         piece = buf.view(np.int32) if key_t is np.uint32 else buf.astype(np.int32)
-        # the sum of each group's slice (an empty group's entry is junk, zeroed below by its size)
-        sums[i] = np.add.reduceat(piece, bounds[i, :-1])
+        if few:  # a SIMD count per group's slice: half reduceat's time for a few groups
+            b = bounds[i].tolist()
+            sums[i] = [np.count_nonzero(piece[b[j] : b[j + 1]]) for j in range(num_groups)]
+        else:  # the sum of each group's slice (an empty group's entry is junk, zeroed below by its size)
+            sums[i] = np.add.reduceat(piece, bounds[i, :-1])
         pieces.append(piece)
     sizes = bounds[:, 1:] - bounds[:, :-1]
     ones = np.where(sizes > 0, sums, 0).sum(axis=0)
