@@ -128,11 +128,11 @@ class SZ3Codec(Codec):
         o = self.opts
         if not (a.dtype in _LOSSY_DTYPES and a.size > o.threshold and o.name_filter in name):
             return None
-        if a.ndim == 1 and a.size <= _SMALL_VECTOR_MAX and (o.mode == "abs" or a[0] != a[-1]) and math.isfinite(a.dot(a)):
+        if a.ndim == 1 and a.size <= _SMALL_VECTOR_MAX and (o.mode == "abs" or a[0] != a[-1]) and math.isfinite(_vdot(a, a)):
             # a small vector (a bias), which SZ3 codes in tens of µs: only finiteness and a non-zero
-            # range decide, and one dot product with itself (BLAS, a third of a sum's cost: NaN or inf
-            # with any NaN or ±inf in it; an overflow falls through to the scan) and two unequal values
-            # settle them
+            # range decide, and one dot product with itself (BLAS; np.vdot costs less than a sum or
+            # a.dot: NaN or inf with any NaN or ±inf in it, an overflow falls through to the scan) and
+            # two unequal values settle them
             return _SMALL_VECTOR
         info = scan(a, rows=o.sparse_rows)
         if not info.finite or (o.mode == "rel" and not info.hi > info.lo):
@@ -220,7 +220,7 @@ _SCAN_BLOCK = 1 << 16  # elements per block: min and max of a block read it from
 # the largest vector planned by one dot product: OpenBLAS takes a second thread above 10,000 values
 _SMALL_VECTOR_MAX = 8192
 # the ufuncs' own reductions: ndarray.min/max go through a Python wrapper, a µs a call on small tensors
-_min, _max = np.minimum.reduce, np.maximum.reduce
+_min, _max, _vdot = np.minimum.reduce, np.maximum.reduce, np.vdot
 
 
 # the plan of a small finite vector with a non-zero range: its range is not taken (the dense path needs none)
