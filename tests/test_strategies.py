@@ -14,6 +14,7 @@ from fedsqueeze.codecs import CodecContext, encode_tensors
 from fedsqueeze.errors import ConfigError
 from fedsqueeze.methods.base import RoundContext
 from fedsqueeze.methods.robust import SCALAR_RULES, RobustRule, cap_flips, krum_scores, trimmed_votes
+from fedsqueeze.methods.server_opt import SCHEDULES, ServerOpt
 from fedsqueeze.methods.updates import weighted_mean, weighted_mean_f32
 
 
@@ -356,3 +357,94 @@ def test_server_optimizer_state_survives_a_checkpoint(task):
     check_state_like(back, m.init_server(), "server state")  # what a resume checks
     for part in ("m", "v"):
         assert all(np.array_equal(back["server_opt"][part][n], state["server_opt"][part][n]) for n in m.names)
+
+
+# ---- server_lr_schedule -------------------------------------------------------------------------
+
+
+def test_server_lr_schedules_by_hand():
+    assert SCHEDULES == ("constant", "cosine", "exp")
+    # cosine over T = 4 rounds: η·½(1 + cos(π·(t−1)/4)) = η·(1, ½ + √2/4, ½, ½ − √2/4)
+    cos = ServerOpt("none", lr=0.5, schedule="cosine", rounds=4)
+    expected = [0.5, 0.5 * (0.5 + 2**0.5 / 4), 0.25, 0.5 * (0.5 - 2**0.5 / 4)]
+    assert [cos.eta_at(t) for t in (1, 2, 3, 4)] == pytest.approx(expected, rel=1e-15, abs=0)
+    # exp: η·γ^(t−1) = 0.5, 0.125, 0.03125 for γ = 0.25
+    ex = ServerOpt("avgm", lr=0.5, schedule="exp", decay=0.25)
+    assert [ex.eta_at(t) for t in (1, 2, 3)] == [0.5, 0.125, 0.03125]
+    # constant (the default) ignores the round; lr = 0 is still the rule's default η
+    assert [ServerOpt("adam").eta_at(t) for t in (1, 7)] == [1e-2, 1e-2]
+    assert ServerOpt("none", schedule="cosine", rounds=2).eta_at(2) == pytest.approx(0.5, rel=1e-15)
+    assert ServerOpt("none", schedule="cosine", rounds=0).eta_at(1) == 1.0  # T = 0 is read as 1: no division by 0
+
+
+def test_the_schedule_scales_the_step_not_the_momentum():
+    # avgm μ = 0.5, η = 1, exp γ = 0.5, Δ = 1 every round: m = 1, 1.5, 1.75 (unscaled);
+    # x = 1·1 + 0.5·1.5 + 0.25·1.75 = 2.1875 (every value exact in float32)
+    opt = ServerOpt("avgm", lr=1.0, momentum=0.5, schedule="exp", decay=0.5)
+    weights = {"x": np.zeros(1, dtype=np.float32)}
+    state = opt.init_state(weights)
+    for t in (1, 2, 3):
+        opt.step(weights, {"x": np.ones(1, dtype=np.float32)}, state, t)
+    assert weights["x"][0] == 2.1875 and state["m"]["x"][0] == 1.75
+    # adam's m and v are the constant-η run's; only η·m/(√v+τ) is scaled (round 2 of cosine T = 2: η/2)
+    d = {"x": np.array([0.5], dtype=np.float32)}
+    plain, cosine = (
+        ServerOpt("adam", lr=0.1, beta1=0.5, tau=0.5),
+        ServerOpt("adam", lr=0.1, beta1=0.5, tau=0.5, schedule="cosine", rounds=2),
+    )
+    wp, wc = {"x": np.zeros(1, dtype=np.float32)}, {"x": np.zeros(1, dtype=np.float32)}
+    sp, sc = plain.init_state(wp), cosine.init_state(wc)
+    plain.step(wp, d, sp, 1)
+    cosine.step(wc, d, sc, 1)
+    assert wc["x"][0] == wp["x"][0]
+    before_p, before_c = wp["x"][0], wc["x"][0]
+    plain.step(wp, d, sp, 2)
+    cosine.step(wc, d, sc, 2)
+    assert sc["m"]["x"][0] == sp["m"]["x"][0] and sc["v"]["x"][0] == sp["v"]["x"][0]
+    assert wc["x"][0] - before_c == pytest.approx((wp["x"][0] - before_p) / 2, rel=1e-6)
+
+
+def test_a_tensor_method_steps_by_the_scheduled_eta_of_the_round(task):
+    # the hand rounds' weighted means are 0.25 then −0.5; exp γ = 0.25, η = 1: x = 0.25 − 0.25·0.5 = 0.125
+    m = build("head", task, server_lr=1.0, server_lr_schedule="exp", server_lr_decay=0.25)
+    assert (m.server_opt.schedule, m.server_opt.decay, m.server_opt.rounds) == ("exp", 0.25, m.cfg.rounds)
+    state = m.init_server()
+    start = {n: a.copy() for n, a in state["weights"].items()}
+    for r, (values, counts) in enumerate(ROUNDS, start=1):
+        state, _ = _round(m, state, _hand(m, values), counts, r)
+    for n in m.names:
+        np.testing.assert_allclose(state["weights"][n], start[n] + np.float32(0.125), rtol=0, atol=1e-6)
+    # cosine over the config's T = 2 rounds: η = 1 then ½: x = 0.25 − 0.25 = 0
+    c = build("head", task, server_lr_schedule="cosine")
+    state = c.init_server()
+    for r, (values, counts) in enumerate(ROUNDS, start=1):
+        state, _ = _round(c, state, _hand(c, values), counts, r)
+    for n in c.names:
+        np.testing.assert_allclose(state["weights"][n], start[n], rtol=0, atol=1e-6)
+
+
+def test_the_streamed_round_steps_by_the_scheduled_eta_too(task):
+    # the engine folds each update into the accumulator and steps in finish(): round 2 of exp γ = 0.25
+    # moves by 0.25·(−0.5) after round 1's 0.25, as aggregate() does (previous test)
+    m = build("head", task, server_lr=1.0, server_lr_schedule="exp", server_lr_decay=0.25)
+    state = m.init_server()
+    start = {n: a.copy() for n, a in state["weights"].items()}
+    for r, (values, counts) in enumerate(ROUNDS, start=1):
+        ctx = RoundContext(round=r, rounds=2, seed=1)
+        acc = m.accumulator(state, ctx)
+        assert acc is not None
+        for c, (d, n) in enumerate(zip(_hand(m, values), counts)):
+            payload = encode_tensors(m.up_codec, d, CodecContext(seed=ctx.seed_for(c, "uplink")), n=n)
+            update = m.decode_update(payload, c, state, ctx)
+            assert acc.alone(c, acc.prepare(c, update)) is None  # the integrity trial steps by the same η
+            acc.add(c, acc.prepare(c, update))
+        state, _ = acc.finish()
+    for n in m.names:
+        np.testing.assert_allclose(state["weights"][n], start[n] + np.float32(0.125), rtol=0, atol=1e-6)
+
+
+def test_server_lr_schedule_options_are_checked(task):
+    with pytest.raises(ConfigError):
+        build("head", task, server_lr_schedule="linear")
+    with pytest.raises(ConfigError):
+        build("head", task, server_lr_decay=0.0)

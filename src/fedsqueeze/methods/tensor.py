@@ -34,7 +34,7 @@ from fedsqueeze.methods.base import OPTIMIZERS, ClientOutput, Method, RoundConte
 from fedsqueeze.methods.downlink import MODES, VIEW_KEY, DeltaDownlink
 from fedsqueeze.methods.robust import TENSOR_RULES, RobustRule
 from fedsqueeze.methods.scaffold import CONTROLS as SCAFFOLD_CONTROLS
-from fedsqueeze.methods.server_opt import SERVER_OPTIMIZERS, ServerOpt
+from fedsqueeze.methods.server_opt import SCHEDULES, SERVER_OPTIMIZERS, ServerOpt
 from fedsqueeze.methods.updates import MEAN_BLOCK, Accumulator, TensorUpdate, WeightedSum, example_count
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.models import Classifier
@@ -75,6 +75,10 @@ class TensorOptions:
     server_lr: float = option(
         0.0, "server step size η on the combined update; 0 = the server_opt's default (1 for none/avgm, 0.01 adaptive)", check=at_least(0.0)
     )
+    server_lr_schedule: str = option(
+        "constant", "server η by round t of T: constant, cosine (η·½(1+cos(π(t−1)/T))) or exp (η·γ^(t−1))", choices=SCHEDULES
+    )
+    server_lr_decay: float = option(0.9, "server_lr_schedule=exp: factor γ per round", check=above(0.0))
     server_momentum: float = option(0.9, "FedAvgM: server momentum μ (server_opt=avgm)", check=between(0.0, 1.0, hi_open=True))
     beta1: float = option(0.9, "FedAdam/FedYogi/FedAdagrad: first-moment decay β1", check=between(0.0, 1.0, hi_open=True))
     beta2: float = option(0.99, "FedAdam/FedYogi: second-moment decay β2", check=between(0.0, 1.0, hi_open=True))
@@ -148,7 +152,9 @@ class TensorMethod(Method):
         )
         self.delta_downlink: DeltaDownlink | None = None  # set up with the model (downlink=delta)
         o = self.opts
-        self.server_opt = ServerOpt(o.server_opt, o.server_lr, o.server_momentum, o.beta1, o.beta2, o.tau)
+        self.server_opt = ServerOpt(
+            o.server_opt, o.server_lr, o.server_momentum, o.beta1, o.beta2, o.tau, o.server_lr_schedule, o.server_lr_decay, cfg.rounds
+        )
         self.rule = RobustRule(o.robust, o.trim_beta, o.krum_f, o.krum_m, o.norm_bound, o.cclip_tau, o.cclip_iters)
         if o.scaffold and cfg.attack not in ("none", "label_flip"):
             # the attack rewrites the upload as one codec frame; SCAFFOLD's upload has two sections
@@ -294,7 +300,7 @@ class TensorMethod(Method):
         ordered = [u for _, u in sorted(updates.items())]
         combined, metrics = self.rule.combine([u.delta for u in ordered], [u.n for u in ordered])
         opt_state = state.setdefault("server_opt", self.server_opt.init_state(state["weights"])) if self.server_opt.rule != "none" else {}
-        self.server_opt.step(state["weights"], combined, opt_state)
+        self.server_opt.step(state["weights"], combined, opt_state, ctx.round)
         if self.opts.scaffold:  # c += Σ_S Δc_i / N, in client order (the same bits whatever order they arrived in)
             controls = [u.control for u in ordered if isinstance(u, scaffold.ScaffoldUpdate)]
             state["scaffold_c"] = scaffold.server_control(state["scaffold_c"], controls, self.cfg.clients)
@@ -506,7 +512,7 @@ class TensorAccumulator(Accumulator):
                 combined = self._private(name, shape, rng)
             else:
                 combined = self.sum.pop_mean(name)
-            opt.step(new["weights"], {name: combined}, opt_state)
+            opt.step(new["weights"], {name: combined}, opt_state, self.ctx.round)
             del combined
         if self.controls is not None:  # c += Σ_S Δc_i / N (the float64 sum, folded in client order)
             c = state["scaffold_c"]
@@ -578,7 +584,7 @@ class TensorAccumulator(Accumulator):
                     os = opt.init_state(ws)
                 else:
                     os = {k: {name: v[name].reshape(-1)[lo:hi]} for k, v in held.items()}
-                opt.step(ws, {name: flat_d[lo:hi]}, os)
+                opt.step(ws, {name: flat_d[lo:hi]}, os, self.ctx.round)
                 if not all_finite(ws[name]):
                     bad.add(("weights", name))
                 for k, v in os.items():
