@@ -124,7 +124,7 @@ EQUIVALENT = [
 ]
 EQUIVALENT += [
     (r"reshape\(-1", r"reshape\(-2", "numpy reads any negative dimension as 'infer this one'"),
-    (r'einsum\("ij,ij->i"', r'einsum\("IJ,IJ->I"', "einsum subscripts are any letters, upper case too"),
+    (r'einsum\("(ij,ij->i|i,i->)"', r'einsum\("(IJ,IJ->I|I,I->)"', "einsum subscripts are any letters, upper case too"),
     (r"sorted=False\)", r"sorted=True\)|count, \)", "the indices are sorted right after"),
     (r"np\.arange\(p\.size, dtype=np\.int64\)", r"np\.arange\(p\.size, (dtype=None)?\)", "numpy's default integer is int64 here"),
     (
@@ -147,6 +147,13 @@ EQUIVALENT += [  # methods/robust.py (strategies_rules section)
         "for k >= 2 the bound k - 1 >= max(1, k - f - 2) never binds, and for k = 1 there is no other delta to sum",
     ),
     (r"combined, _ = weighted_mean\(rule,", r"weighted_mean\(None,", "weighted_mean never reads its rule argument"),
+    (r'kind="stable"', r'kind="STABLE"', "numpy reads a sort kind case-insensitively"),
+    (
+        r"if dist > 0 else 1\.0",
+        r"if dist > 0 else 2\.0",
+        "a delta at distance 0 from the centre adds s·0 whatever its scale s, and s >= 1 is not counted as clipped",
+    ),
+    (r"blocks, \[1\] \* k,", r"blocks, \[2\] \* k,", "equal counts: n/Σn is the same float64 weight for any common count"),
 ]
 MESSAGE_ONLY = [  # arguments that only label an error message
     (r'"client update"\)|"server message"\)', r"None\)"),

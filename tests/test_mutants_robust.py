@@ -6,6 +6,8 @@ Each delta has two tensors, so "over all tensors" (Krum's distances, norm_bound'
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -220,6 +222,42 @@ def test_centered_clip_clips_over_every_tensor_with_a_given_radius():
     assert metrics == {"cclip_tau": 0.0, "cclip_clipped": 1.0}
 
 
+def test_centered_clip_per_coordinate_over_tensors_of_several_values():
+    deltas = [_d([1, 5], [0]), _d([2, 6], [0]), _d([3, 7], [4])]
+    # v0 = the median of each coordinate: a = (2, 6), b = 0 (over all six values of a it would be 4).
+    # δ − v0: (−1, −1 | 0) at √2, 0 at 0, (1, 1 | 4) at √18 = 3√2 -> τ = median(√2, 0, 3√2) = √2.
+    # scales 1 (at τ, not over it), 1 (at the centre), √2/(3√2) = 1/3: the sum (−1 + 1/3, −1 + 1/3 | 4/3),
+    # divided by k = 3: v = (2 − 2/9, 6 − 2/9 | 4/9), one clipped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the delta at the centre is not divided by its zero distance
+        combined, metrics = RobustRule("centered_clip", iters=1).combine(deltas, [1, 1, 1])
+    _check(combined, {"a": [16 / 9, 52 / 9], "b": [4 / 9]})
+    assert metrics["cclip_tau"] == pytest.approx(2**0.5, rel=1e-15) and metrics["cclip_clipped"] == 1.0
+
+
+def test_centered_clip_with_a_given_radius_under_one():
+    deltas = _line([0, 0.125, 0.5, 0.625, 2.0])
+    # v0 = 0.5; δ − v0 = −0.5 −0.375 0 0.125 1.5, every distance but the last under 1; τ = 0.25 (the median
+    # distance would be 0.375): clipped to −0.25 −0.25 0 0.125 0.25, sum −0.125 -> v = 0.5 − 0.125/5 = 0.475
+    combined, metrics = RobustRule("centered_clip", tau=0.25, iters=1).combine(deltas, [1] * 5)
+    _check(combined, {"a": [0.475], "b": [0.0]})
+    assert metrics == {"cclip_tau": 0.25, "cclip_clipped": 3.0}
+
+
+def test_centered_clip_with_no_iteration_is_the_median():
+    combined, metrics = RobustRule("centered_clip", iters=0).combine(_line([0, 1, 4, 5, 20]), [1] * 5)
+    _check(combined, {"a": [4.0], "b": [0.0]})
+    assert metrics == {"cclip_tau": 3.0, "cclip_clipped": 0.0}
+
+
+@pytest.mark.parametrize("name", sorted(TENSOR_RULES))
+def test_every_rule_returns_a_lone_delta_itself(name):
+    # a round where one client's update arrived: each rule's estimate is that update
+    # (median and trimmed mean of one value; Krum with no other delta scores it 0; centered clipping: τ = 0)
+    combined, _ = RobustRule(name).combine([_d([1, -5], [0.25])], [7])
+    _check(combined, {"a": [1.0, -5.0], "b": [0.25]})
+
+
 def test_norm_bound_scales_each_delta_by_its_norm_over_all_tensors_first():
     deltas = [_d([3], [4]), _d([6], [8]), _d([0], [0])]  # norms 5 (at the bound: kept), 10 (halved), 0
     combined, metrics = RobustRule("mean", norm_bound=5.0).combine(deltas, [1, 1, 2])
@@ -239,15 +277,15 @@ def test_norm_bound_scales_each_delta_by_its_norm_over_all_tensors_first():
 
 def test_scalar_rules():
     stacked = np.array([[1, 0], [2, 10], [3, 20], [4, 30], [100, -1000]], dtype=np.float32)
-    mean = SCALAR_RULES["mean"](stacked, 0.2)
+    mean = SCALAR_RULES["mean"](stacked, 0.2, 1)
     assert mean.dtype == np.float64
     np.testing.assert_allclose(mean, [110 / 5, -940 / 5])
-    np.testing.assert_array_equal(SCALAR_RULES["median"](stacked, 0.2), [3, 10])
-    trimmed = SCALAR_RULES["trimmed_mean"](stacked, 0.2)  # t = 1: 2 3 4 and 0 10 20
+    np.testing.assert_array_equal(SCALAR_RULES["median"](stacked, 0.2, 1), [3, 10])
+    trimmed = SCALAR_RULES["trimmed_mean"](stacked, 0.2, 1)  # t = 1: 2 3 4 and 0 10 20
     assert trimmed.dtype == np.float32
     np.testing.assert_allclose(trimmed, [3, 10])
     big = np.full((3, 1), 3e38, dtype=np.float32)
-    assert np.isfinite(SCALAR_RULES["mean"](big, 0.0)).all() and np.isfinite(SCALAR_RULES["trimmed_mean"](big, 0.0)).all()
+    assert np.isfinite(SCALAR_RULES["mean"](big, 0.0, 1)).all() and np.isfinite(SCALAR_RULES["trimmed_mean"](big, 0.0, 1)).all()
 
 
 def test_scalar_multi_krum_scores_whole_blocks_and_averages_the_k_minus_f_best():

@@ -208,9 +208,9 @@ def test_robust_rules_refuse_dp(task):
 
 def test_scalar_rules():
     s = np.array([[1.0, -4.0], [2.0, 0.0], [3.0, 1.0], [1e4, 2.0], [4.0, 3.0]], np.float32)
-    np.testing.assert_allclose(SCALAR_RULES["mean"](s, 0.2), s.mean(axis=0))
-    np.testing.assert_allclose(SCALAR_RULES["median"](s, 0.2), [3.0, 1.0])
-    np.testing.assert_allclose(SCALAR_RULES["trimmed_mean"](s, 0.2), [3.0, 1.0])  # middle three: (2+3+4)/3, (0+1+2)/3
+    np.testing.assert_allclose(SCALAR_RULES["mean"](s, 0.2, 1), s.mean(axis=0))
+    np.testing.assert_allclose(SCALAR_RULES["median"](s, 0.2, 1), [3.0, 1.0])
+    np.testing.assert_allclose(SCALAR_RULES["trimmed_mean"](s, 0.2, 1), [3.0, 1.0])  # middle three: (2+3+4)/3, (0+1+2)/3
 
 
 def test_mask_vote_rules():

@@ -60,11 +60,16 @@ class RobustRule:
         return combined, {**metrics, **extra}
 
 
+def _mean(deltas: list[Tensors], counts: list[int]) -> Tensors:
+    """Σ (n_i / Σn) · δ_i, tensor by tensor, in float32 (see :func:`weighted_mean`)."""
+    return {name: mean_f32([d[name] for d in deltas], counts) for name in deltas[0]}
+
+
 def weighted_mean(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
     """Σ (n_i / Σn) · δ_i, tensor by tensor (FedAvg's rule): summed in float64, so finite float32 deltas
     never overflow it (updates.weighted_mean), then float32 (a convex combination stays in range);
     in blocks of coordinates, so the float64 sum never spans a whole tensor (updates.weighted_mean_f32)."""
-    return {name: mean_f32([d[name] for d in deltas], counts) for name in deltas[0]}, {}
+    return _mean(deltas, counts), {}
 
 
 def coordinate_median(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
@@ -115,23 +120,24 @@ def krum_scores(deltas: list[Tensors], f: int) -> np.ndarray:
     return scores
 
 
-def _krum_select(rule: RobustRule, deltas: list[Tensors], counts: list[int], m: int) -> tuple[Tensors, dict[str, float]]:
-    order = np.argsort(krum_scores(deltas, rule.f), kind="stable")[:m]
+def _krum_select(f: int, deltas: list[Tensors], counts: list[int], m: int) -> tuple[Tensors, dict[str, float]]:
+    """The example-weighted mean of the ``m`` deltas with the lowest Krum scores (f attackers tolerated)."""
+    order = np.argsort(krum_scores(deltas, f), kind="stable")[:m]
     chosen = [int(i) for i in sorted(order)]
-    combined, _ = weighted_mean(rule, [deltas[i] for i in chosen], [counts[i] for i in chosen])
+    combined = _mean([deltas[i] for i in chosen], [counts[i] for i in chosen])
     return combined, {"krum_selected": float(len(chosen)), "krum_first": float(order[0])}
 
 
 def krum(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
     """The single delta with the lowest Krum score (ties: the lower position)."""
-    return _krum_select(rule, deltas, counts, 1)
+    return _krum_select(rule.f, deltas, counts, 1)
 
 
 def multi_krum(rule: RobustRule, deltas: list[Tensors], counts: list[int]) -> tuple[Tensors, dict[str, float]]:
     """The example-weighted mean of the ``m`` deltas with the lowest Krum scores (m = 0: k − f)."""
     k = len(deltas)
     m = rule.m if rule.m > 0 else k - rule.f
-    return _krum_select(rule, deltas, counts, min(max(m, 1), k))
+    return _krum_select(rule.f, deltas, counts, min(max(m, 1), k))
 
 
 def _sq_distance(delta: Tensors, center: dict[str, np.ndarray]) -> float:
@@ -174,30 +180,31 @@ TENSOR_RULES: dict[str, Callable[[RobustRule, list[Tensors], list[int]], tuple[T
 # ---- ZO scalars ---------------------------------------------------------------------------------
 
 
-def scalar_mean(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
+def scalar_mean(stacked: np.ndarray, beta: float, f: int) -> np.ndarray:
     """The mean over clients (axis 0)."""
     return stacked.mean(axis=0, dtype=np.float64)  # a float32 sum of scalars near 3.4e38 would be inf
 
 
-def scalar_median(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
+def scalar_median(stacked: np.ndarray, beta: float, f: int) -> np.ndarray:
     """The median over clients (axis 0)."""
     return np.median(stacked, axis=0)
 
 
-def scalar_trimmed_mean(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
+def scalar_trimmed_mean(stacked: np.ndarray, beta: float, f: int) -> np.ndarray:
     """The β-trimmed mean over clients (axis 0)."""
     return trimmed_mean_of(stacked, beta).astype(stacked.dtype)
 
 
-def scalar_multi_krum(stacked: np.ndarray, beta: float, f: int = 1) -> np.ndarray:
+def scalar_multi_krum(stacked: np.ndarray, beta: float, f: int) -> np.ndarray:
     """Multi-Krum over the clients' scalar blocks (rows of axis 0): the unweighted mean of the k − f best-scored."""
     k = stacked.shape[0]
     blocks = [{"g": row} for row in stacked]
-    combined, _ = _krum_select(RobustRule("multi_krum", f=f), blocks, [1] * k, min(max(k - f, 1), k))
+    combined, _ = _krum_select(f, blocks, [1] * k, min(max(k - f, 1), k))
     return combined["g"]
 
 
-SCALAR_RULES: dict[str, Callable[..., np.ndarray]] = {
+# each rule takes (stacked k × ... scalars, trim_beta, krum_f) and reads what it needs
+SCALAR_RULES: dict[str, Callable[[np.ndarray, float, int], np.ndarray]] = {
     "mean": scalar_mean,
     "median": scalar_median,
     "trimmed_mean": scalar_trimmed_mean,
