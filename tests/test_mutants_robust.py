@@ -235,6 +235,18 @@ def test_centered_clip_per_coordinate_over_tensors_of_several_values():
     assert metrics["cclip_tau"] == pytest.approx(2**0.5, rel=1e-15) and metrics["cclip_clipped"] == 1.0
 
 
+def test_centered_clip_of_matrix_tensors_is_that_of_their_values():
+    # the case above with tensor a as a 1 × 2 matrix: distances over every entry, the same result
+    deltas = [{"a": np.array([[1, 5]], np.float32), "b": np.array([0], np.float32)}]
+    deltas += [{"a": np.array([[2, 6]], np.float32), "b": np.array([0], np.float32)}]
+    deltas += [{"a": np.array([[3, 7]], np.float32), "b": np.array([4], np.float32)}]
+    combined, metrics = RobustRule("centered_clip", iters=1).combine(deltas, [1, 1, 1])
+    assert combined["a"].shape == (1, 2)
+    np.testing.assert_allclose(combined["a"], [[16 / 9, 52 / 9]], rtol=1e-6)
+    np.testing.assert_allclose(combined["b"], [4 / 9], rtol=1e-6)
+    assert metrics["cclip_clipped"] == 1.0
+
+
 def test_centered_clip_with_a_given_radius_under_one():
     deltas = _line([0, 0.125, 0.5, 0.625, 2.0])
     # v0 = 0.5; δ − v0 = −0.5 −0.375 0 0.125 1.5, every distance but the last under 1; τ = 0.25 (the median
