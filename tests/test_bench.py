@@ -331,3 +331,14 @@ def test_import_run_stores_a_stale_stand_in_with_unknown_code(tmp_path, monkeypa
     assert found["wordnet/iid/head/s0"].status == "missing"
     with pytest.raises(FedsqueezeError, match="not wordnet/iid/fedavg/s1"):
         bench.import_run(suite, path, "wordnet/iid/fedavg/s1", "x")
+
+
+def test_the_stale_footnote_agrees_in_number():
+    from fedsqueeze.report.suite import stale_note
+
+    assert stale_note(["deltamask-exact"]).startswith("† 1 row (deltamask-exact) is a stale stand-in: a run stored under")
+    assert "; it is replaced as the suite is filled." in stale_note(["x"])
+    two = stale_note(["a", "b"])
+    assert two.startswith("† 2 rows (a, b) are stale stand-ins: runs stored under") and two.endswith(
+        "; they are replaced as the suite is filled."
+    )

@@ -272,6 +272,20 @@ def render_report(suite: Suite, found: list[Found], command: str, figures: dict[
     return "\n".join(lines) + "\n"
 
 
+def stale_note(stale: list[str]) -> str:
+    """The README table's footnote naming the rows that are stale stand-ins (one or more)."""
+    what = (
+        f"1 row ({stale[0]}) is a stale stand-in: a run"
+        if len(stale) == 1
+        else f"{len(stale)} rows ({', '.join(stale)}) are stale stand-ins: runs"
+    )
+    it = "it is" if len(stale) == 1 else "they are"
+    return (
+        f"† {what} stored under an older epoch or config, or imported from before this pipeline (code version unknown); "
+        f"{it} replaced as the suite is filled."
+    )
+
+
 def render_readme_table(suite: Suite, found: list[Found], figure: str | None) -> str:
     """The README's results table (the suite's ``readme_table`` task and setting), with its provenance."""
     if suite.readme_table is None:
@@ -318,10 +332,7 @@ def render_readme_table(suite: Suite, found: list[Found], figure: str | None) ->
         "([the full report](docs/results/report.md) has every setting, the code version of each run and the claims' intervals).",
     ]
     if stale:
-        notes.append(
-            f"† {len(stale)} rows ({', '.join(stale)}) are stale stand-ins: runs stored under an older epoch or config, or "
-            "imported from before this pipeline (code version unknown); they are replaced as the suite is filled."
-        )
+        notes.append(stale_note(stale))
     if missing:
         notes.append(f"Not run yet: {', '.join(missing)}.")
     if figure:
