@@ -253,21 +253,23 @@ def sz3_per_tensor(tensors: dict, bound: float, repeats: int, algo: str, before:
         if info is None:
             continue
         a = np.ascontiguousarray(a)
-        steps = {
-            "pysz": lambda: sz3_compress(a.reshape(-1), cfg),
-            "codec": lambda: codec.compress_one(a, codec.plan(name, a)),
-            "before": lambda: old.compress_one(a, old.plan(name, a)),
-            "scan": lambda: codec.plan(name, a),
-            "before_scan": lambda: old.plan(name, a),
-        }
         # a small tensor is timed over a batch of calls (~0.5 M values in all): one call of tens of µs
-        # is timed cold (its Python paths out of cache after the other steps) and near the clock's cost
+        # is timed cold (its Python paths out of cache after the other steps) and near the clock's cost;
+        # the codecs plan the batch, then compress it, as their encode plans every tensor, then compresses
         batch = max(1, 500_000 // a.size)
+        flat = a.reshape(-1)
+        steps = {
+            "pysz": lambda: [sz3_compress(flat, cfg) for _ in range(batch)],
+            "codec": lambda: [codec.compress_one(a, info) for info in [codec.plan(name, a) for _ in range(batch)]],
+            "before": lambda: [old.compress_one(a, info) for info in [old.plan(name, a) for _ in range(batch)]],
+            "scan": lambda: [codec.plan(name, a) for _ in range(batch)],
+            "before_scan": lambda: [old.plan(name, a) for _ in range(batch)],
+        }
         best = {k: float("inf") for k in steps}
         # tensors under 1 M values are cheap: three times the repeats, for a best nearer the true one
         for _ in range(repeats if a.size >= 1_000_000 else 3 * repeats):
             for k, fn in steps.items():
-                best[k] = min(best[k], best_cpu_time(lambda fn=fn: [fn() for _ in range(batch)], 1)[0] / batch)
+                best[k] = min(best[k], best_cpu_time(fn, 1)[0] / batch)
         kept = int(info.nonzero_rows.sum()) if info.nonzero_rows is not None else a.shape[0]
         rows.append(
             {
