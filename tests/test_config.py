@@ -35,3 +35,16 @@ def test_unknown_method_and_option_name_the_choices():
     cfg = build_config(None, {"method": "fedavg"}, {"server_lrr": 1.0})
     with pytest.raises(ConfigError, match="server_lr"):
         get_method("fedavg")(cfg)
+
+
+def test_an_image_model_without_a_dataset_takes_fashion_mnist(tmp_path):
+    """`run --model effnet-lite0` needs no --dataset; a dataset that is given always wins."""
+    assert build_config(None, {"model": "effnet-lite0", "dataset": None}).dataset == "fashion-mnist"
+    assert build_config(None, None, {"model": "effnet-lite0"}).dataset == "fashion-mnist"
+    assert build_config(None, {"model": "effnet-lite0", "dataset": "wordnet"}).dataset == "wordnet"
+    f = tmp_path / "c.toml"
+    f.write_text('model = "effnet-lite0"\ndataset = "wordnet"\n')
+    assert build_config(f).dataset == "wordnet"
+    for model in ("minilm", "mpnet", "smollm2", "tiny", "tiny-lm"):
+        assert build_config(None, {"model": model}).dataset == "wordnet"
+    assert build_config(None, {}).dataset == "wordnet"

@@ -50,7 +50,10 @@ class RunConfig:
     model: str = option(
         "minilm", "backbone: a `fedsqueeze models` name (minilm, tiny, mpnet, effnet-lite0, smollm2...), a local path or a Hub id"
     )
-    dataset: str = option("wordnet", "'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]")
+    dataset: str = option(
+        "wordnet",
+        "'wordnet', 'fashion-mnist', a .csv/.jsonl/.parquet file, or hf:NAME[:CONFIG]; when not given, an image model (effnet-lite0) takes fashion-mnist",
+    )
     runtime: str = option(
         "local", "'local' (in-process simulator), 'flower-sim' (Flower simulation engine) or 'flower' (SuperLink)", choices=RUNTIMES
     )
@@ -219,9 +222,19 @@ def build_config(
             values[key] = value
         else:
             options[key] = value
+    if "dataset" not in values and "model" in values:
+        values["dataset"] = default_dataset(str(values["model"]))
     run_opts = {f.name: f for f in option_fields(RunConfig)}
     coerced = {k: coerce(v, kind_of(run_opts[k]), k, OWNER) for k, v in values.items()}
     return RunConfig(**coerced, options=options).validate()
+
+
+def default_dataset(model: str) -> str:
+    """The dataset a run uses when none is given: an image model's is Fashion-MNIST, every other WordNet."""
+    from fedsqueeze.models.catalogue import get_entry
+
+    entry = get_entry(model)
+    return "fashion-mnist" if entry is not None and entry.kind == "image" else RunConfig.dataset
 
 
 def to_toml(cfg: RunConfig) -> str:
