@@ -39,12 +39,37 @@ def test_unknown_method_and_option_name_the_choices():
 
 def test_an_image_model_without_a_dataset_takes_fashion_mnist(tmp_path):
     """`run --model effnet-lite0` needs no --dataset; a dataset that is given always wins."""
-    assert build_config(None, {"model": "effnet-lite0", "dataset": None}).dataset == "fashion-mnist"
-    assert build_config(None, None, {"model": "effnet-lite0"}).dataset == "fashion-mnist"
-    assert build_config(None, {"model": "effnet-lite0", "dataset": "wordnet"}).dataset == "wordnet"
+    from fedsqueeze.api import run_config
+    from fedsqueeze.models.catalogue import default_dataset
+
+    pick = {"dataset_for_model": default_dataset}
+    assert build_config(None, {"model": "effnet-lite0", "dataset": None}, **pick).dataset == "fashion-mnist"
+    assert build_config(None, None, {"model": "effnet-lite0"}, **pick).dataset == "fashion-mnist"
+    assert build_config(None, {"model": "effnet-lite0", "dataset": "wordnet"}, **pick).dataset == "wordnet"
+    assert build_config(None, {"model": "effnet-lite0"}).dataset == "wordnet"  # no rule given: the plain default
     f = tmp_path / "c.toml"
     f.write_text('model = "effnet-lite0"\ndataset = "wordnet"\n')
-    assert build_config(f).dataset == "wordnet"
-    for model in ("minilm", "mpnet", "smollm2", "tiny", "tiny-lm"):
-        assert build_config(None, {"model": model}).dataset == "wordnet"
-    assert build_config(None, {}).dataset == "wordnet"
+    assert build_config(f, **pick).dataset == "wordnet"
+    for model in ("minilm", "mpnet", "smollm2", "tiny", "tiny-lm", "some/hub-id"):
+        assert build_config(None, {"model": model}, **pick).dataset == "wordnet"
+    assert run_config(model="effnet-lite0").dataset == "fashion-mnist"
+    assert run_config(model="effnet-lite0", dataset="wordnet").dataset == "wordnet"
+
+
+def test_the_cli_resolves_an_image_models_dataset(monkeypatch):
+    """`fedsqueeze run --model effnet-lite0` builds its config with the catalogue's dataset rule."""
+    from typer.testing import CliRunner
+
+    from fedsqueeze import cli, runners
+
+    seen = []
+
+    def fake_run(cfg, **kw):
+        seen.append(cfg.dataset)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(runners, "run", fake_run)
+    for args, want in ((["--model", "effnet-lite0"], "fashion-mnist"), (["--model", "effnet-lite0", "--dataset", "wordnet"], "wordnet")):
+        result = CliRunner().invoke(cli.app, ["run", *args, "--method", "head", "--rounds", "1"])
+        assert isinstance(result.exception, ConfigError) and str(result.exception) == "stop here"
+        assert seen.pop() == want

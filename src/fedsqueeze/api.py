@@ -122,7 +122,9 @@ def run_config(source: RunConfig | dict[str, Any] | str | Path | None = None, **
     options = merged.pop("options", {}) or {}
     if not isinstance(options, dict):
         raise ConfigError(f"options must be a dict, got {type(options).__name__}")
-    return build_config(path, None, {**options, **merged})
+    from fedsqueeze.models.catalogue import default_dataset  # lazy: the models package imports torch
+
+    return build_config(path, None, {**options, **merged}, dataset_for_model=default_dataset)
 
 
 def run(source: RunConfig | dict[str, Any] | str | Path | None = None, *, progress: bool = False, **fields: Any) -> dict[str, Any]:

@@ -75,9 +75,16 @@ def run(
         )
         _print_final(results, resume)
         return
-    cfg = build_config(config, cli, parse_sets(set_))
+    cfg = build_config(config, cli, parse_sets(set_), dataset_for_model=_default_dataset)
     results = runners.run(cfg, show_progress=not quiet, superlink=superlink, root_certificates=root_certificates, insecure=insecure)
     _print_final(results, cfg.out)
+
+
+def _default_dataset(model: str) -> str:
+    """An image model given no dataset takes Fashion-MNIST (the catalogue decides; imported lazily: torch)."""
+    from fedsqueeze.models.catalogue import default_dataset
+
+    return default_dataset(model)
 
 
 def _print_final(results: dict, out: str) -> None:
@@ -194,7 +201,7 @@ def compare(
     sets = parse_sets(set_)
     # method options are checked per method (split_options), so keep them out of the shared config's check
     cli = dict(flags, method=names[0] if names else None)
-    cfg = build_config(config, cli, sets)
+    cfg = build_config(config, cli, sets, dataset_for_model=_default_dataset)
     out = flags["out"]
     out_dir = cfg.out if out is not None or cfg.out != RunConfig.out else "runs/compare"
     done = run_compare(

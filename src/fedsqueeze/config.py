@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,13 @@ def build_config(
     config_file: str | Path | None = None,
     cli: dict[str, Any] | None = None,
     sets: dict[str, Any] | None = None,
+    dataset_for_model: Callable[[str], str] | None = None,
 ) -> RunConfig:
-    """Merge a TOML file, explicit CLI values (None = not given) and ``--set`` pairs into a RunConfig."""
+    """Merge a TOML file, explicit CLI values (None = not given) and ``--set`` pairs into a RunConfig.
+
+    ``dataset_for_model`` names the dataset of a run that names a model but no dataset (the CLI passes
+    :func:`fedsqueeze.models.catalogue.default_dataset`, so an image model takes Fashion-MNIST).
+    """
     values: dict[str, Any] = {}
     options: dict[str, Any] = {}
     names = set(RunConfig.field_names())
@@ -222,19 +228,11 @@ def build_config(
             values[key] = value
         else:
             options[key] = value
-    if "dataset" not in values and "model" in values:
-        values["dataset"] = default_dataset(str(values["model"]))
+    if "dataset" not in values and "model" in values and dataset_for_model is not None:
+        values["dataset"] = dataset_for_model(str(values["model"]))
     run_opts = {f.name: f for f in option_fields(RunConfig)}
     coerced = {k: coerce(v, kind_of(run_opts[k]), k, OWNER) for k, v in values.items()}
     return RunConfig(**coerced, options=options).validate()
-
-
-def default_dataset(model: str) -> str:
-    """The dataset a run uses when none is given: an image model's is Fashion-MNIST, every other WordNet."""
-    from fedsqueeze.models.catalogue import get_entry
-
-    entry = get_entry(model)
-    return "fashion-mnist" if entry is not None and entry.kind == "image" else RunConfig.dataset
 
 
 def to_toml(cfg: RunConfig) -> str:

@@ -35,7 +35,7 @@ from fedsqueeze.methods.downlink import MODES, VIEW_KEY, DeltaDownlink
 from fedsqueeze.methods.robust import TENSOR_RULES, RobustRule
 from fedsqueeze.methods.scaffold import CONTROLS as SCAFFOLD_CONTROLS
 from fedsqueeze.methods.server_opt import SCHEDULES, SERVER_OPTIMIZERS, ServerOpt
-from fedsqueeze.methods.updates import MEAN_BLOCK, Accumulator, TensorUpdate, WeightedSum, example_count
+from fedsqueeze.methods.updates import MEAN_BLOCK, Accumulator, TensorUpdate, WeightedSum, example_count, nonfinite_part
 from fedsqueeze.methods.weights import evaluate_weights, load_weights, named_params, read_weights
 from fedsqueeze.models import Classifier
 from fedsqueeze.options import above, at_least, between, option
@@ -534,8 +534,6 @@ class TensorAccumulator(Accumulator):
 
     # ---- the integrity guard's single-client trial -------------------------------------------
     def alone(self, client: int, prepared: Folded) -> str | None:
-        from fedsqueeze.runtime.integrity import nonfinite_part  # the runtime's guard asks; no import cycle
-
         if self.dp:  # the noise makes a blockwise trial costly: run the real one, on a copy
             with np.errstate(over="ignore", invalid="ignore"):
                 new, _ = self.method.aggregate(copy.deepcopy(self.state), {client: prepared.update}, self.ctx)

@@ -244,7 +244,7 @@ class Accumulator(ABC):
     @abstractmethod
     def alone(self, client: int, prepared: Any) -> str | None:
         """Where the state would be non-finite if this update alone were aggregated from the
-        round's start state (:func:`fedsqueeze.runtime.integrity.nonfinite_part`'s path), else None."""
+        round's start state (:func:`nonfinite_part`'s path), else None."""
 
     @abstractmethod
     def add(self, client: int, prepared: Any) -> None:
@@ -268,3 +268,24 @@ def of_type(updates: Mapping[int, object], cls: type[U]) -> list[U]:
     if wrong:
         raise TypeError(f"clients {wrong} sent no {cls.__name__} (updates decoded for another round?)")
     return [u for u in updates.values() if isinstance(u, cls)]
+
+
+def nonfinite_part(tree: Any, where: str = "state") -> str | None:
+    """The path of the first float array or number in ``tree`` holding NaN or infinity, else None."""
+    if isinstance(tree, np.ndarray):
+        if np.issubdtype(tree.dtype, np.floating) and not np.all(np.isfinite(tree)):
+            return where
+        return None
+    if isinstance(tree, (float, np.floating)):
+        return None if np.isfinite(tree) else where
+    if isinstance(tree, dict):
+        items: Any = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for key, value in items:
+        found = nonfinite_part(value, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None

@@ -184,3 +184,9 @@ def map_module_names(aliases: dict[str, tuple[str, ...]], names: list[str] | set
             if m not in out:
                 out.append(m)
     return out
+
+
+def default_dataset(model: str) -> str:
+    """The dataset of a run that names ``model`` but no dataset: Fashion-MNIST for an image model, else WordNet."""
+    entry = get_entry(model)
+    return "fashion-mnist" if entry is not None and entry.kind == "image" else "wordnet"

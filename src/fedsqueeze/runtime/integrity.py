@@ -45,30 +45,9 @@ from typing import Any
 import numpy as np
 
 from fedsqueeze.methods import Method, RoundContext
-from fedsqueeze.methods.updates import Accumulator
+from fedsqueeze.methods.updates import Accumulator, nonfinite_part
 
 log = logging.getLogger("fedsqueeze")
-
-
-def nonfinite_part(tree: Any, where: str = "state") -> str | None:
-    """The path of the first float array or number in ``tree`` holding NaN or infinity, else None."""
-    if isinstance(tree, np.ndarray):
-        if np.issubdtype(tree.dtype, np.floating) and not np.all(np.isfinite(tree)):
-            return where
-        return None
-    if isinstance(tree, (float, np.floating)):
-        return None if np.isfinite(tree) else where
-    if isinstance(tree, dict):
-        items: Any = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return None
-    for key, value in items:
-        found = nonfinite_part(value, f"{where}[{key!r}]")
-        if found is not None:
-            return found
-    return None
 
 
 @dataclass
