@@ -124,9 +124,11 @@ def test_a_stale_client_catches_up_to_the_server_model(task, name):
     for n in m.names:  # clients keep the model they trained from: the server's after round 4
         for c in (0, 1, 2):
             if name == "fedkseed":
-                # float32 rounding of two summation orders: relative to the weight's size (a head weight
-                # near 4 differs by up to ~30 float32 ulps after the accumulated catch-up)
-                np.testing.assert_allclose(clients[c]["weights"][n], live[n], rtol=2e-5, atol=1e-6)
+                # float32 rounding of two summation orders: the error scales with the tensor's largest
+                # entries (CI saw 1.6e-6 on an entry of 0.03 in a tensor reaching 92), so 16 float32
+                # ulps of its largest magnitude, not of each entry
+                scale = float(np.abs(live[n]).max())
+                np.testing.assert_allclose(clients[c]["weights"][n], live[n], rtol=0, atol=16 * 2**-23 * scale)
             else:
                 assert torch.equal(torch.from_numpy(clients[c]["weights"][n]), torch.from_numpy(live[n])), (n, c)
     moved = [n for n in m.names if "lora_" in n and not np.array_equal(live[n], m.initial[n])]
