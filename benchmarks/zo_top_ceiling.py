@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch.nn import functional as F
-from zo_top_common import warm_head
+from zo_top_common import top_accuracy, warm_head
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.task import build_task
@@ -104,12 +104,7 @@ warm_head_state = warm_head(model, feats, ytr)
 
 
 def evaluate():
-    with torch.no_grad():
-        correct = 0
-        for s in range(0, len(yte), 250):
-            i = torch.arange(s, min(s + 250, len(yte)))
-            correct += int((top(te_h[i], te_m[i]).argmax(1) == yte[i]).sum())
-    return correct / len(yte)
+    return top_accuracy(top, te_h, te_m, yte)
 
 
 results = {}

@@ -20,7 +20,7 @@ import time
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from torch.nn import functional as F
-from zo_top_common import warm_head
+from zo_top_common import top_accuracy, warm_head
 
 from fedsqueeze.config import RunConfig
 from fedsqueeze.methods.zo import Perturber, estimate_step
@@ -69,11 +69,7 @@ lora_init = [p.detach().clone() for p in lora]
 def acc(use_top):
     if not use_top:
         return float((model.head(tfeats).argmax(1) == yte).float().mean())
-    c = 0
-    for s in range(0, len(yte), 250):
-        i = torch.arange(s, min(s + 250, len(yte)))
-        c += int((top(te_h[i], te_m[i]).argmax(1) == yte[i]).sum())
-    return c / len(yte)
+    return top_accuracy(top, te_h, te_m, yte)
 
 
 res = {}
